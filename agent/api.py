@@ -1,0 +1,56 @@
+"""What other packages may import from the agent: the wire API.
+
+The generated protobuf modules of the agent and ops APIs, the API version
+range this release speaks, the channel ports, and the error vocabulary.
+"""
+
+from __future__ import annotations
+
+from agent._pb.keel.agent import v1 as pb
+from agent._pb.keel.ops import v1 as ops_pb
+from agent.errors import (
+    AlreadyExists,
+    Code,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    KeelError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+    code_of,
+    from_code,
+)
+
+#: Agent API versions this release speaks.  A shim and an agent agree on
+#: min(their maxima) in Hello if it is within both ranges.
+API_VERSION = 1
+MIN_API_VERSION = 1
+
+#: Channel ports (vsock ports; names of serial ports and sockets elsewhere).
+AGENT_PORT = 1024
+OPS_PORT = 1025
+
+__all__ = [
+    "API_VERSION",
+    "MIN_API_VERSION",
+    "AGENT_PORT",
+    "OPS_PORT",
+    "pb",
+    "ops_pb",
+    "AlreadyExists",
+    "Code",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "KeelError",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unavailable",
+    "Unimplemented",
+    "code_of",
+    "from_code",
+]
