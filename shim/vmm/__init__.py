@@ -1,0 +1,26 @@
+"""VMM backends: one registry used by create and restore."""
+
+from __future__ import annotations
+
+from agent.errors import InvalidArgument
+from shim.vmm.api import Backend, BackendFactory
+
+
+def _process() -> Backend:
+    from shim.vmm.process import ProcessBackend
+
+    return ProcessBackend()
+
+
+BACKENDS: dict[str, BackendFactory] = {"process": _process}
+
+
+def backend(name: str) -> Backend:
+    """The backend registered as *name*; InvalidArgument if there is none."""
+    try:
+        factory = BACKENDS[name]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown VMM backend {name!r} (known: {', '.join(sorted(BACKENDS))})"
+        ) from None
+    return factory()

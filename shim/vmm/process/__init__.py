@@ -1,0 +1,187 @@
+"""The ``process`` backend: the agent as PID 1 of new namespaces, no VM.
+
+For tests and hosts without virtualization.  It is NOT a security
+boundary: the agent runs as root on the host kernel, in pid, mount, uts,
+ipc and network namespaces only.
+
+Channels are unix sockets in the sandbox directory that the agent listens
+on.  Root filesystems are mounted inside the sandbox's mount namespace
+(``nsenter``), so they never show up in, or leak into, the host's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.errors import Internal, NotFound, Unavailable
+from shim.vmm.api import Dialer, LaunchSpec, MountSpec
+
+
+def _start_time(pid: int) -> int:
+    """Process start time (clock ticks since boot): tells a reused pid apart."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+class ProcessSandbox:
+    def __init__(self, spec: LaunchSpec, pid: int, pidfd: int) -> None:
+        self._spec = spec
+        self._pid = pid
+        self._pidfd = pidfd
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def record(self) -> dict[str, Any]:
+        return {"pid": self._pid, "start_time": _start_time(self._pid) if self.alive() else 0}
+
+    def _socket_path(self, channel: str) -> Path:
+        return self._spec.root / f"{channel}.chan"
+
+    def dialer(self, channel: str) -> Dialer:
+        path = str(self._socket_path(channel))
+
+        async def dial() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+        return dial
+
+    def alive(self) -> bool:
+        if self._pidfd < 0:
+            return False
+        return not select.select([self._pidfd], [], [], 0)[0]
+
+    async def wait_exit(self) -> None:
+        if not self.alive():
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(self._pidfd, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            loop.remove_reader(self._pidfd)
+
+    async def _nsenter(self, *argv: str) -> subprocess.CompletedProcess[bytes]:
+        cmd = ["nsenter", "-t", str(self._pid), "-m", "--", *argv]
+        return await asyncio.to_thread(
+            subprocess.run, cmd, capture_output=True, timeout=10, check=False
+        )
+
+    async def share_rootfs(
+        self, container_id: str, mounts: Sequence[MountSpec], host_path: Path
+    ) -> str:
+        for m in mounts:
+            opts = ",".join(m.options)
+            if m.type == "bind":
+                argv = ["mount", "-o", opts or "bind", m.source, str(host_path)]
+            else:
+                argv = ["mount", "-t", m.type, *(["-o", opts] if opts else []), m.source, str(host_path)]
+            res = await self._nsenter(*argv)
+            if res.returncode != 0:
+                raise Internal(
+                    f"mount {m.type} rootfs of {container_id}: {res.stderr.decode(errors='replace').strip()}"
+                )
+        return str(host_path)
+
+    async def unshare_rootfs(self, container_id: str, host_path: Path) -> None:
+        if not self.alive():
+            return  # the mount namespace died with the sandbox
+        while True:
+            res = await self._nsenter("umount", str(host_path))
+            if res.returncode != 0:
+                return  # not mounted (any more)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        if not self.alive():
+            return
+        # PID 1 of the pid namespace: when it dies the kernel kills the rest.
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self.wait_exit()
+        except TimeoutError:
+            raise Internal(f"sandbox pid {self._pid} did not exit within {timeout}s of SIGKILL") from None
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+class ProcessBackend:
+    name = "process"
+
+    async def launch(self, spec: LaunchSpec) -> ProcessSandbox:
+        root = spec.root
+        for chan in ("agent", "ops"):
+            (root / f"{chan}.chan").unlink(missing_ok=True)
+        argv = [
+            *spec.agent_command,
+            "--state-dir", str(root / "agent"),
+            "--listen", f"agent=unix:{root / 'agent.chan'}",
+            "--listen", f"ops=unix:{root / 'ops.chan'}",
+            *spec.agent_args,
+        ]
+        cmd = [sys.executable, "-m", "shim.vmm.process._nsinit", spec.sandbox_id[:63],
+               str(root / "agent.log"), "--", *argv]
+        env = {**os.environ, **spec.env}
+        res = await asyncio.to_thread(
+            subprocess.run, cmd, capture_output=True, timeout=30, env=env, check=False
+        )
+        if res.returncode != 0 or not res.stdout.strip().isdigit():
+            raise Unavailable(
+                f"cannot start process sandbox: {res.stderr.decode(errors='replace').strip()}"
+            )
+        pid = int(res.stdout)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise Unavailable(f"sandbox agent (pid {pid}) exited at once; see {root / 'agent.log'}") from None
+        return ProcessSandbox(spec, pid, pidfd)
+
+    def restore(self, spec: LaunchSpec, record: Mapping[str, Any]) -> ProcessSandbox:
+        pid = int(record["pid"])
+        try:
+            pidfd = os.pidfd_open(pid)
+            if _start_time(pid) != int(record["start_time"]):
+                os.close(pidfd)
+                raise ProcessLookupError
+        except (ProcessLookupError, FileNotFoundError):
+            raise NotFound(f"sandbox {spec.sandbox_id}: agent pid {pid} is gone") from None
+        return ProcessSandbox(spec, pid, pidfd)
+
+    def close_fds(self, sandbox: Any) -> None:
+        sandbox.close()
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Poll until *pid* no longer exists (for callers without a pidfd)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}"):
+            return True
+        time.sleep(0.01)
+    return False

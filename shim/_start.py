@@ -1,0 +1,104 @@
+"""``containerd-shim-keel-v2 start``: start or join the sandbox's shim.
+
+Prints only ``unix://<socket>`` and exits at once (containerd reads our
+combined stdout+stderr until EOF: research containerd-shim.md 2.3).  The
+daemon inherits the listening socket (its number in $KEEL_LISTEN_FD), and /dev/null for stdio, so
+it never holds containerd's pipe.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from shim._bundle import sandbox_id, socket_path
+from shim._flags import Flags
+
+
+def _read_options() -> str:
+    """config_path from the runtimeoptions.v1.Options Any on stdin, if any."""
+    try:
+        data = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
+    except (OSError, ValueError):
+        return ""
+    if not data:
+        return ""
+    from betterproto.lib.google.protobuf import Any as PbAny
+
+    from shim._pb.runtimeoptions import v1 as ro
+
+    any_ = PbAny().parse(data)
+    if any_.type_url.rsplit("/", 1)[-1] != "runtimeoptions.v1.Options":
+        return ""
+    return ro.Options().parse(any_.value).config_path
+
+
+def _listen(path: Path) -> socket.socket | None:
+    """A listener at *path*, or None when a live shim already listens there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            sock.close()
+            return None  # grouped: the sandbox's shim is alive
+        except OSError:
+            path.unlink(missing_ok=True)  # stale socket of a dead shim
+            sock.bind(str(path))
+        finally:
+            probe.close()
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
+
+
+def _write_address(bundle: Path, address: str) -> None:
+    tmp = bundle / ".address"
+    tmp.write_text(address)
+    os.replace(tmp, bundle / "address")
+
+
+def start(flags: Flags) -> int:
+    from shim import config as config_mod
+
+    bundle = Path.cwd()
+    try:
+        config_path = _read_options()
+        cfg = config_mod.load(config_path or None)
+        sandbox = sandbox_id(bundle, flags.id)
+        path = socket_path(cfg.state_root, flags.address, flags.namespace, sandbox)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        address = f"unix://{path}"
+        lock = os.open(path.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two starts of one pod must not race
+        listener = _listen(path)
+        if listener is not None:
+            env = dict(os.environ)
+            if config_path:
+                env["KEEL_CONFIG"] = config_path
+            argv = [sys.executable, "-m", "shim", "-namespace", flags.namespace,
+                    "-address", flags.address, "-publish-binary", flags.publish_binary,
+                    "-id", flags.id, "-sandbox-id", sandbox, "-socket", str(path)]
+            if flags.debug:
+                argv.append("-debug")
+            env["KEEL_LISTEN_FD"] = str(listener.fileno())
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, pass_fds=(listener.fileno(),), cwd=bundle,
+                             env=env, process_group=0)
+            listener.close()
+        _write_address(bundle, address)
+    except Exception as exc:  # containerd shows this text in its error
+        print(f"keel shim start failed: {exc}")
+        return 1
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0

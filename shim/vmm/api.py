@@ -1,0 +1,103 @@
+"""The VMM backend interface: small Protocols and one registry.
+
+A backend launches a sandbox (a VM, or namespaces for ``process``), says
+how to reach a channel of it, shares container root filesystems into it,
+reports liveness through a pidfd and stops it.  Everything else (agent
+protocol, state, upgrade) is identical across backends.
+
+Both creating a sandbox and restoring one after a shim handoff go through
+the same registry: ``BACKENDS[name](config)`` gives a Backend; a Backend
+either ``launch``es a new sandbox or ``restore``s one from the record a
+previous shim persisted.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+#: Connects a new stream socket to one channel of a sandbox.
+Dialer = Callable[[], Awaitable[socket.socket]]
+
+
+@dataclass(frozen=True, slots=True)
+class MountSpec:
+    """One rootfs mount as containerd sends it (no target)."""
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """What a backend needs to start a sandbox."""
+
+    sandbox_id: str
+    #: The sandbox directory (sockets, logs, agent state for ``process``).
+    root: Path
+    #: argv of the agent, without channel or state arguments.
+    agent_command: Sequence[str]
+    #: Extra arguments the agent gets (runtime, log level).
+    agent_args: Sequence[str] = ()
+    vcpus: int = 1
+    memory_mib: int = 256
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class Sandbox(Protocol):
+    """A running sandbox as one backend sees it."""
+
+    @property
+    def pid(self) -> int:
+        """Host pid of the VMM (``process``: of the agent)."""
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able identity a later shim passes to ``Backend.restore``."""
+
+    def dialer(self, channel: str) -> Dialer:
+        """Connect to channel "agent" or "ops"."""
+
+    def alive(self) -> bool:
+        """True while the sandbox process runs (pidfd, not a pid guess)."""
+
+    async def wait_exit(self) -> None:
+        """Return when the sandbox process has ended."""
+
+    async def share_rootfs(
+        self, container_id: str, mounts: Sequence[MountSpec], host_path: Path
+    ) -> str:
+        """Make the container's root filesystem visible to the agent.
+
+        *host_path* is the bundle's ``rootfs`` directory; when *mounts* is
+        empty it already holds the filesystem.  Returns the path the agent
+        must use.  Raises Internal when a mount fails.
+        """
+
+    async def unshare_rootfs(self, container_id: str, host_path: Path) -> None:
+        """Undo ``share_rootfs``; idempotent."""
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the sandbox and everything in it; idempotent."""
+
+
+class Backend(Protocol):
+    name: str
+
+    async def launch(self, spec: LaunchSpec) -> Sandbox:
+        """Start a sandbox; raises Unavailable/Internal with a clear message."""
+
+    def restore(self, spec: LaunchSpec, record: Mapping[str, Any]) -> Sandbox:
+        """Re-attach to a running sandbox from its persisted record.
+
+        Raises NotFound when the sandbox process is gone.
+        """
+
+    def close_fds(self, sandbox: Sandbox) -> None:
+        """Release this process's handles (pidfd, sockets) without stopping."""
+
+
+BackendFactory = Callable[[], Backend]

@@ -1,0 +1,70 @@
+"""Start the agent as PID 1 of new pid/mount/uts/ipc/net namespaces.
+
+Run as ``python -m shim.vmm.process._nsinit HOSTNAME LOG -- AGENT_ARGV...``.
+It unshares the namespaces, makes its mount tree private, forks (the child
+is PID 1 of the new pid namespace), and prints the child's host pid on
+stdout before exiting, so the agent is owned by no shim: it outlives shim
+handoffs, and the shim watches it through a pidfd.
+
+Kept free of heavy imports: it runs on every sandbox start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    enc = (lambda s: s.encode() if s is not None else None)
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, None), f"mount {target}")
+
+
+def main() -> int:
+    hostname, log, sep, *argv = sys.argv[1:]
+    if sep != "--" or not argv:
+        print("usage: _nsinit HOSTNAME LOG -- AGENT_ARGV...", file=sys.stderr)
+        return 2
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET
+    _check(_libc.unshare(flags), "unshare")
+    # Nothing we mount in the sandbox may propagate back to the host.
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    pid = os.fork()
+    if pid:
+        print(pid, flush=True)
+        return 0
+    try:
+        os.setsid()
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        name = hostname.encode()
+        _check(_libc.sethostname(name, len(name)), "sethostname")
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.execvp(argv[0], argv)
+    except BaseException as exc:  # the child must never return into Python's caller
+        os.write(2, f"keel nsinit: {exc}\n".encode())
+    os._exit(127)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The shim's command line, config and stdio parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.errors import InvalidArgument, Unimplemented
+from shim import _flags, _stdio, config
+from shim._bundle import sandbox_id, socket_path
+
+
+def test_flags_as_containerd_passes_them() -> None:
+    f = _flags.parse(["-namespace", "default", "-address", "/run/c.sock", "-publish-binary",
+                      "/usr/bin/containerd", "-id", "t1", "-debug", "start"])
+    assert (f.namespace, f.address, f.id, f.debug, f.action) == ("default", "/run/c.sock", "t1", True, "start")
+    assert _flags.parse(["-id=x", "-bundle", "/b", "delete"]).bundle == "/b"
+    assert _flags.parse(["-id", "x"]).action == ""
+
+
+@pytest.mark.parametrize("argv,msg", [(["-bogus", "start"], "not defined"), (["-id"], "needs an argument"),
+                                      (["-id", "x", "stop"], "unknown action"),
+                                      (["start", "extra"], "unexpected")])
+def test_bad_flags(argv: list[str], msg: str) -> None:
+    with pytest.raises(_flags.FlagError, match=msg):
+        _flags.parse(argv)
+
+
+def test_group_by_sandbox_annotation(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"annotations":{"io.kubernetes.cri.sandbox-id":"pod1"}}')
+    assert sandbox_id(tmp_path, "c1") == "pod1"
+    (tmp_path / "config.json").write_text('{"annotations":{}}')
+    assert sandbox_id(tmp_path, "c1") == "c1"
+    (tmp_path / "config.json").write_text('{"annotations":{"io.kubernetes.cri.sandbox-id":"../x"}}')
+    with pytest.raises(InvalidArgument):
+        sandbox_id(tmp_path, "c1")
+    assert len(str(socket_path(Path("/run/keel"), "/run/containerd/containerd.sock", "k8s.io", "p"))) < 108
+
+
+def test_stdio_uris() -> None:
+    assert _stdio.parse("") == ("none", "")
+    assert _stdio.parse("/run/fifo/x") == ("fifo", "/run/fifo/x")
+    assert _stdio.parse("file:///var/log/x") == ("file", "/var/log/x")
+    with pytest.raises(Unimplemented):
+        _stdio.parse("binary:///usr/bin/logger")
+    with pytest.raises(InvalidArgument):
+        _stdio.parse("tcp://1.2.3.4")
+
+
+def test_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEEL_STATE_ROOT", raising=False)
+    monkeypatch.delenv("KEEL_CONFIG", raising=False)
+    f = tmp_path / "c.toml"
+    f.write_text('[shim]\nbackend = "process"\nruntime = "crun"\n')
+    assert config.load(f).runtime == "crun"
+    f.write_text('[shim]\nbogus = 1\n')
+    with pytest.raises(InvalidArgument, match="unknown key"):
+        config.load(f)
+    f.write_text('[shim]\nbackend = "xen"\n')
+    with pytest.raises(InvalidArgument, match="backend"):
+        config.load(f)
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        config.load(tmp_path / "missing.toml")
+    monkeypatch.setenv("KEEL_STATE_ROOT", str(tmp_path))
+    assert config.load(tmp_path / "missing.toml" if False else None).state_root == tmp_path
