@@ -34,7 +34,7 @@ def delete(flags: Flags) -> int:
     except Exception as exc:  # report, but still answer: containerd must go on
         print(f"keel delete {flags.id}: {exc}", file=sys.stderr)
     resp = task_pb.DeleteResponse(exit_status=status,
-                                  exited_at=datetime.datetime.now(datetime.timezone.utc))
+                                  exited_at=datetime.datetime.now(datetime.UTC))
     sys.stdout.buffer.write(bytes(resp))
     sys.stdout.flush()
     return 0

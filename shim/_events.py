@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+from typing import Any
 
 import betterproto
 from betterproto.lib.google.protobuf import Any as PbAny
@@ -32,7 +33,7 @@ class EventPublisher:
         self._address = address.removeprefix("unix://")
         self._namespace = namespace
         self._queue: asyncio.Queue[tuple[str, betterproto.Message]] = asyncio.Queue()
-        self._client = None
+        self._client: Any = None
 
     def publish_nowait(self, topic: str, event: betterproto.Message) -> None:
         """Queue *event*; never blocks, never raises."""
@@ -44,7 +45,7 @@ class EventPublisher:
         if self._client is None:
             self._client = await TtrpcClient.connect(self._address)
         envelope = events_pb.Envelope(
-            timestamp=datetime.datetime.now(datetime.timezone.utc),
+            timestamp=datetime.datetime.now(datetime.UTC),
             namespace=self._namespace,
             topic=topic,
             event=PbAny(type_url=f"containerd.events.{type(event).__name__}", value=bytes(event)),

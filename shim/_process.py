@@ -65,10 +65,13 @@ class Process:
         self.exited = asyncio.Event()
         if exit is not None:
             self.exited.set()
-        self.outputs: list[OutputPump] = []
+        #: Output pumps by stream name ("stdout", "stderr"); input pump.
+        self.outputs: dict[str, OutputPump] = {}
         self.input: InputPump | None = None
-        #: Tasks (pumps, exit watcher) owned by this process; cancelled on delete.
-        self.tasks: list[asyncio.Task[Any]] = []
+        #: Offsets and flags a restored process resumes from (see record()).
+        self.resume_from: dict[str, Any] = {}
+        #: The exit watcher task (WaitProcess long poll).
+        self.watcher: asyncio.Task[Any] | None = None
         #: True once TaskExit was queued for containerd.
         self.exit_published = exit is not None
 
@@ -87,10 +90,22 @@ class Process:
         if self.state not in states:
             raise FailedPrecondition(f"cannot {action} {self.name}: it is {self.state.value}")
 
-    def cancel_tasks(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        self.tasks.clear()
+    def offsets(self) -> dict[str, Any]:
+        """Where each stdio stream stands, for a shim that resumes."""
+        out: dict[str, Any] = dict(self.resume_from)
+        for name, pump in self.outputs.items():
+            out[name] = pump.offset
+            out[f"{name}_eof"] = pump.eof.is_set()
+        if self.input is not None:
+            out["stdin"] = self.input.offset
+            out["stdin_closed"] = self.input.closed
+        return out
+
+    def close_stdio(self) -> None:
+        for pump in self.outputs.values():
+            pump.sink.close()
+        if self.input is not None:
+            self.input.source.close()
 
     def record(self) -> dict[str, Any]:
         return {
@@ -100,11 +115,7 @@ class Process:
             "state": self.state.value,
             "exit": dataclasses.asdict(self.exit) if self.exit else None,
             "exit_published": self.exit_published,
-            "offsets": {
-                "stdout": self.outputs[0].offset if len(self.outputs) > 0 else 0,
-                "stderr": self.outputs[1].offset if len(self.outputs) > 1 else 0,
-                "stdin": self.input.offset if self.input else 0,
-            },
+            "offsets": self.offsets(),
         }
 
 
@@ -126,6 +137,9 @@ class Container:
         except KeyError:
             raise NotFound(f"exec {eid!r} of container {self.id} not found") from None
 
+    def processes(self) -> list[Process]:
+        return [self.init, *self.execs.values()]
+
     def record(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -134,3 +148,24 @@ class Container:
             "init": self.init.record(),
             "execs": [p.record() for p in self.execs.values()],
         }
+
+
+def process_from_record(cid: str, rec: dict[str, Any]) -> Process:
+    """Rebuild a Process persisted by ``Process.record()``."""
+    exit = Exit(**rec["exit"]) if rec.get("exit") else None
+    p = Process(cid, rec["exec_id"], Stdio(**rec["stdio"]), pid=int(rec["pid"]),
+                state=State(rec["state"]), exit=exit)
+    p.exit_published = bool(rec.get("exit_published"))
+    if exit is not None and not p.exit_published:
+        p.exited.clear()  # containerd has not been told yet: resume reports it
+    p.resume_from = dict(rec.get("offsets") or {})
+    return p
+
+
+def container_from_record(rec: dict[str, Any]) -> Container:
+    mounts = tuple(MountSpec(m["type"], m["source"], tuple(m["options"])) for m in rec["mounts"])
+    c = Container(rec["id"], rec["bundle"], mounts, process_from_record(rec["id"], rec["init"]))
+    for e in rec["execs"]:
+        p = process_from_record(rec["id"], e)
+        c.execs[p.eid] = p
+    return c

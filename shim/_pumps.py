@@ -1,10 +1,12 @@
 """Pumps: copy a process's stdio between containerd's endpoints and the agent.
 
 Output pumps long-poll ``ReadOutput`` from their offset (which acks
-everything below it to the agent) and write to the sink; input pumps
-read the stdin fifo and ``WriteStdin`` at their offset.  Offsets are the
-only state: a pump stopped at a known offset can be resumed by another
-shim process without losing or duplicating a byte.
+everything below it to the agent) and write to the sink; input pumps read
+the stdin fifo and ``WriteStdin`` at their offset.  Offsets are the only
+state: a pump stopped at a known offset (``stop()``) can be resumed by a
+new pump, in this process or another, without losing or duplicating a
+byte.  ``stop()`` cancels a pump only while it waits for data; a chunk
+being delivered is delivered first.
 """
 
 from __future__ import annotations
@@ -22,55 +24,85 @@ CHUNK = 256 * 1024
 POLL_MS = 10_000
 
 
-class OutputPump:
+class _Pump:
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self._busy = False  # delivering: must not be cancelled
+        self._stopping = False
+
+    async def stop(self) -> None:
+        """Stop at a chunk boundary; the offset is final afterwards."""
+        self._stopping = True
+        task = self.task
+        if task is None or task.done():
+            return
+        if not self._busy:
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # we were cancelled ourselves
+        except Exception:
+            pass  # the pump's own failure was logged by its guard
+
+
+class OutputPump(_Pump):
     def __init__(self, conn: AgentConnection, cid: str, eid: str,
                  stream: pb.OutputStream, sink: Sink, offset: int = 0) -> None:
+        super().__init__()
         self._conn = conn
         self._cid, self._eid, self._stream = cid, eid, stream
-        self._sink = sink
-        #: Bytes delivered to the sink; owned by the pump, read by snapshots.
+        self.sink = sink
+        #: Bytes delivered to the sink; owned by the pump.
         self.offset = offset
         self.eof = asyncio.Event()
 
     async def run(self) -> None:
-        """Copy until EOF; cancelling it stops at a chunk boundary."""
+        """Copy until EOF, then close the sink (containerd then sees EOF)."""
         stub = self._conn.stub
-        try:
-            while True:
-                req = pb.ReadOutputRequest(container_id=self._cid, exec_id=self._eid,
-                                           stream=self._stream, offset=self.offset,
-                                           max_bytes=CHUNK, wait_ms=POLL_MS)
-                resp = await self._conn.call(stub.read_output, req, retry_for=30)
-                if resp.data:
-                    await self._sink.write(resp.data)
+        while not self._stopping:
+            req = pb.ReadOutputRequest(container_id=self._cid, exec_id=self._eid,
+                                       stream=self._stream, offset=self.offset,
+                                       max_bytes=CHUNK, wait_ms=POLL_MS)
+            resp = await self._conn.call(stub.read_output, req, retry_for=30)
+            if resp.data:
+                self._busy = True
+                try:
+                    await self.sink.write(resp.data)
                     self.offset += len(resp.data)
-                elif resp.eof:
-                    break
-        finally:
-            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                self._sink.close()
+                finally:
+                    self._busy = False
+            elif resp.eof:
+                self.sink.close()
                 self.eof.set()
+                return
 
 
-class InputPump:
+class InputPump(_Pump):
     def __init__(self, conn: AgentConnection, cid: str, eid: str, source: Source,
                  offset: int = 0) -> None:
+        super().__init__()
         self._conn = conn
         self._cid, self._eid = cid, eid
-        self._source = source
+        self.source = source
         #: Bytes the agent accepted.
         self.offset = offset
         self.closed = False
 
     async def _send(self, data: bytes) -> None:
-        req = pb.WriteStdinRequest(container_id=self._cid, exec_id=self._eid,
-                                   offset=self.offset, data=data)
-        resp = await self._conn.call(self._conn.stub.write_stdin, req, retry_for=30)
-        self.offset = resp.offset
+        self._busy = True
+        try:
+            req = pb.WriteStdinRequest(container_id=self._cid, exec_id=self._eid,
+                                       offset=self.offset, data=data)
+            resp = await self._conn.call(self._conn.stub.write_stdin, req, retry_for=30)
+            self.offset = resp.offset
+        finally:
+            self._busy = False
 
     async def run(self) -> None:
-        while not self.closed:
-            data = await self._source.read()
+        while not self._stopping and not self.closed:
+            data = await self.source.read()
             if data:
                 await self._send(data)
 
@@ -78,9 +110,10 @@ class InputPump:
         """containerd's CloseIO: forward what is buffered, then close stdin."""
         if self.closed:
             return
+        await self.stop()
         self.closed = True
-        while (data := self._source.read_nowait()):
+        while (data := self.source.read_nowait()):
             await self._send(data)
         req = pb.CloseStdinRequest(container_id=self._cid, exec_id=self._eid, offset=self.offset)
         await self._conn.call(self._conn.stub.close_stdin, req)
-        self._source.close()
+        self.source.close()

@@ -10,12 +10,12 @@ shim does with its extra read handle.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 from urllib.parse import urlparse
 
 from agent.errors import InvalidArgument, Unimplemented
+from upgrade.aio import wait_readable, wait_writable
 
 
 def parse(uri: str) -> tuple[str, str]:
@@ -61,17 +61,11 @@ class Sink:
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
-        loop = asyncio.get_running_loop()
         while view:
             try:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
-                ready = loop.create_future()
-                loop.add_writer(self.fd, lambda: ready.done() or ready.set_result(None))
-                try:
-                    await ready
-                finally:
-                    loop.remove_writer(self.fd)
+                await wait_writable(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -109,17 +103,11 @@ class Source:
             return None
 
     async def read(self, n: int = 65536) -> bytes:
-        loop = asyncio.get_running_loop()
         while True:
             data = self.read_nowait(n)
             if data is not None:
                 return data
-            ready = loop.create_future()
-            loop.add_reader(self.fd, lambda: ready.done() or ready.set_result(None))
-            try:
-                await ready
-            finally:
-                loop.remove_reader(self.fd)
+            await wait_readable(self.fd)
 
     def close(self) -> None:
         for fd in (self.fd, self._keeper):

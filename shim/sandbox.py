@@ -56,6 +56,7 @@ class Sandbox:
         self.agent: AgentConnection | None = None
         self.containers: dict[str, Container] = {}
         self._lock = asyncio.Lock()
+        self._sandbox_watch: asyncio.Task[None] | None = None
 
     # -- sandbox lifecycle -------------------------------------------------
 
@@ -79,7 +80,8 @@ class Sandbox:
             await self._stop_vm()
             raise Unavailable(f"{exc}; agent log: {tail}") from exc
         log.info("agent %s ready (API %d, pid %d)", hello.agent_version, hello.api_version, hello.agent_pid)
-        self._tasks.create_task(self._watch_sandbox(), name=f"sandbox-watch-{self.id}")
+        self._sandbox_watch = self._tasks.create_task(self._watch_sandbox(),
+                                                      name=f"sandbox-watch-{self.id}")
         self._persist()
         return self.agent
 
@@ -104,7 +106,7 @@ class Sandbox:
             await vm.stop()
             self._backend.close_fds(vm)
 
-    def _persist(self) -> None:
+    def _persist(self) -> SandboxRecord:
         rec = SandboxRecord(
             sandbox_id=self.id, namespace=self.namespace, backend=self._backend.name,
             vmm={**(self.vm.record() if self.vm else {}), "shim": _shim_identity()},
@@ -112,6 +114,7 @@ class Sandbox:
             containers=tuple(c.record() for c in self.containers.values()),
         )
         self._store.save(rec)
+        return rec
 
     async def shutdown(self) -> bool:
         """Stop the sandbox if no container is left; True if it was stopped."""
@@ -121,6 +124,82 @@ class Sandbox:
             await self._stop_vm()
             _remove_tree(self.dir.root)
             return True
+
+    # -- live handoff ------------------------------------------------------
+
+    async def freeze(self) -> SandboxRecord:
+        """Stop every pump at a chunk boundary and every exit watcher, let go
+        of the agent channel, persist; returns the record a new shim resumes.
+
+        Between freeze and ``thaw``/exit nothing is sent to containerd and
+        nothing is read from the agent.
+        """
+        await self._lock.acquire()
+        for c in self.containers.values():
+            for p in c.processes():
+                await _stop_process(p)
+        if self._sandbox_watch is not None:
+            self._sandbox_watch.cancel()
+        if self.agent is not None:
+            self.agent.close()  # virtio-serial allows one client: release the port
+        rec = self._persist()
+        return rec
+
+    def thaw(self) -> None:
+        """Undo ``freeze`` after a failed handoff: resume where we stopped."""
+        try:
+            self._resume_processes(reopen=False)
+            if self.vm is not None:
+                self._sandbox_watch = self._tasks.create_task(self._watch_sandbox(),
+                                                              name=f"sandbox-watch-{self.id}")
+        finally:
+            self._lock.release()
+
+    async def restore(self, rec: SandboxRecord) -> None:
+        """Re-attach to a running sandbox from a record (new shim side).
+
+        Dials the agent and checks that it knows every container; pumps and
+        watchers start only in ``go_live()``, after the old shim let go.
+        """
+        from shim._process import container_from_record
+
+        self.vm = self._backend.restore(self._launch_spec(), rec.vmm)
+        self.agent = AgentConnection(self.vm.dialer("agent"), client_version=version(),
+                                     session=f"shim-{os.getpid()}", timeout=self.config.agent_timeout_s)
+        self.containers = {c["id"]: container_from_record(c) for c in rec.containers}
+
+    async def check_health(self) -> None:
+        """The agent answers and holds every container we know of."""
+        assert self.agent is not None and self.vm is not None
+        await self.agent.wait_ready(self.config.agent_timeout_s, self.vm.alive)
+        state = await self.agent.call(self.agent.stub.get_state, pb.Empty())
+        known = {c.container_id for c in state.containers}
+        missing = sorted(set(self.containers) - known)
+        if missing:
+            raise FailedPrecondition(f"agent does not know containers {', '.join(missing)}")
+
+    def go_live(self) -> None:
+        """Start pumps, watchers and the sandbox watch (new shim, after commit)."""
+        self._resume_processes(reopen=True)
+        self._sandbox_watch = self._tasks.create_task(self._watch_sandbox(),
+                                                      name=f"sandbox-watch-{self.id}")
+        self._persist()
+
+    def _resume_processes(self, reopen: bool) -> None:
+        for c in self.containers.values():
+            for p in c.processes():
+                if reopen:
+                    sinks, source = _reopen(p)
+                else:
+                    p.resume_from = p.offsets()
+                    sinks = {n: o.sink for n, o in p.outputs.items() if not o.eof.is_set()}
+                    source = p.input.source if p.input and not p.input.closed else None
+                    p.outputs, p.input = {}, None
+                self._start_pumps(p, sinks, source)
+                if p.state in (State.RUNNING, State.PAUSED):
+                    self._watch(p)
+                elif p.exit is not None and not p.exit_published:
+                    self._record_exit(p, p.exit, force=True)
 
     # -- containers --------------------------------------------------------
 
@@ -146,7 +225,7 @@ class Sandbox:
                 raise InvalidArgument(f"{spec_path}: not a valid OCI spec: {exc}") from exc
             if stdio.terminal:
                 stdio = Stdio(stdio.stdin, stdio.stdout, "", True)  # stderr is unused with a tty
-            sinks = [Sink.open(stdio.stdout), Sink.open(stdio.stderr)]
+            sinks = {"stdout": Sink.open(stdio.stdout), "stderr": Sink.open(stdio.stderr)}
             source = Source.open(stdio.stdin)
             agent = await self._ensure_started()
             assert self.vm is not None
@@ -161,11 +240,7 @@ class Sandbox:
                     stdio=_pb_stdio(stdio, sinks, source))
                 resp = await agent.call(agent.stub.create_container, req)
             except BaseException:
-                for s in sinks:
-                    if s:
-                        s.close()
-                if source:
-                    source.close()
+                _close(sinks, source)
                 if mounts:
                     await self.vm.unshare_rootfs(cid, rootfs_host)
                 raise
@@ -182,22 +257,29 @@ class Sandbox:
         log.info("created container %s (pid %d)", cid, resp.pid)
         return resp.pid
 
-    def _start_pumps(self, proc: Process, sinks: list[Sink | None], source: Source | None,
-                     offsets: dict[str, int] | None = None) -> None:
+    def _start_pumps(self, proc: Process, sinks: dict[str, Sink | None],
+                     source: Source | None) -> None:
+        """Start (or resume, from ``proc.resume_from``) the stdio pumps."""
         assert self.agent is not None
-        offsets = offsets or {}
-        streams = (pb.OutputStream.STDOUT, pb.OutputStream.STDERR)
-        for name, stream, sink in zip(("stdout", "stderr"), streams, sinks, strict=True):
+        offsets = proc.resume_from
+        streams = {"stdout": pb.OutputStream(1), "stderr": pb.OutputStream(2)}
+        for name, sink in sinks.items():
             if sink is None:
                 continue
-            pump = OutputPump(self.agent, proc.cid, proc.eid, stream, sink, offsets.get(name, 0))
-            proc.outputs.append(pump)
-            proc.tasks.append(self._tasks.create_task(
-                _guard(pump.run(), f"{name} pump of {proc.name}"), name=f"{name}-{proc.name}"))
+            pump = OutputPump(self.agent, proc.cid, proc.eid, streams[name], sink,
+                              int(offsets.get(name, 0)))
+            proc.outputs[name] = pump
+            pump.task = self._tasks.create_task(
+                _guard(pump.run(), f"{name} pump of {proc.name}"), name=f"{name}-{proc.name}")
         if source is not None:
-            proc.input = InputPump(self.agent, proc.cid, proc.eid, source, offsets.get("stdin", 0))
-            proc.tasks.append(self._tasks.create_task(
-                _guard(proc.input.run(), f"stdin pump of {proc.name}"), name=f"stdin-{proc.name}"))
+            proc.input = InputPump(self.agent, proc.cid, proc.eid, source, int(offsets.get("stdin", 0)))
+            proc.input.task = self._tasks.create_task(
+                _guard(proc.input.run(), f"stdin pump of {proc.name}"), name=f"stdin-{proc.name}")
+        proc.resume_from = {}
+
+    def _watch(self, p: Process) -> None:
+        p.watcher = self._tasks.create_task(
+            _guard(self._watch_exit(p), f"exit watcher of {p.name}"), name=f"wait-{p.name}")
 
     async def start(self, cid: str, eid: str) -> int:
         c = self.container(cid)
@@ -215,8 +297,7 @@ class Sandbox:
                 container_id=cid, exec_id=eid, pid=p.pid))
         else:
             self._events.publish_nowait("/tasks/start", events_pb.TaskStart(container_id=cid, pid=p.pid))
-        p.tasks.append(self._tasks.create_task(
-            _guard(self._watch_exit(p), f"exit watcher of {p.name}"), name=f"wait-{p.name}"))
+        self._watch(p)
         self._persist()
         log.info("started %s (pid %d)", p.name, p.pid)
         return p.pid
@@ -225,7 +306,7 @@ class Sandbox:
         assert self.agent is not None
         req = pb.WaitProcessRequest(container_id=p.cid, exec_id=p.eid)
         resp = await self.agent.call(self.agent.stub.wait_process, req, retry_for=24 * 3600)
-        pending = [o.eof.wait() for o in p.outputs]
+        pending = [o.eof.wait() for o in p.outputs.values()]
         if pending:
             try:
                 async with asyncio.timeout(OUTPUT_GRACE_S):
@@ -234,8 +315,8 @@ class Sandbox:
                 log.info("%s exited; its output is still open (held by another process)", p.name)
         self._record_exit(p, Exit(resp.exit_status, resp.exited_at_ns))
 
-    def _record_exit(self, p: Process, exit: Exit) -> None:
-        if p.exit is not None:
+    def _record_exit(self, p: Process, exit: Exit, force: bool = False) -> None:
+        if p.exit is not None and not force:
             return
         p.exit = exit
         p.state = State.STOPPED
@@ -271,7 +352,7 @@ class Sandbox:
         c.init.require(State.RUNNING, State.PAUSED, action="exec in")
         if stdio.terminal:
             stdio = Stdio(stdio.stdin, stdio.stdout, "", True)
-        sinks = [Sink.open(stdio.stdout), Sink.open(stdio.stderr)]
+        sinks = {"stdout": Sink.open(stdio.stdout), "stderr": Sink.open(stdio.stderr)}
         source = Source.open(stdio.stdin)
         assert self.agent is not None
         try:
@@ -279,11 +360,7 @@ class Sandbox:
                 container_id=cid, exec_id=eid, process_json=process_json,
                 stdio=_pb_stdio(stdio, sinks, source)))
         except BaseException:
-            for s in sinks:
-                if s:
-                    s.close()
-            if source:
-                source.close()
+            _close(sinks, source)
             raise
         p = Process(cid, eid, stdio)
         c.execs[eid] = p
@@ -307,14 +384,12 @@ class Sandbox:
             except NotFound:
                 pass  # already removed (a retried Delete)
             exit = p.exit or Exit.now(0)
-            p.cancel_tasks()
-            _close_pumps(p)
+            for q in (p,) if eid else c.processes():
+                await _stop_process(q)
+                q.close_stdio()
             if eid:
                 del c.execs[eid]
             else:
-                for e in c.execs.values():
-                    e.cancel_tasks()
-                    _close_pumps(e)
                 await self.vm.unshare_rootfs(cid, Path(c.bundle) / "rootfs")
                 del self.containers[cid]
                 self._events.publish_nowait("/tasks/delete", events_pb.TaskDelete(
@@ -325,12 +400,8 @@ class Sandbox:
 
     async def close_io(self, cid: str, eid: str) -> None:
         p = self.container(cid).process(eid)
-        if p.input is None:
-            return
-        for t in p.tasks:
-            if t.get_name().startswith("stdin-"):
-                t.cancel()
-        await p.input.close_input()
+        if p.input is not None:
+            await p.input.close_input()
 
     async def resize(self, cid: str, eid: str, width: int, height: int) -> None:
         p = self.container(cid).process(eid)
@@ -388,16 +459,44 @@ async def _guard(coro: Any, what: str) -> None:
         log.error("%s failed: %s", what, exc)
 
 
-def _close_pumps(p: Process) -> None:
-    for o in p.outputs:
-        o._sink.close()
-    if p.input is not None:
-        p.input._source.close()
+async def _stop_process(p: Process) -> None:
+    """Stop a process's pumps at chunk boundaries and its exit watcher."""
+    for pump in (*p.outputs.values(), *([p.input] if p.input else [])):
+        await pump.stop()
+    if p.watcher is not None:
+        p.watcher.cancel()
+        try:
+            await p.watcher
+        except asyncio.CancelledError:
+            if not p.watcher.cancelled():
+                raise
+        p.watcher = None
 
 
-def _pb_stdio(stdio: Stdio, sinks: list[Sink | None], source: Source | None) -> pb.Stdio:
+def _reopen(p: Process) -> tuple[dict[str, Sink | None], Source | None]:
+    """Open the stdio endpoints again in a new shim, skipping finished ones."""
+    done = p.resume_from
+    stdio = p.stdio
+    sinks = {
+        "stdout": None if done.get("stdout_eof") else Sink.open(stdio.stdout),
+        "stderr": None if done.get("stderr_eof") or stdio.terminal else Sink.open(stdio.stderr),
+    }
+    source = None if done.get("stdin_closed") else Source.open(stdio.stdin)
+    return sinks, source
+
+
+def _close(sinks: dict[str, Sink | None], source: Source | None) -> None:
+    for sink in sinks.values():
+        if sink:
+            sink.close()
+    if source:
+        source.close()
+
+
+def _pb_stdio(stdio: Stdio, sinks: dict[str, Sink | None], source: Source | None) -> pb.Stdio:
     return pb.Stdio(terminal=stdio.terminal, stdin=source is not None,
-                    stdout=sinks[0] is not None, stderr=sinks[1] is not None and not stdio.terminal)
+                    stdout=sinks["stdout"] is not None,
+                    stderr=sinks["stderr"] is not None and not stdio.terminal)
 
 
 def _pb_mount(m: MountSpec) -> Any:
@@ -409,7 +508,7 @@ def _pb_mount(m: MountSpec) -> Any:
 def _ts(ns: int) -> Any:
     import datetime
 
-    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
 
 
 def _tail(path: Path, n: int = 600) -> str:

@@ -30,10 +30,10 @@ from shim.vmm.api import MountSpec
 SERVICE = "containerd.task.v2.Task"
 _ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 _STATUS = {
-    State.CREATED: ctypes_pb.Status.CREATED,
-    State.RUNNING: ctypes_pb.Status.RUNNING,
-    State.PAUSED: ctypes_pb.Status.PAUSED,
-    State.STOPPED: ctypes_pb.Status.STOPPED,
+    State.CREATED: ctypes_pb.Status(1),
+    State.RUNNING: ctypes_pb.Status(2),
+    State.STOPPED: ctypes_pb.Status(3),
+    State.PAUSED: ctypes_pb.Status(4),
 }
 MAX_JSON = 1 << 20
 
@@ -47,7 +47,7 @@ def check_id(value: str, what: str = "id", *, optional: bool = False) -> str:
 
 
 def _ts(ns: int) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
 
 
 def _json_any(any_: PbAny | None, what: str) -> bytes:

@@ -19,6 +19,7 @@ import socket
 from typing import Any
 
 from agent.errors import FailedPrecondition, InvalidArgument
+from upgrade.aio import wait_readable, wait_writable
 
 MAGIC = b"KH"
 MORE = 0x01
@@ -46,15 +47,7 @@ class HandoffChannel:
         self.sock = sock
 
     async def _wait(self, writable: bool) -> None:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        fd = self.sock.fileno()
-        add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
-        add(fd, lambda: fut.done() or fut.set_result(None))
-        try:
-            await fut
-        finally:
-            remove(fd)
+        await (wait_writable if writable else wait_readable)(self.sock.fileno())
 
     async def send(self, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send one message (and *fds* with its first record)."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from agent.errors import Internal, NotFound, Unavailable
 from shim.vmm.api import Dialer, LaunchSpec, MountSpec
+from upgrade.aio import wait_readable
 
 
 def _start_time(pid: int) -> int:
@@ -73,13 +74,7 @@ class ProcessSandbox:
     async def wait_exit(self) -> None:
         if not self.alive():
             return
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        loop.add_reader(self._pidfd, lambda: done.done() or done.set_result(None))
-        try:
-            await done
-        finally:
-            loop.remove_reader(self._pidfd)
+        await wait_readable(self._pidfd)
 
     async def _nsenter(self, *argv: str) -> subprocess.CompletedProcess[bytes]:
         cmd = ["nsenter", "-t", str(self._pid), "-m", "--", *argv]
