@@ -105,7 +105,8 @@ class AgentConnection:
         raise AssertionError("unreachable")
 
     async def wait_ready(self, deadline_s: float, alive: Callable[[], bool]) -> pb.HelloResponse:
-        """Wait until the agent answers Hello; fail early if *alive* turns False."""
+        """Wait until the agent answers a fresh Hello; fail early if *alive* turns False."""
+        self._hello_generation = -1
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline_s
         delay = 0.005

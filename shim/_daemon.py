@@ -1,10 +1,13 @@
 """The shim daemon: serves containerd's Task API and the sandbox's ops.sock.
 
-Started by ``start`` with the listening socket inherited.  Logs go to the
+Started by ``start`` with the listening socket inherited, or by an older
+shim with a handoff channel (``-handoff-fd``), in which case it adopts
+that shim's sandbox and connections (``_handoff.adopt``).  Logs go to the
 bundle's ``log`` fifo (containerd copies them into its own log) or, when
-containerd is not reading it, to the sandbox directory.  Exits after
-``Shutdown`` once no container is left, or on SIGTERM/SIGINT (leaving the
-sandbox running: a shim exiting is not a reason to kill a pod).
+containerd is not reading it, to ``<state_root>/shim-logs``.  Exits after
+``Shutdown`` once no container is left, on SIGTERM/SIGINT (leaving the
+sandbox running: a shim exiting is not a reason to kill a pod), or after
+handing off.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 from shim._flags import Flags
+from shim.config import ShimConfig
 
 log = logging.getLogger("keel.shim")
 
 
 def _setup_logging(debug: bool, fallback: Path) -> None:
-    stream = None
     try:
         fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(fd, True)
@@ -45,52 +49,118 @@ def serve(flags: Flags) -> int:
     cfg = config_mod.load(os.environ.get("KEEL_CONFIG") or None)
     _setup_logging(flags.debug, cfg.state_root / "shim-logs" / f"{flags.sandbox_id or flags.id}.log")
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    fd = int(os.environ.pop("KEEL_LISTEN_FD", "3"))
-    listener = socket.socket(fileno=fd)
     try:
-        asyncio.run(_serve(flags, cfg, listener))
+        asyncio.run(Daemon(flags, cfg).run())
     except Exception:
         log.exception("shim failed")
         return 1
     return 0
 
 
-async def _serve(flags: Flags, cfg: object, listener: socket.socket) -> None:
-    from shim import version
-    from shim._events import EventPublisher
-    from shim._opsserver import serve_ops
-    from shim.sandbox import Sandbox
-    from shim.service import SERVICE, TaskService
-    from shim.ttrpc import Method, TtrpcServer
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    events = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    sandbox_id = flags.sandbox_id or flags.id
-    log.info("keel shim %s serving sandbox %s on %s", version(), sandbox_id, flags.socket)
-    try:
-        async with asyncio.TaskGroup() as tg:
-            sandbox = Sandbox(sandbox_id, flags.namespace, cfg, events, tg)  # type: ignore[arg-type]
-            task = TaskService(sandbox, on_shutdown=stop.set)
-            server = TtrpcServer()
-            server.register(SERVICE, {name: Method(req, fn) for name, (req, fn) in task.methods().items()})
-            tg.create_task(events.run(), name="events")
-            tg.create_task(server.serve(listener), name="ttrpc")
-            ops = await serve_ops(sandbox)
-            await stop.wait()
-            log.info("shim of sandbox %s exiting", sandbox_id)
-            ops.close()
-            await events.drain(timeout=2.0)
-            await server.aclose()
-            raise _Exit
-    except* _Exit:
-        pass
-    if flags.socket:
-        Path(flags.socket).unlink(missing_ok=True)
-    await events.aclose()
-
-
 class _Exit(Exception):
     """Ends the daemon's task group."""
+
+
+class Daemon:
+    """One shim process: its sandbox, ttrpc server, events and ops endpoint."""
+
+    def __init__(self, flags: Flags, cfg: ShimConfig) -> None:
+        self.flags = flags
+        self.cfg = cfg
+        self.stop = asyncio.Event()
+        self.listener: socket.socket | None = None
+        self.handed_off = False
+
+    async def run(self) -> None:
+        from shim import version
+        from shim._events import EventPublisher
+        from shim._opsserver import serve_ops
+        from shim.sandbox import Sandbox
+        from shim.service import SERVICE, TaskService
+        from shim.ttrpc import Method, TtrpcServer
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        self.events = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), self.flags.namespace)
+        sandbox_id = self.flags.sandbox_id or self.flags.id
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self.tg = tg
+                self.sandbox = Sandbox(sandbox_id, self.flags.namespace, self.cfg, self.events, tg)
+                task = TaskService(self.sandbox, on_shutdown=self.stop.set)
+                self.server = TtrpcServer()
+                self.server.register(SERVICE, {n: Method(r, f) for n, (r, f) in task.methods().items()})
+                if self.flags.handoff_fd:
+                    from shim._handoff import adopt
+
+                    await adopt(self, int(self.flags.handoff_fd))
+                else:
+                    fd = int(os.environ.pop("KEEL_LISTEN_FD", "3"))
+                    self._serve(socket.socket(fileno=fd))
+                log.info("keel shim %s serving sandbox %s on %s", version(), sandbox_id, self.flags.socket)
+                ops = await serve_ops(self)
+                await self.stop.wait()
+                ops.close()
+                await self._exit()
+                raise _Exit
+        except* _Exit:
+            pass
+        await self.events.aclose()
+
+    def _serve(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.tg.create_task(self.events.run(), name="events")
+        self.tg.create_task(self.server.serve(listener), name="ttrpc")
+
+    async def _exit(self) -> None:
+        if self.handed_off:
+            log.info("sandbox %s now served by the new shim; exiting", self.sandbox.id)
+            return
+        log.info("shim of sandbox %s exiting", self.sandbox.id)
+        await self.events.drain(timeout=2.0)
+        await self.server.aclose()
+        if self.flags.socket:
+            Path(self.flags.socket).unlink(missing_ok=True)
+
+    # -- handoff hooks (used by shim._handoff) -----------------------------
+
+    async def freeze(self) -> tuple[list[Any], Any]:
+        frozen = await self.server.freeze_all()
+        await self.events.drain(timeout=2.0)
+        record = await self.sandbox.freeze()
+        return frozen, record
+
+    def thaw(self) -> None:
+        self.sandbox.thaw()
+        self.server.thaw_all()
+
+    def sandbox_doc(self, record: Any) -> dict[str, Any]:
+        from shim.state import KIND, SCHEMA_VERSION, _encode
+
+        return {"schema_version": SCHEMA_VERSION, "kind": KIND, **_encode(record)}
+
+    async def restore(self, doc: dict[str, Any]) -> None:
+        from shim.state import store
+
+        st = store(self.sandbox.dir)
+        record = st.decode_checked(st.migrate(st.parse_doc(doc)))
+        await self.sandbox.restore(record)
+        await self.sandbox.check_health()
+
+    def go_live(self, listener: socket.socket,
+                conns: list[tuple[socket.socket, bytes, list[tuple[int, bytes]]]]) -> None:
+        self._serve(listener)
+        for sock, unparsed, pending in conns:
+            self.server.adopt_connection(sock, unparsed, pending)
+        self.sandbox.go_live()
+
+    async def upgrade_shim(self, shim_path: str) -> Any:
+        from shim._handoff import hand_off
+
+        result = await hand_off(self, shim_path)
+        self.handed_off = True
+        self.server.release_all()
+        # Exit once the reply to opsd is on its way.
+        asyncio.get_running_loop().call_later(0.2, self.stop.set)
+        return result

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-_VALUED = {"namespace", "address", "publish-binary", "id", "bundle", "socket", "sandbox-id"}
+_VALUED = {"namespace", "address", "publish-binary", "id", "bundle", "socket", "sandbox-id",
+           "handoff-fd"}
 _BOOL = {"debug", "v", "help", "h"}
 
 USAGE = """usage: containerd-shim-keel-v2 -namespace NS -address ADDR -publish-binary BIN -id ID [-debug] [-bundle DIR] ACTION
@@ -45,6 +46,7 @@ class Flags:
     bundle: str = ""
     socket: str = ""
     sandbox_id: str = ""
+    handoff_fd: str = ""
     debug: bool = False
     version: bool = False
     help: bool = False

@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from agent.api import ops_pb
+from agent.api import KeelError, ops_pb
 from shim import version
 
 if TYPE_CHECKING:
-    from shim.sandbox import Sandbox
+    from shim._daemon import Daemon
 
 
 class ShimOps(ops_pb.ShimOpsBase):
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._sb = daemon.sandbox
 
     async def status(self, status_request: ops_pb.StatusRequest) -> ops_pb.StatusResponse:
         sb = self._sb
@@ -31,13 +34,34 @@ class ShimOps(ops_pb.ShimOpsBase):
             ],
         )
 
+    async def upgrade_shim(self, upgrade_shim_request: ops_pb.UpgradeShimRequest) -> ops_pb.UpgradeShimResponse:
+        req = upgrade_shim_request
+        if not req.shim_path:
+            raise GRPCError(Status.INVALID_ARGUMENT, "shim_path is required")
+        try:
+            r = await self._daemon.upgrade_shim(req.shim_path)
+        except KeelError as exc:
+            raise GRPCError(Status(exc.code.value), str(exc)) from exc
+        return ops_pb.UpgradeShimResponse(from_version=r.from_version, to_version=r.to_version,
+                                          new_shim_pid=r.new_pid, freeze_ms=r.freeze_ms)
 
-async def serve_ops(sandbox: Sandbox) -> Server:
+    async def upgrade_agent(self, upgrade_agent_request: ops_pb.UpgradeAgentRequest) -> ops_pb.UpgradeAgentResponse:
+        req = upgrade_agent_request
+        if not req.agent_path:
+            raise GRPCError(Status.INVALID_ARGUMENT, "agent_path is required")
+        try:
+            resp: ops_pb.UpgradeAgentResponse = await self._sb.upgrade_agent(req.agent_path, req.to_version)
+        except KeelError as exc:
+            raise GRPCError(Status(exc.code.value), str(exc)) from exc
+        return resp
+
+
+async def serve_ops(daemon: Daemon) -> Server:
     """Listen on the sandbox's ops.sock (0600, root only)."""
-    sandbox.dir.create()
-    path = sandbox.dir.ops_socket
+    daemon.sandbox.dir.create()
+    path = daemon.sandbox.dir.ops_socket
     path.unlink(missing_ok=True)
-    server = Server([ShimOps(sandbox)])
+    server = Server([ShimOps(daemon)])
     old = os.umask(0o177)
     try:
         await server.start(path=str(path))

@@ -201,6 +201,34 @@ class Sandbox:
                 elif p.exit is not None and not p.exit_published:
                     self._record_exit(p, p.exit, force=True)
 
+    # -- agent upgrade -----------------------------------------------------
+
+    async def upgrade_agent(self, agent_path: str, to_version: str) -> Any:
+        """Have the agent exec *agent_path* in place (same PID, containers
+        stay its children); the agent channel reconnects by itself and the
+        pumps resume at their offsets.  Returns the ops UpgradeAgentResponse.
+        """
+        from agent.api import ops_pb
+        from shim._agentconn import _DialChannel
+
+        if self.vm is None or self.agent is None:
+            raise FailedPrecondition(f"sandbox {self.id} has no running agent")
+        channel = _DialChannel(self.vm.dialer("ops"))
+        try:
+            stub = ops_pb.OpsServiceStub(channel)
+            resp = await self.agent.call(
+                stub.upgrade_agent,
+                ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),
+                timeout=60.0, retry_for=0)
+        finally:
+            channel.close()
+        hello = await self.agent.wait_ready(self.config.agent_timeout_s, self.vm.alive)
+        log.info("agent upgraded %s -> %s (now %s, gap %.0f ms%s)", resp.from_version,
+                 resp.to_version, hello.agent_version, resp.gap_s * 1000,
+                 ", rolled back" if resp.rolled_back else "")
+        self._persist()
+        return resp
+
     # -- containers --------------------------------------------------------
 
     def container(self, cid: str) -> Container:

@@ -105,6 +105,10 @@ class StateStore(Generic[T]):
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptState(f"{self.path}: not valid JSON: {exc}") from exc
+        return self.parse_doc(doc)
+
+    def parse_doc(self, doc: Any) -> Doc:
+        """Check the envelope of an already decoded document."""
         if not isinstance(doc, dict):
             raise CorruptState(f"{self.path}: expected a JSON object")
         if doc.get("kind", self.kind) != self.kind:

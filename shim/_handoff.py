@@ -1,0 +1,192 @@
+"""Live shim handoff: the old shim passes its sandbox to a new release.
+
+containerd must never see its connection close (it would run ``delete``
+and kill the pod), so the old shim hands the *established* connections,
+with their already-read bytes and the requests still pending on them
+(``Wait``), plus the listener, to the new shim over SCM_RIGHTS.  Sequence
+and wire format: upgrade/PROTOCOL.md.
+
+  old                                   new
+  spawn(new, handoff fd) ──────────────▶ import, init
+                        ◀── hello{version, reads} ──
+  compatible? freeze ───── state + fds ─────▶ restore, dial agent, health
+                        ◀─────── ready ──────────
+  commit ───────────────────────────────▶ serve, go live
+  release, exit
+
+Before ``commit`` the new shim has read nothing from containerd or the
+agent, so on any failure (error, timeout, the new shim dying) the old one
+thaws and carries on: it never closed anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.errors import FailedPrecondition
+from shim import version
+from shim.state import KIND, SCHEMA_VERSION
+from upgrade.handoff import PROTOCOL_VERSION, HandoffChannel, HandoffError, pair
+
+log = logging.getLogger("keel.shim.handoff")
+
+TIMEOUT_S = 20.0
+#: One-shot fault injection for tests: a file in the sandbox directory
+#: naming the phase at which the *new* shim kills itself.
+FAILPOINT_FILE = "handoff-failpoint"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    from_version: str
+    to_version: str
+    new_pid: int
+    freeze_ms: float
+
+
+def failpoint(sandbox_dir: Path, phase: str) -> None:
+    """Die here if the test asked for it (SIGKILL: no cleanup, like a crash)."""
+    path = sandbox_dir / FAILPOINT_FILE
+    try:
+        wanted = path.read_text().strip()
+    except OSError:
+        return
+    if wanted == phase:
+        path.unlink(missing_ok=True)
+        log.warning("failpoint %s: killing myself", phase)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _encode_conn(frozen: Any, index: int) -> dict[str, Any]:
+    return {
+        "fd": index,
+        "unparsed": base64.b64encode(frozen.unparsed).decode(),
+        "pending": [{"stream_id": p.stream_id, "body": base64.b64encode(p.body).decode()}
+                    for p in frozen.pending],
+    }
+
+
+async def hand_off(daemon: Any, shim_path: str) -> Result:
+    """Old side.  Raises (and keeps serving) if anything fails before commit."""
+    if not os.access(shim_path, os.X_OK):
+        raise FailedPrecondition(f"{shim_path} is not an executable shim")
+    mine, theirs = pair()
+    flags = daemon.flags
+    argv = [shim_path, "-namespace", flags.namespace, "-address", flags.address,
+            "-publish-binary", flags.publish_binary, "-id", flags.id,
+            "-sandbox-id", daemon.sandbox.id, "-socket", flags.socket,
+            "-handoff-fd", str(theirs.fileno())]
+    if flags.debug:
+        argv.append("-debug")
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                             process_group=0)
+    theirs.close()
+    ch = HandoffChannel(mine)
+    frozen = None
+    try:
+        hello, fds = await ch.recv(TIMEOUT_S)
+        _close_fds(fds)
+        _check_hello(hello)
+        t0 = time.monotonic()
+        frozen, record = await daemon.freeze()
+        state = {
+            "type": "state",
+            "sandbox": daemon.sandbox_doc(record),
+            "connections": [_encode_conn(f, i + 1) for i, f in enumerate(frozen)],
+        }
+        await ch.send(state, [daemon.listener.fileno(), *(f.fd for f in frozen)])
+        ready, fds = await ch.recv(TIMEOUT_S)
+        _close_fds(fds)
+        if ready["type"] != "ready":
+            raise HandoffError(f"new shim refused: {ready.get('reason', ready)}")
+        await ch.send({"type": "commit"})
+        freeze_ms = (time.monotonic() - t0) * 1000
+    except BaseException as exc:
+        log.error("handoff to %s failed, thawing: %s", shim_path, exc)
+        _reap(child)
+        if frozen is not None:
+            daemon.thaw()
+        raise
+    finally:
+        for f in frozen or ():
+            os.close(f.fd)
+        ch.close()
+    log.info("handed sandbox %s to %s (pid %d); freeze %.1f ms",
+             daemon.sandbox.id, ready.get("version"), child.pid, freeze_ms)
+    return Result(version(), str(ready.get("version", "")), child.pid, freeze_ms)
+
+
+def _check_hello(hello: dict[str, Any]) -> None:
+    if hello.get("type") != "hello":
+        raise HandoffError(f"expected hello, got {hello.get('type')!r}")
+    if hello.get("protocol") != PROTOCOL_VERSION:
+        raise FailedPrecondition(
+            f"new shim speaks handoff protocol {hello.get('protocol')}, this one {PROTOCOL_VERSION}")
+    reads = hello.get("reads", {}).get(KIND, [])
+    if SCHEMA_VERSION not in reads:
+        raise FailedPrecondition(
+            f"new shim {hello.get('version')} cannot read sandbox state schema {SCHEMA_VERSION} "
+            f"(it reads {reads}); upgrade through an intermediate release")
+
+
+def _reap(child: subprocess.Popen[bytes]) -> None:
+    """The new shim failed: make sure it is gone (we started it)."""
+    if child.poll() is None:
+        child.kill()
+    try:
+        child.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        log.error("new shim pid %d did not exit after SIGKILL", child.pid)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+async def adopt(daemon: Any, fd: int) -> None:
+    """New side: hello, receive, restore, ready, wait for commit, go live.
+
+    Any failure before commit exits without touching the sandbox.
+    """
+    ch = HandoffChannel(socket.socket(fileno=fd))
+    sdir = daemon.sandbox.dir.root
+    failpoint(sdir, "before-hello")
+    await ch.send({"type": "hello", "protocol": PROTOCOL_VERSION, "version": version(),
+                   "reads": {KIND: list(range(1, SCHEMA_VERSION + 1))}, "pid": os.getpid()})
+    msg, fds = await ch.recv(TIMEOUT_S)
+    try:
+        if msg["type"] != "state":
+            raise HandoffError(f"expected state, got {msg['type']!r}")
+        failpoint(sdir, "after-state")
+        await daemon.restore(msg["sandbox"])
+        failpoint(sdir, "after-restore")
+        await ch.send({"type": "ready", "version": version(), "pid": os.getpid()})
+        commit, more = await ch.recv(TIMEOUT_S)
+        _close_fds(more)
+        if commit["type"] != "commit":
+            raise HandoffError(f"expected commit, got {commit['type']!r}")
+    except BaseException as exc:
+        _close_fds(fds)
+        try:
+            await ch.send({"type": "failed", "reason": str(exc)})
+        except HandoffError:
+            pass
+        raise
+    finally:
+        ch.close()
+    failpoint(sdir, "after-commit")
+    conns = [(socket.socket(fileno=fds[c["fd"]]), base64.b64decode(c["unparsed"]),
+              [(p["stream_id"], base64.b64decode(p["body"])) for p in c["pending"]])
+             for c in msg["connections"]]
+    daemon.go_live(socket.socket(fileno=fds[0]), conns)
