@@ -1,0 +1,104 @@
+"""The agent's lifetime: set up, serve until SIGTERM, stop gracefully.
+
+Owns the agent's TaskGroup (every long-lived task belongs to it), the
+reaper, the fd table and the channels.  A graceful stop closes the
+listeners, lets in-flight lifecycle operations finish, writes the state
+file and leaves containers alone: they die with the sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import uuid
+from typing import Any
+
+from agent import state
+from agent._channels import Channels, open_listener
+from agent._core import AgentCore
+from agent._fds import FdTable
+from agent._ops import agent_version
+from agent._reaper import Reaper, become_subreaper
+from agent._runc import Runc, RuntimeMissing
+from agent._tasks import Operations
+from agent.config import AgentConfig
+from agent.errors import KeelError
+from agent.service import AgentService, OpsService
+
+log = logging.getLogger("keel.agent")
+
+
+def _prepare_dirs(config: AgentConfig) -> None:
+    for sub in ("", "runc", "bundles"):
+        (config.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _log_loop_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Errors in fd callbacks (pumps) end up here: log them, keep serving."""
+    exc = context.get("exception")
+    log.error("unhandled error in event loop: %s", context.get("message"), exc_info=exc)
+
+
+def _replace_previous_state(config: AgentConfig) -> None:
+    """A fresh start (new boot id) replaces what an earlier agent left; say so."""
+    try:
+        old = state.store(config.state_dir).load()
+    except KeelError as exc:
+        log.warning("replacing unreadable state of an earlier agent: %s", exc)
+        return
+    if old is not None:
+        log.info("replacing state of earlier boot %s (%d containers)", old.boot_id,
+                 len(old.containers))
+
+
+def _check_runtime(runc: Runc) -> None:
+    try:
+        log.info("OCI runtime: %s", runc.resolve())
+    except RuntimeMissing as exc:  # keep serving: every container call will say why it fails
+        log.error("%s", exc)
+
+
+async def serve(config: AgentConfig) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_log_loop_errors)
+    if not become_subreaper():
+        log.warning("not a subreaper: container exits will be lost if they are not our children")
+    _prepare_dirs(config)
+    listeners = {listen.channel: open_listener(listen) for listen in config.listens}
+    reaper = Reaper()
+    stop = asyncio.Event()
+    reaper.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await _serve(config, reaper, listeners, stop)
+    finally:
+        reaper.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+
+
+async def _serve(config: AgentConfig, reaper: Reaper, listeners: dict[str, socket.socket],
+                 stop: asyncio.Event) -> None:
+    """Serve both channels until *stop*; the TaskGroup outlives every call."""
+    fds = FdTable()
+    channels = Channels(fds)
+    boot_id = uuid.uuid4().hex
+    runc = Runc(config.runtime, config.state_dir / "runc", reaper, config.runtime_timeout_s)
+    _check_runtime(runc)
+    _replace_previous_state(config)
+    async with asyncio.TaskGroup() as group:
+        core = AgentCore(config, boot_id=boot_id, reaper=reaper, fds=fds, runc=runc,
+                         ops=Operations(group))
+        core.persist()
+        await channels.start(listeners, {"agent": [AgentService(core)], "ops": [OpsService(core)]})
+        log.info("keel-agent %s ready (boot %s)", agent_version(), boot_id)
+        await stop.wait()
+        log.info("stopping: closing channels; containers are left running")
+        await channels.aclose()
+        # Leaving the group waits for in-flight lifecycle operations to finish.
+    core.persist()

@@ -1,0 +1,256 @@
+"""gRPC adapters: AgentService (channel "agent") and OpsService (channel "ops").
+
+Protobuf types stop here.  Each handler validates what the shim sent
+(betterproto checks nothing: a hostile peer can put an int in a bytes
+field), calls the core, and converts the answer.  Errors are mapped to
+gRPC status codes in one place, :func:`to_grpc_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, cast
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from agent import _bundle, _ops
+from agent._core import AgentCore
+from agent._processes import State, Stdio
+from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
+from agent.errors import FailedPrecondition, InvalidArgument, KeelError
+
+log = logging.getLogger("keel.agent.service")
+
+#: Largest ReadOutput answer and WriteStdin payload.
+MAX_IO_BYTES = 1 << 20
+#: ReadOutput's size when the request says 0.
+DEFAULT_READ_BYTES = 64 * 1024
+#: Longest ReadOutput long poll.
+MAX_WAIT_MS = 300_000
+
+F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def to_grpc_error(exc: Exception) -> GRPCError:
+    """The one mapping of our errors (and unexpected ones) to gRPC status codes."""
+    if isinstance(exc, GRPCError):
+        return exc
+    if isinstance(exc, KeelError):
+        return GRPCError(Status(int(exc.code)), str(exc))
+    return GRPCError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def rpc(fn: F) -> F:
+    """Wrap a handler: our errors become gRPC statuses, unexpected ones are logged."""
+
+    @functools.wraps(fn)
+    async def handler(self: Any, request: Any) -> Any:
+        try:
+            return await fn(self, request)
+        except KeelError as exc:
+            log.info("%s -> %s: %s", fn.__name__, exc.code.name, exc)
+            raise to_grpc_error(exc) from exc
+        except (GRPCError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise to_grpc_error(exc) from exc
+
+    return cast(F, handler)
+
+
+def _uint(value: object, what: str, limit: int = (1 << 64) - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise InvalidArgument(f"{what} must be an integer in 0..{limit}, not {value!r}")
+    return value
+
+
+def _bytes(value: object, what: str, limit: int) -> bytes:
+    if not isinstance(value, bytes):
+        raise InvalidArgument(f"{what} must be bytes")
+    if len(value) > limit:
+        raise InvalidArgument(f"{what} is {len(value)} bytes; at most {limit} are accepted")
+    return value
+
+
+def _ids(request: Any) -> tuple[str, str]:
+    """Validated (container_id, exec_id); exec_id "" names the init process."""
+    return (_bundle.check_id(request.container_id, "container_id"),
+            _bundle.check_id(request.exec_id, "exec_id", allow_empty=True))
+
+
+def _stdio(msg: object) -> Stdio:
+    if msg is None:
+        return Stdio()
+    if not isinstance(msg, pb.Stdio):
+        raise InvalidArgument("stdio must be a Stdio message")
+    return Stdio(terminal=bool(msg.terminal), stdin=bool(msg.stdin), stdout=bool(msg.stdout),
+                 stderr=bool(msg.stderr))
+
+
+def _is_stderr(stream: object) -> bool:
+    if stream == pb.OutputStream.STDOUT:
+        return False
+    if stream == pb.OutputStream.STDERR:
+        return True
+    raise InvalidArgument(f"stream must be STDOUT or STDERR, not {stream!r}")
+
+
+class AgentService(pb.AgentServiceBase):
+    def __init__(self, core: AgentCore) -> None:
+        self._core = core
+
+    @rpc
+    async def hello(self, req: pb.HelloRequest) -> pb.HelloResponse:
+        client = _uint(req.api_version, "api_version")
+        if client < MIN_API_VERSION:
+            raise FailedPrecondition(
+                f"client {req.client_version!r} speaks agent API up to {client}; "
+                f"this agent speaks {MIN_API_VERSION}-{API_VERSION}"
+            )
+        version = min(client, API_VERSION)
+        log.info("hello from %r (client %r): API %d", req.session, req.client_version, version)
+        return pb.HelloResponse(api_version=version, agent_version=_ops.agent_version(),
+                                boot_id=self._core.boot_id, min_api_version=MIN_API_VERSION,
+                                max_api_version=API_VERSION, agent_pid=os.getpid())
+
+    @rpc
+    async def create_container(self, req: pb.CreateContainerRequest) -> pb.CreateContainerResponse:
+        cid = _bundle.check_id(req.container_id, "container_id")
+        spec = _bytes(req.spec_json, "spec_json", _bundle.MAX_JSON_BYTES)
+        if not isinstance(req.rootfs, str):
+            raise InvalidArgument("rootfs must be a string")
+        pid = await self._core.create_container(cid, spec, req.rootfs, _stdio(req.stdio))
+        return pb.CreateContainerResponse(pid=pid)
+
+    @rpc
+    async def start_process(self, req: pb.StartProcessRequest) -> pb.StartProcessResponse:
+        return pb.StartProcessResponse(pid=await self._core.start_process(*_ids(req)))
+
+    @rpc
+    async def exec_process(self, req: pb.ExecProcessRequest) -> pb.ExecProcessResponse:
+        cid, eid = _ids(req)
+        if not eid:
+            raise InvalidArgument("exec_id must not be empty")
+        process = _bytes(req.process_json, "process_json", _bundle.MAX_JSON_BYTES)
+        await self._core.exec_process(cid, eid, process, _stdio(req.stdio))
+        return pb.ExecProcessResponse()
+
+    @rpc
+    async def signal_process(self, req: pb.SignalProcessRequest) -> pb.Empty:
+        cid, eid = _ids(req)
+        await self._core.signal_process(cid, eid, _uint(req.signal, "signal", 64), bool(req.all))
+        return pb.Empty()
+
+    @rpc
+    async def wait_process(self, req: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
+        exit, pid = await self._core.wait_process(*_ids(req))
+        return pb.WaitProcessResponse(exit_status=exit.status, exited_at_ns=exit.exited_at_ns,
+                                      pid=pid)
+
+    @rpc
+    async def remove_process(self, req: pb.RemoveProcessRequest) -> pb.Empty:
+        await self._core.remove_process(*_ids(req))
+        return pb.Empty()
+
+    @rpc
+    async def read_output(self, req: pb.ReadOutputRequest) -> pb.ReadOutputResponse:
+        cid, eid = _ids(req)
+        offset = _uint(req.offset, "offset")
+        max_bytes = min(_uint(req.max_bytes, "max_bytes"), MAX_IO_BYTES) or DEFAULT_READ_BYTES
+        wait_ms = min(_uint(req.wait_ms, "wait_ms"), MAX_WAIT_MS)
+        data, eof = await self._core.read_output(cid, eid, _is_stderr(req.stream), offset,
+                                                 max_bytes, wait_ms / 1000)
+        return pb.ReadOutputResponse(offset=offset, data=data, eof=eof)
+
+    @rpc
+    async def write_stdin(self, req: pb.WriteStdinRequest) -> pb.WriteStdinResponse:
+        cid, eid = _ids(req)
+        data = _bytes(req.data, "data", MAX_IO_BYTES)
+        offset = await self._core.write_stdin(cid, eid, _uint(req.offset, "offset"), data)
+        return pb.WriteStdinResponse(offset=offset)
+
+    @rpc
+    async def close_stdin(self, req: pb.CloseStdinRequest) -> pb.Empty:
+        cid, eid = _ids(req)
+        await self._core.close_stdin(cid, eid, _uint(req.offset, "offset"))
+        return pb.Empty()
+
+    @rpc
+    async def resize_pty(self, req: pb.ResizePtyRequest) -> pb.Empty:
+        cid, eid = _ids(req)
+        await self._core.resize_pty(cid, eid, _uint(req.width, "width"), _uint(req.height, "height"))
+        return pb.Empty()
+
+    @rpc
+    async def pause_container(self, req: pb.ContainerRequest) -> pb.Empty:
+        await self._core.pause(_bundle.check_id(req.container_id, "container_id"), resume=False)
+        return pb.Empty()
+
+    @rpc
+    async def resume_container(self, req: pb.ContainerRequest) -> pb.Empty:
+        await self._core.pause(_bundle.check_id(req.container_id, "container_id"), resume=True)
+        return pb.Empty()
+
+    @rpc
+    async def update_container(self, req: pb.UpdateContainerRequest) -> pb.Empty:
+        cid = _bundle.check_id(req.container_id, "container_id")
+        resources = _bytes(req.resources_json, "resources_json", _bundle.MAX_JSON_BYTES)
+        await self._core.update(cid, resources)
+        return pb.Empty()
+
+    @rpc
+    async def stats_container(self, req: pb.ContainerRequest) -> pb.StatsContainerResponse:
+        stats = await self._core.stats(_bundle.check_id(req.container_id, "container_id"))
+        fields = {f: getattr(stats, f) for f in stats.__slots__}  # same names as the message
+        fields["cpu_per_cpu_ns"] = list(stats.cpu_per_cpu_ns)
+        return pb.StatsContainerResponse(stats=pb.CgroupStats(**fields))
+
+    @rpc
+    async def list_processes(self, req: pb.ContainerRequest) -> pb.ListProcessesResponse:
+        found = await self._core.list_processes(_bundle.check_id(req.container_id, "container_id"))
+        return pb.ListProcessesResponse(
+            processes=[pb.ProcessEntry(pid=pid, exec_id=eid) for pid, eid in found]
+        )
+
+    @rpc
+    async def get_state(self, req: pb.Empty) -> pb.GetStateResponse:
+        snap = self._core.snapshot()
+        return pb.GetStateResponse(containers=[
+            pb.ContainerStatus(container_id=c.container_id, processes=[
+                pb.ProcessStatus(
+                    exec_id=p.exec_id, pid=p.pid, state=_STATES[p.state],
+                    exit_status=p.exit_status or 0, exited_at_ns=p.exited_at_ns,
+                    terminal=p.terminal, stdout_offset=p.stdout_offset,
+                    stderr_offset=p.stderr_offset, stdin_offset=p.stdin_offset,
+                ) for p in c.processes
+            ]) for c in snap.containers
+        ])
+
+
+#: Our process states -> wire states (same names).
+_STATES: dict[str, pb.ProcessState] = {s.value: pb.ProcessState[s.name] for s in State}
+
+
+class OpsService(ops_pb.OpsServiceBase):
+    def __init__(self, core: AgentCore) -> None:
+        self._core = core
+
+    @rpc
+    async def health(self, req: ops_pb.HealthRequest) -> ops_pb.HealthResponse:
+        h = _ops.health(self._core.boot_id, len(self._core))
+        return ops_pb.HealthResponse(
+            ok=h.ok, agent_version=h.agent_version, api_version=h.api_version,
+            agent_pid=h.agent_pid, boot_id=h.boot_id, containers=h.containers,
+            uptime_s=h.uptime_s, state_schema=h.state_schema,
+        )
+
+    @rpc
+    async def upgrade_agent(self, req: ops_pb.UpgradeAgentRequest) -> ops_pb.UpgradeAgentResponse:
+        _ops.upgrade_agent(str(req.agent_path), str(req.to_version))
+        raise AssertionError("unreachable")
