@@ -303,7 +303,6 @@ class Sandbox:
             proc.input = InputPump(self.agent, proc.cid, proc.eid, source, int(offsets.get("stdin", 0)))
             proc.input.task = self._tasks.create_task(
                 _guard(proc.input.run(), f"stdin pump of {proc.name}"), name=f"stdin-{proc.name}")
-        proc.resume_from = {}
 
     def _watch(self, p: Process) -> None:
         p.watcher = self._tasks.create_task(
