@@ -98,6 +98,9 @@ class Sandbox:
                     self._record_exit(p, Exit.now(255))
 
     async def _stop_vm(self) -> None:
+        if self._sandbox_watch is not None:
+            self._sandbox_watch.cancel()  # it waits on the pidfd we are about to close
+            self._sandbox_watch = None
         vm, self.vm = self.vm, None
         if self.agent is not None:
             self.agent.close()

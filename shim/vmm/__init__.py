@@ -12,7 +12,13 @@ def _process() -> Backend:
     return ProcessBackend()
 
 
-BACKENDS: dict[str, BackendFactory] = {"process": _process}
+def _qemu() -> Backend:
+    from shim.vmm.qemu import QemuBackend
+
+    return QemuBackend()
+
+
+BACKENDS: dict[str, BackendFactory] = {"process": _process, "qemu": _qemu}
 
 
 def backend(name: str) -> Backend:

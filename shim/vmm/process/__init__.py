@@ -25,7 +25,6 @@ from typing import Any
 
 from agent.errors import Internal, NotFound, Unavailable
 from shim.vmm.api import Dialer, LaunchSpec, MountSpec
-from upgrade.aio import wait_readable
 
 
 def _start_time(pid: int) -> int:
@@ -40,6 +39,8 @@ class ProcessSandbox:
         self._spec = spec
         self._pid = pid
         self._pidfd = pidfd
+        # One reader on the pidfd for all waiters (asyncio keeps one per fd).
+        self._exited: asyncio.Event | None = None
 
     @property
     def pid(self) -> int:
@@ -74,7 +75,16 @@ class ProcessSandbox:
     async def wait_exit(self) -> None:
         if not self.alive():
             return
-        await wait_readable(self._pidfd)
+        if self._exited is None:
+            self._exited = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self._pidfd, self._on_exit, loop)
+        await self._exited.wait()
+
+    def _on_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self._pidfd)
+        assert self._exited is not None
+        self._exited.set()
 
     async def _nsenter(self, *argv: str) -> subprocess.CompletedProcess[bytes]:
         cmd = ["nsenter", "-t", str(self._pid), "-m", "--", *argv]
@@ -122,6 +132,12 @@ class ProcessSandbox:
 
     def close(self) -> None:
         if self._pidfd >= 0:
+            if self._exited is not None and not self._exited.is_set():
+                try:
+                    asyncio.get_running_loop().remove_reader(self._pidfd)
+                except RuntimeError:
+                    pass  # no loop any more: nothing is registered
+                self._exited.set()
             os.close(self._pidfd)
             self._pidfd = -1
 

@@ -1,0 +1,147 @@
+"""The qemu command line of a sandbox, and the files it puts in the sandbox dir.
+
+Choices (measured in research/qemu.md sections 4 and 7): the PVH
+``vmlinux`` (no bzImage decompression), microvm with modern virtio-mmio
+unless hotplug is wanted (q35/pc with virtio-pci), one vCPU unless asked,
+``tsc_early_khz`` under TCG (microvm otherwise can hang calibrating the
+TSC), ``quiet`` and a few kernel flags that skip boot-time self checks.
+
+qemu runs ``-daemonize`` in its own session: it outlives the shim (a live
+shim upgrade hands the sandbox to a new shim), and its parent returns only
+once every socket exists, or with an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.errors import InvalidArgument
+from shim.vmm.qemu._accel import Accel
+from shim.vmm.qemu._initramfs import PORTS, ROOT_TAG, SHARE_TAG
+from shim.vmm.qemu.config import QemuConfig
+
+#: sun_path holds 108 bytes including the terminating NUL.
+_SUN_PATH_MAX = 107
+#: x86 COMMAND_LINE_SIZE.
+_KERNEL_CMDLINE_MAX = 2047
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SandboxFiles:
+    """Every path the qemu backend uses in a sandbox directory (``LaunchSpec.root``)."""
+
+    root: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.root / "qmp.sock"
+
+    def channel(self, name: str) -> Path:
+        """Host end (qemu chardev socket) of the virtio-serial port of channel *name*."""
+        return self.root / f"{name}.chan"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "vmm.pid"
+
+    @property
+    def console(self) -> Path:
+        """The guest's serial console: kernel messages and the agent's log."""
+        return self.root / "agent.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        """qemu's own stderr."""
+        return self.root / "vmm.log"
+
+    @property
+    def shared(self) -> Path:
+        """The per-sandbox read-write 9p share (guest: /run/keel/shared)."""
+        return self.root / "shared"
+
+    @property
+    def rootfs_marks(self) -> Path:
+        """Host-only records of the rootfs mounts ``share_rootfs`` made (never shared)."""
+        return self.root / "rootfs-mounts"
+
+    def sockets(self) -> list[Path]:
+        return [self.qmp, *(self.channel(name) for name in PORTS)]
+
+    def check(self) -> None:
+        for sock in self.sockets():
+            if len(str(sock).encode()) > _SUN_PATH_MAX:
+                raise InvalidArgument(f"sandbox path too long for a unix socket: {sock}")
+
+
+def tsc_khz() -> int | None:
+    """The host TSC rate (TCG guests see it), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)
+    return int(float(m.group(1)) * 1000) if m else None
+
+
+def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str]) -> str:
+    """The guest kernel command line; InvalidArgument if the agent args cannot travel on it."""
+    if any("\n" in a for a in agent_args):
+        raise InvalidArgument("agent arguments must not contain newlines")
+    words = ["console=ttyS0", "panic=-1", "quiet", "cryptomgr.notests", "rodata=off",
+             "init_on_alloc=0"]
+    if accel.name == "tcg" and (khz := tsc_khz()):
+        words.append(f"tsc_early_khz={khz}")
+    if config.hotplug:
+        words.append("memhp_default_state=online")
+    else:
+        words.append("pci=off")  # microvm has no PCI bus: skip probing for one
+    if agent_args:
+        lines = "".join(f"{a}\n" for a in agent_args)
+        words.append("keel.args=" + base64.b64encode(lines.encode()).decode())
+    words += config.kernel_args
+    line = " ".join(words)
+    if len(line) > _KERNEL_CMDLINE_MAX:
+        raise InvalidArgument(f"kernel command line too long ({len(line)} bytes)")
+    return line
+
+
+def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, kernel: Path,
+         initrd: Path, rootfs: Path, vcpus: int, memory_mib: int, cmdline: str) -> list[str]:
+    """The full qemu argv (absolute paths: qemu -daemonize changes to /)."""
+    if config.hotplug:
+        bus = "pci"
+        machine = ["-M", config.machine]
+        smp = f"{vcpus},maxcpus={max(vcpus, config.max_vcpus)}"
+        mem = f"size={memory_mib}M,slots={config.memory_slots},maxmem={max(memory_mib, config.max_memory_mib)}M"
+    else:
+        bus = "device"
+        machine = ["-M", "microvm,isa-serial=on", "-global", "virtio-mmio.force-legacy=false"]
+        smp, mem = str(vcpus), f"{memory_mib}M"
+    args = [
+        config.qemu, *machine, *accel.qemu_args(), "-smp", smp, "-m", mem,
+        "-name", f"keel-{name}", "-nodefaults", "-no-user-config", "-display", "none",
+        "-no-reboot", "-daemonize", "-pidfile", str(files.pidfile),
+        "-chardev", f"file,id=console,path={files.console},append=on", "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,path={files.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+        # The read-only guest root, and the per-sandbox share (container rootfs
+        # bind mounts live under it, hence multidevs=remap; mapped-xattr keeps
+        # guest-made owners, modes and device nodes out of the host's view).
+        "-fsdev", f"local,id=fsroot,path={rootfs},security_model=none,readonly=on,multidevs=remap",
+        "-device", f"virtio-9p-{bus},fsdev=fsroot,mount_tag={ROOT_TAG}",
+        "-fsdev", f"local,id=fsshare,path={files.shared},security_model=mapped-xattr,multidevs=remap",
+        "-device", f"virtio-9p-{bus},fsdev=fsshare,mount_tag={SHARE_TAG}",
+        "-device", f"virtio-serial-{bus},id=vser0",
+    ]
+    for channel, port in PORTS.items():
+        args += ["-chardev", f"socket,id=ch-{channel},path={files.channel(channel)},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=ch-{channel},name={port}"]
+    for value in (str(kernel), str(initrd), str(rootfs), str(files.root)):
+        if "," in value:
+            raise InvalidArgument(f"qemu option values cannot contain ',': {value}")
+    return args

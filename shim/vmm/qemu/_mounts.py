@@ -1,0 +1,175 @@
+"""Container root filesystems on the host, and their bind mounts into the 9p share.
+
+The per-sandbox share (``<sandbox>/shared``) is writable by the guest, and
+the guest is untrusted: it can rename directories and plant symlinks there
+at any time.  So nothing here resolves a path inside the share by name:
+
+* the mount point is created and opened component by component with
+  ``O_NOFOLLOW`` from an fd of the share, and the bind mount targets that
+  fd (``/proc/self/fd/N``);
+* the mount's id is recorded, and unmounting opens the mount point, checks
+  through ``/proc/self/fdinfo`` that the fd is on exactly that mount, and
+  detaches it through the fd.
+
+Each container has a host-only record (``rootfs-mounts/<id>``, outside the
+share) written *before* anything is mounted, so an unshare or stop after a
+crash still finds what to undo.  All functions block: call them in a thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.errors import Internal
+from shim.vmm.api import MountSpec
+
+MS_BIND, MS_REC = 0x1000, 0x4000
+MNT_DETACH = 2
+_O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount_by_fd(source: str, target_fd: int) -> None:
+    rc = _libc.mount(source.encode(), f"/proc/self/fd/{target_fd}".encode(), None,
+                     MS_BIND | MS_REC, None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bind mount {source}: {os.strerror(err)}")
+
+
+def _mnt_id(fd: int) -> int:
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("mnt_id:"):
+            return int(line.split()[1])
+    raise Internal("no mnt_id in fdinfo")
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+
+
+def mounts_under(prefix: Path) -> list[tuple[int, str]]:
+    """(mount id, mount point) of every mount at or below *prefix*, newest first."""
+    found = []
+    base = str(prefix)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = _unescape(fields[4])
+            if point == base or point.startswith(base + "/"):
+                found.append((int(fields[0]), point))
+    return found[::-1]
+
+
+def _detach(mount_id: int, point: str) -> bool:
+    """Detach mount *mount_id* at *point* if *point* still opens onto it."""
+    try:
+        fd = os.open(point, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if _mnt_id(fd) != mount_id:
+            return False  # moved or raced: the caller rescans
+        if _libc.umount2(f"/proc/self/fd/{fd}".encode(), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"umount {point}: {os.strerror(err)}")
+        return True
+    finally:
+        os.close(fd)
+
+
+def unmount_under(prefix: Path, attempts: int = 20) -> None:
+    """Detach every mount at or below *prefix*; Internal if some stay."""
+    for _ in range(attempts):
+        mounts = mounts_under(prefix)
+        if not mounts:
+            return
+        for mount_id, point in mounts:
+            _detach(mount_id, point)
+    raise Internal(f"mounts left under {prefix}: {[p for _, p in mounts_under(prefix)]}")
+
+
+def _record(marks: Path, cid: str) -> Path:
+    marks.mkdir(mode=0o700, exist_ok=True)
+    return marks / cid
+
+
+def mount_rootfs(marks: Path, cid: str, mounts: Sequence[MountSpec], host_path: Path) -> None:
+    """Record *cid*, then mount containerd's *mounts* on *host_path* (host mount namespace)."""
+    _record(marks, cid).write_text(json.dumps({"host_path": str(host_path), "mounted": bool(mounts)}))
+    for m in mounts:
+        opts = ",".join(m.options)
+        if m.type == "bind":
+            argv = ["mount", "-o", opts or "bind", m.source, str(host_path)]
+        else:
+            argv = ["mount", "-t", m.type, *(["-o", opts] if opts else []), m.source, str(host_path)]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        if res.returncode != 0:
+            raise Internal(f"mount {m.type} rootfs of {cid}: {res.stderr.strip()}")
+
+
+def bind_into_share(shared: Path, marks: Path, cid: str, source: Path) -> str:
+    """Bind *source* at ``<shared>/<cid>/rootfs``; returns the path relative to *shared*.
+
+    The bind mount's id goes into *cid*'s record: the guest may rename the
+    directories above it, the id still finds it.
+    """
+    fds = [os.open(shared, _O_DIR)]
+    try:
+        for name in (cid, "rootfs"):
+            try:
+                os.mkdir(name, 0o755, dir_fd=fds[-1])
+            except FileExistsError:
+                pass
+            try:
+                fds.append(os.open(name, _O_DIR, dir_fd=fds[-1]))
+            except OSError as exc:  # a symlink or a file the guest planted
+                raise Internal(f"share of {cid}: {name} is not a plain directory: {exc.strerror}") from exc
+        _mount_by_fd(str(source), fds[-1])
+        mounted = os.open("rootfs", _O_DIR, dir_fd=fds[-2])
+        fds.append(mounted)
+        record = marks / cid
+        doc = json.loads(record.read_text()) if record.exists() else {}
+        record.write_text(json.dumps({**doc, "bind_mount_id": _mnt_id(mounted)}))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return f"{cid}/rootfs"
+
+
+def unshare(shared: Path, marks: Path, cid: str) -> None:
+    """Undo :func:`bind_into_share` and :func:`mount_rootfs` for *cid*; idempotent."""
+    record = marks / cid
+    try:
+        doc = json.loads(record.read_text())
+    except FileNotFoundError:
+        doc = {}
+    if (mount_id := doc.get("bind_mount_id")) is not None:
+        for _ in range(20):
+            points = [p for i, p in mounts_under(shared) if i == mount_id]
+            if not points or _detach(mount_id, points[0]):
+                break
+    unmount_under(shared / cid)
+    if doc.get("mounted"):
+        unmount_under(Path(doc["host_path"]))
+    if (shared / cid).is_dir() and not (shared / cid).is_symlink():
+        shutil.rmtree(shared / cid, ignore_errors=True)
+    record.unlink(missing_ok=True)
+
+
+def unshare_all(shared: Path, marks: Path) -> None:
+    """Undo every container's mounts and remove the share (after the VM stopped)."""
+    unmount_under(shared)
+    if marks.is_dir():
+        for record in marks.iterdir():
+            unshare(shared, marks, record.name)
+        marks.rmdir()
+    if mounts_under(shared):
+        raise Internal(f"mounts left under {shared}")
+    shutil.rmtree(shared, ignore_errors=True)

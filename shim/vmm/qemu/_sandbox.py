@@ -1,0 +1,180 @@
+"""QemuSandbox: one running VM as the shim sees it.
+
+Owns the pidfd of the (daemonized) qemu process, the dialers of its two
+virtio-serial channels, and QMP sessions.  The VM itself is owned by no
+shim: it survives the shim, and a later shim re-attaches through
+``QemuBackend.restore`` from :meth:`QemuSandbox.record`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import signal
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.errors import Internal, InvalidArgument, Unavailable, Unimplemented
+from shim.vmm._dialers import ExclusiveDialer, unix_dialer
+from shim.vmm.api import Dialer, MountSpec
+from shim.vmm.qemu import _mounts
+from shim.vmm.qemu import qmp as _qmp
+from shim.vmm.qemu._cmdline import SandboxFiles
+from shim.vmm.qemu._initramfs import GUEST_SHARED, PORTS
+from upgrade.aio import wait_readable
+
+log = logging.getLogger("keel.shim.qemu")
+
+
+def start_time(pid: int) -> int:
+    """Process start time (clock ticks since boot): tells a reused pid apart."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+class QemuSandbox:
+    """A VM started by :class:`~shim.vmm.qemu.QemuBackend`.
+
+    *info* is the identity persisted in :meth:`record` (accelerator,
+    machine, image, sizing); the pidfd is owned by this object until
+    :meth:`close`.
+    """
+
+    def __init__(self, files: SandboxFiles, pid: int, pidfd: int, info: dict[str, Any]) -> None:
+        self.files = files
+        self._pid = pid
+        self._pidfd = pidfd
+        self.info = dict(info)
+        self._dialers = {name: ExclusiveDialer(unix_dialer(str(files.channel(name))))
+                         for name in PORTS}
+        self._qmp_lock = asyncio.Lock()
+        self._stopped = False
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def accel(self) -> str:
+        return str(self.info["accel"])
+
+    def record(self) -> dict[str, Any]:
+        alive = self.alive()
+        return {**self.info, "pid": self._pid, "start_time": start_time(self._pid) if alive else 0}
+
+    def dialer(self, channel: str) -> Dialer:
+        """The channel's virtio-serial port; one connection at a time (the dialer
+        shuts the previous one down before it dials again)."""
+        try:
+            return self._dialers[channel]
+        except KeyError:
+            raise InvalidArgument(f"unknown channel {channel!r} (known: {', '.join(PORTS)})") from None
+
+    def alive(self) -> bool:
+        if self._pidfd < 0:
+            return False
+        return not select.select([self._pidfd], [], [], 0)[0]
+
+    async def wait_exit(self) -> None:
+        if self.alive():
+            await wait_readable(self._pidfd)
+
+    # -- QMP ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def qmp(self) -> AsyncIterator[_qmp.QmpClient]:
+        """A QMP session (serialised: qemu serves one QMP client at a time)."""
+        if not self.alive():
+            raise Unavailable(f"sandbox VM (pid {self._pid}) is not running")
+        async with self._qmp_lock, _qmp.QmpClient.connect(str(self.files.qmp)) as client:
+            yield client
+
+    async def status(self) -> str:
+        """qemu's run state (``running``, ``paused``, ...)."""
+        async with self.qmp() as client:
+            return await _qmp.status(client)
+
+    def _need_hotplug(self, what: str) -> None:
+        if self.info.get("machine") == "microvm":
+            raise Unimplemented(f"{what} hotplug needs machine q35 or pc; this sandbox runs microvm")
+
+    async def add_vcpu(self) -> int:
+        """Hotplug one vCPU; returns the vCPUs now present.  The guest must online it."""
+        self._need_hotplug("vCPU")
+        async with self.qmp() as client:
+            count = await _qmp.add_vcpu(client)
+        self.info["vcpus"] = count
+        return count
+
+    async def add_memory(self, mib: int) -> str:
+        """Hotplug a *mib* MiB DIMM (onlined by the guest kernel); returns its id."""
+        self._need_hotplug("memory")
+        async with self.qmp() as client:
+            dimm = await _qmp.add_memory(client, mib)
+        self.info["memory_mib"] = int(self.info.get("memory_mib", 0)) + mib
+        return dimm
+
+    # -- root filesystems -----------------------------------------------------------------
+
+    async def share_rootfs(self, container_id: str, mounts: Sequence[MountSpec],
+                           host_path: Path) -> str:
+        def share() -> str:
+            _mounts.mount_rootfs(self.files.rootfs_marks, container_id, mounts, host_path)
+            rel = _mounts.bind_into_share(self.files.shared, self.files.rootfs_marks,
+                                          container_id, host_path)
+            return f"{GUEST_SHARED}/{rel}"
+
+        try:
+            return await asyncio.to_thread(share)
+        except OSError as exc:
+            raise Internal(f"sharing the rootfs of {container_id}: {exc}") from exc
+
+    async def unshare_rootfs(self, container_id: str, host_path: Path) -> None:
+        await asyncio.to_thread(_mounts.unshare, self.files.shared, self.files.rootfs_marks,
+                                container_id)
+
+    # -- stop ---------------------------------------------------------------------------
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """QMP ``quit``, SIGKILL after *timeout*; then unmount and remove the
+        sandbox's sockets, pid file and share.  Keeps ``agent.log`` (console)
+        and ``vmm.log``.  Idempotent; Internal if qemu does not die."""
+        if self.alive():
+            try:
+                async with asyncio.timeout(timeout):
+                    with contextlib.suppress(Unavailable, Internal):
+                        async with self.qmp() as client:
+                            await client.execute("quit", timeout=min(timeout, 2.0))
+                    await self.wait_exit()
+            except TimeoutError:
+                log.warning("VM pid %d ignored quit for %.1fs: SIGKILL", self._pid, timeout)
+            await self._kill()
+        await asyncio.to_thread(self.cleanup_files)
+        self._stopped = True
+
+    async def _kill(self) -> None:
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        try:
+            async with asyncio.timeout(5.0):
+                await self.wait_exit()
+        except TimeoutError:
+            raise Internal(f"VM pid {self._pid} did not exit within 5s of SIGKILL") from None
+
+    def cleanup_files(self) -> None:
+        """Remove what the VM used in the sandbox dir (the VM must be gone)."""
+        _mounts.unshare_all(self.files.shared, self.files.rootfs_marks)
+        for path in (*self.files.sockets(), self.files.pidfile):
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1

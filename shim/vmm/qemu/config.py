@@ -1,0 +1,134 @@
+"""QemuConfig: how the qemu backend builds its VMs (a validated frozen dataclass).
+
+Loaded from the ``[qemu]`` table of the Keel config file (the same file as
+the shim's ``[shim]`` table: ``$KEEL_CONFIG`` or ``/etc/keel/config.toml``)::
+
+    [qemu]
+    machine = "q35"          # microvm (default: fastest boot) | q35 | pc (hotplug)
+    accel = "auto"           # auto (KVM if the probe passes, else TCG) | kvm | tcg
+    vcpus = 1
+    memory_mib = 512
+    kernel_args = ["keel.debug=1"]
+
+Sizing: a sandbox gets ``max(config, LaunchSpec)`` vCPUs and memory, so the
+config gives floors and a pod's request can raise them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.errors import InvalidArgument
+
+MACHINES = ("microvm", "q35", "pc")
+ACCELS = ("auto", "kvm", "tcg")
+DEFAULT_PATH = Path("/etc/keel/config.toml")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QemuConfig:
+    #: The qemu binary (a name looked up in PATH, or a path).
+    qemu: str = "qemu-system-x86_64"
+    #: microvm boots fastest but cannot hotplug; q35/pc can (CPU and memory).
+    machine: str = "microvm"
+    accel: str = "auto"
+    vcpus: int = 1
+    #: vCPU slots for hotplug (q35/pc only).
+    max_vcpus: int = 4
+    memory_mib: int = 512
+    #: Memory ceiling and DIMM slots for hotplug (q35/pc only).
+    max_memory_mib: int = 4096
+    memory_slots: int = 8
+    #: A built image (``python -m shim.vmm.qemu.image build``): its directory
+    #: or the cache directory holding ``current``; None: the default cache.
+    image: Path | None = None
+    #: Override single parts of the image.
+    kernel: Path | None = None
+    initrd: Path | None = None
+    rootfs: Path | None = None
+    #: Appended to the kernel command line.
+    kernel_args: tuple[str, ...] = ()
+    #: Seconds qemu may take to start (not the guest boot: the shim's agent timeout).
+    start_timeout_s: float = 10.0
+    #: Seconds ``stop`` waits after QMP ``quit`` before SIGKILL.
+    stop_timeout_s: float = 3.0
+    #: Seconds the KVM probe may take; its result is cached in *probe_cache*.
+    kvm_probe_timeout_s: float = 5.0
+    probe_cache: Path = Path("/run/keel/kvm-probe.json")
+
+    def __post_init__(self) -> None:
+        if self.machine not in MACHINES:
+            raise InvalidArgument(f"qemu config: machine must be one of {MACHINES}, not {self.machine!r}")
+        if self.accel not in ACCELS:
+            raise InvalidArgument(f"qemu config: accel must be one of {ACCELS}, not {self.accel!r}")
+        if not 1 <= self.vcpus <= self.max_vcpus <= 255:
+            raise InvalidArgument("qemu config: need 1 <= vcpus <= max_vcpus <= 255")
+        if not 128 <= self.memory_mib <= self.max_memory_mib:
+            raise InvalidArgument("qemu config: need 128 <= memory_mib <= max_memory_mib")
+        if not 0 <= self.memory_slots <= 256:
+            raise InvalidArgument("qemu config: memory_slots must be within 0..256")
+        if any(not a or any(c.isspace() for c in a) for a in self.kernel_args):
+            raise InvalidArgument("qemu config: kernel_args must be non-empty words without spaces")
+        for name in ("start_timeout_s", "stop_timeout_s", "kvm_probe_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"qemu config: {name} must be positive")
+
+    @property
+    def hotplug(self) -> bool:
+        """Whether the machine type can hotplug vCPUs and memory."""
+        return self.machine != "microvm"
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any]) -> QemuConfig:
+        """Build from a TOML table; raises InvalidArgument on unknown keys or bad types."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in fields:
+                raise InvalidArgument(f"qemu config: unknown key {key!r}")
+            values[key] = _coerce(key, value)
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise InvalidArgument(f"qemu config: {exc}") from exc
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key in ("image", "kernel", "initrd", "rootfs", "probe_cache"):
+        if not isinstance(value, str):
+            raise InvalidArgument(f"qemu config: {key} must be a path string")
+        return Path(value)
+    if key == "kernel_args":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument("qemu config: kernel_args must be a list of strings")
+        return tuple(value)
+    if key.endswith("_s") and isinstance(value, int):
+        return float(value)
+    expected = {"qemu": str, "machine": str, "accel": str}.get(key, int if not key.endswith("_s") else float)
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise InvalidArgument(f"qemu config: {key} must be {expected.__name__}")
+    return value
+
+
+def load(path: Path | None = None) -> QemuConfig:
+    """The ``[qemu]`` table of *path*, ``$KEEL_CONFIG`` or the default file; defaults if absent."""
+    explicit = path or os.environ.get("KEEL_CONFIG")
+    file = Path(explicit) if explicit else DEFAULT_PATH
+    try:
+        with file.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise InvalidArgument(f"config file {file} does not exist") from None
+        return QemuConfig()
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config file {file}: {exc}") from exc
+    table = raw.get("qemu", {})
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"config file {file}: [qemu] must be a table")
+    return QemuConfig.from_mapping(table)
