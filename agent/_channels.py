@@ -62,6 +62,10 @@ def open_listener(listen: Listen) -> socket.socket:
     """A listening stream socket for *listen*; raises OSError naming it, or InvalidArgument."""
     if listen.kind == "fd":
         return _inherited(int(listen.address))
+    if listen.kind == "serial":  # virtio-serial port: a bridged listener (agent/_serial.py)
+        from agent._serial import serial_listener
+
+        return serial_listener(listen.channel, listen.address, BACKLOG)
     try:
         if listen.kind == "unix":
             sock = _unix(Path(listen.address))

@@ -5,6 +5,10 @@ Runs on the event loop only.  Lifecycle calls on one container are
 serialised by a per-container lock and run as :class:`Operations` so a
 caller that disconnects never leaves one half done.  The state file is
 rewritten after every lifecycle change.
+
+For an in-place upgrade the core can freeze its I/O (:meth:`AgentCore.freeze_io`),
+snapshot itself with a hand-over, and, in the new image, adopt the
+containers rebuilt from it (:meth:`AgentCore.adopt`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -23,6 +28,7 @@ from pathlib import Path
 
 from agent import _bundle, state
 from agent._fds import FdTable
+from agent._ops import Activity
 from agent._processes import ChildPipes, Container, ExitInfo, Process, State, Stdio
 from agent._reaper import Exit, Reaper
 from agent._runc import Runc, StdioFds, console_socket, receive_console_nowait
@@ -61,6 +67,10 @@ class AgentCore:
         self._containers: dict[str, Container] = {}
         self._bundles = config.state_dir / "bundles"
         self._store = state.store(config.state_dir)
+        #: When RPCs were last answered (the upgrade gap is measured from it).
+        self.activity = Activity()
+        #: How the last in-place upgrade ended; persisted.
+        self.last_upgrade: state.UpgradeResult | None = None
 
     # -- lookups ---------------------------------------------------------
 
@@ -75,6 +85,35 @@ class AgentCore:
 
     def __len__(self) -> int:
         return len(self._containers)
+
+    def processes(self) -> list[Process]:
+        return [p for c in self._containers.values() for p in c.processes()]
+
+    # -- in-place upgrade --------------------------------------------------
+
+    @property
+    def operations(self) -> Operations:
+        return self._ops
+
+    async def wait_open(self) -> None:
+        """Return at once, unless an upgrade froze the agent: then wait (for the exec)."""
+        await self._ops.wait_open()
+
+    def freeze_io(self) -> None:
+        for proc in self.processes():
+            proc.freeze_io()
+
+    def thaw_io(self) -> None:
+        for proc in self.processes():
+            proc.thaw_io()
+
+    def adopt(self, containers: list[Container]) -> None:
+        """Take the containers an upgrade handed over; watch their live processes' exits."""
+        for container in containers:
+            self._containers[container.id] = container
+            for proc in container.processes():
+                if proc.pid > 0 and proc.exit is None:
+                    self._reaper.watch(proc.pid, 0, functools.partial(self._on_exit, proc))
 
     # -- create / exec / start -------------------------------------------
 
@@ -305,7 +344,8 @@ class AgentCore:
     async def stats(self, cid: str) -> CgroupStats:
         self.container(cid).init.require("read stats of", State.CREATED, State.RUNNING,
                                          State.PAUSED)
-        return from_runc_events(await self._runc.events_stats(cid))
+        # An operation like any runtime call, so an upgrade waits for it to finish.
+        return from_runc_events(await self._ops.run(self._runc.events_stats(cid), f"stats {cid}"))
 
     async def list_processes(self, cid: str) -> list[tuple[int, str]]:
         """(pid, exec_id) of every process in the container; exec_id "" if not an exec."""
@@ -313,43 +353,30 @@ class AgentCore:
         container.init.require("list processes of", State.CREATED, State.RUNNING, State.PAUSED)
         by_pid = {p.pid: p.exec_id for p in container.execs.values()
                   if p.pid and p.state is not State.STOPPED}
-        return [(pid, by_pid.get(pid, "")) for pid in await self._runc.ps(cid)]
+        pids = await self._ops.run(self._runc.ps(cid), f"ps {cid}")
+        return [(pid, by_pid.get(pid, "")) for pid in pids]
 
     # -- state -----------------------------------------------------------
 
-    def snapshot(self) -> state.AgentState:
+    def snapshot(self, handover: state.Handover | None = None) -> state.AgentState:
         return state.AgentState(
             boot_id=self.boot_id,
             containers=tuple(
-                state.ContainerRecord(c.id, str(c.bundle), tuple(_record(p) for p in c.processes()))
+                state.ContainerRecord(c.id, str(c.bundle), tuple(p.record() for p in c.processes()))
                 for c in self._containers.values()
             ),
             fds=self._fds.snapshot(),
+            handover=handover,
+            last_upgrade=self.last_upgrade,
         )
 
-    def persist(self) -> None:
-        """Write the state file; a failure is logged (the change already happened)."""
+    def persist(self, handover: state.Handover | None = None, *, strict: bool = False) -> None:
+        """Write the state file.  A failure is logged (the change already happened),
+        or raised (OSError) with *strict*: an upgrade must not exec without it."""
         try:
-            self._store.save(self.snapshot())
+            self._store.save(self.snapshot(handover))
         except OSError as exc:
+            if strict:
+                raise
             log.error("cannot write %s: %s", self._store.path, exc)
 
-
-def _record(p: Process) -> state.ProcessRecord:
-    return state.ProcessRecord(
-        exec_id=p.exec_id,
-        pid=p.pid,
-        state=p.state.value,
-        started=p.started,
-        terminal=p.stdio.terminal,
-        stdin=p.stdio.stdin,
-        stdout=p.stdio.stdout,
-        stderr=p.stdio.stderr,
-        exit_status=p.exit.status if p.exit else None,
-        exited_at_ns=p.exit.exited_at_ns if p.exit else 0,
-        stdin_offset=p.stdin.ledger.accepted if p.stdin else 0,
-        stdout_offset=p.stdout.end,
-        stderr_offset=p.stderr.end,
-        stdin_closed=bool(p.stdin and p.stdin.closed),
-        fingerprint=p.fingerprint,
-    )

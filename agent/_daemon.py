@@ -1,9 +1,15 @@
-"""The agent's lifetime: set up, serve until SIGTERM, stop gracefully.
+"""The agent's lifetime: set up (fresh, or resuming an upgrade), serve until
+SIGTERM, stop gracefully -- or exec a new release in place.
 
 Owns the agent's TaskGroup (every long-lived task belongs to it), the
-reaper, the fd table and the channels.  A graceful stop closes the
-listeners, lets in-flight lifecycle operations finish, writes the state
-file and leaves containers alone: they die with the sandbox.
+reaper, the fd table, the channels and the upgrader.  A graceful stop
+closes the listeners, lets in-flight lifecycle operations finish, writes
+the state file and leaves containers alone: they die with the sandbox.
+
+Order matters for an in-place upgrade: the reaper starts only once the
+resumed processes are watched, and the listeners are opened (the
+inherited sockets adopted) only after the commit, so a resume that fails
+leaves every inherited fd as it found it for the previous release.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import socket
 import uuid
 from typing import Any
 
-from agent import state
+from agent import _resume, state
 from agent._channels import Channels, open_listener
 from agent._core import AgentCore
 from agent._fds import FdTable
@@ -23,6 +29,7 @@ from agent._ops import agent_version
 from agent._reaper import Reaper, become_subreaper
 from agent._runc import Runc, RuntimeMissing
 from agent._tasks import Operations
+from agent._upgrade import Upgrader
 from agent.config import AgentConfig
 from agent.errors import KeelError
 from agent.service import AgentService, OpsService
@@ -60,21 +67,34 @@ def _check_runtime(runc: Runc) -> None:
         log.error("%s", exc)
 
 
+def _open_listeners(config: AgentConfig) -> dict[str, socket.socket]:
+    return {listen.channel: open_listener(listen) for listen in config.listens}
+
+
 async def serve(config: AgentConfig) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
+    """Run the agent until SIGTERM or SIGINT (or until an upgrade execs a new image).
+
+    With ``config.mode == "resume"`` anything wrong with the hand-over
+    raises before anything was touched (agent/__main__.py then goes back
+    to the previous release).
+    """
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_log_loop_errors)
     if not become_subreaper():
         log.warning("not a subreaper: container exits will be lost if they are not our children")
     _prepare_dirs(config)
-    listeners = {listen.channel: open_listener(listen) for listen in config.listens}
+    fds = FdTable()
+    resumed = _resume.load(config, fds) if config.mode == "resume" else None
+    if config.mode == "recover":
+        _resume.set_aside(config)
+    # A fresh agent fails fast on a bad listener; a resuming one adopts them after the commit.
+    listeners = _open_listeners(config) if resumed is None else {}
     reaper = Reaper()
     stop = asyncio.Event()
-    reaper.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await _serve(config, reaper, listeners, stop)
+        await _serve(config, fds, reaper, listeners, stop, resumed)
     finally:
         reaper.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,23 +102,33 @@ async def serve(config: AgentConfig) -> None:
     log.info("stopped")
 
 
-async def _serve(config: AgentConfig, reaper: Reaper, listeners: dict[str, socket.socket],
-                 stop: asyncio.Event) -> None:
+async def _serve(config: AgentConfig, fds: FdTable, reaper: Reaper,
+                 listeners: dict[str, socket.socket], stop: asyncio.Event,
+                 resumed: _resume.Resumed | None) -> None:
     """Serve both channels until *stop*; the TaskGroup outlives every call."""
-    fds = FdTable()
     channels = Channels(fds)
-    boot_id = uuid.uuid4().hex
+    boot_id = resumed.saved.boot_id if resumed else uuid.uuid4().hex
     runc = Runc(config.runtime, config.state_dir / "runc", reaper, config.runtime_timeout_s)
     _check_runtime(runc)
-    _replace_previous_state(config)
+    if resumed is None:
+        _replace_previous_state(config)
     async with asyncio.TaskGroup() as group:
         core = AgentCore(config, boot_id=boot_id, reaper=reaper, fds=fds, runc=runc,
                          ops=Operations(group))
-        core.persist()
-        await channels.start(listeners, {"agent": [AgentService(core)], "ops": [OpsService(core)]})
-        log.info("keel-agent %s ready (boot %s)", agent_version(), boot_id)
+        if resumed is not None:
+            _resume.commit(resumed, core, reaper, fds, config)
+            listeners = _open_listeners(config)
+        else:
+            core.persist()
+        reaper.start()
+        upgrader = Upgrader(config, core, reaper, fds, group)
+        await channels.start(listeners, {"agent": [AgentService(core)],
+                                         "ops": [OpsService(core, upgrader)]})
+        log.info("keel-agent %s %s (boot %s)", agent_version(),
+                 "resumed and ready" if resumed else "ready", boot_id)
         await stop.wait()
         log.info("stopping: closing channels; containers are left running")
+        upgrader.cancel()
         await channels.aclose()
         # Leaving the group waits for in-flight lifecycle operations to finish.
     core.persist()

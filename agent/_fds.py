@@ -40,6 +40,20 @@ class FdTable:
         except OSError as exc:  # EBADF would mean someone closed it behind our back
             log.warning("closing fd %d (%s) failed: %s", fd, role, exc)
 
+    def adopt(self, fd: int, role: str) -> int:
+        """Record an fd inherited across an upgrade's execve; OSError if it is not open.
+
+        It stays inheritable until :meth:`set_inheritable` (the commit): a
+        failing resume must hand it back to the previous release.
+        """
+        os.fstat(fd)
+        return self.add(fd, role)
+
+    def set_inheritable(self, inheritable: bool) -> None:
+        """Clear (True) or set (False) FD_CLOEXEC on every registered fd."""
+        for fd in self._by_fd:
+            os.set_inheritable(fd, inheritable)
+
     def forget(self, fd: int) -> None:
         """Stop tracking *fd* without closing it (its new owner closes it)."""
         self._by_fd.pop(fd, None)

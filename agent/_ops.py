@@ -1,11 +1,9 @@
-"""The ops channel's logic: health and identity (agent upgrade comes later).
+"""The ops channel's logic: health, identity and RPC activity.
 
-``UpgradeAgent`` (exec a new release in place, DESIGN section 6) is not
-implemented yet; what it will need is already in place: the state file
-(agent/state.py) is rewritten after every lifecycle change, every fd to
-keep across execve is in the agent's FdTable, the boot id lives in the
-state file, and uptime is measured from the process start time (which
-execve does not reset).
+``UpgradeAgent`` (exec a new release in place, DESIGN section 6) lives in
+agent/_upgrade.py (old image) and agent/_resume.py (new image).  Health
+reports the version of the image now running; uptime is measured from
+the process start time, which execve does not reset.
 """
 
 from __future__ import annotations
@@ -13,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from agent import state
 from agent.api import API_VERSION
-from agent.errors import Unimplemented
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,8 +61,22 @@ def health(boot_id: str, containers: int) -> Health:
     )
 
 
-def upgrade_agent(agent_path: str, to_version: str) -> None:
-    raise Unimplemented(
-        f"UpgradeAgent (to {to_version or agent_path!r}) is not implemented by agent "
-        f"{agent_version()} yet"
-    )
+
+class Activity:
+    """When the agent last answered an RPC, on the monotonic clock (which survives
+    execve: the upgrade gap is the old image's last answer to the new one's first)."""
+
+    def __init__(self) -> None:
+        self.last_served_mono_ns = 0
+        self._on_first: Callable[[int], None] | None = None
+
+    def served(self) -> None:
+        """Called after every answered RPC (success or error, not cancelled)."""
+        self.last_served_mono_ns = now = time.monotonic_ns()
+        callback, self._on_first = self._on_first, None
+        if callback is not None:
+            callback(now)
+
+    def on_next_served(self, callback: Callable[[int], None]) -> None:
+        """Call *callback(mono_ns)* once, when the next RPC has been answered."""
+        self._on_first = callback

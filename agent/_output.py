@@ -6,6 +6,11 @@ and thereby acknowledges everything below ``offset``; only acknowledged
 bytes are dropped.  The buffer is bounded: when it is full the pump stops
 reading the pipe (the process then blocks in write(2)) until a read frees
 space.  Unread output is never dropped.
+
+An in-place upgrade stops every pump (the bytes still in a pipe stay
+there), writes each buffer's unacknowledged bytes with their offsets to
+the hand-over file, and the new image rebuilds the buffers from it
+(:meth:`OutputBuffer.restored`) before it starts pumping the same fds.
 """
 
 from __future__ import annotations
@@ -39,6 +44,19 @@ class OutputBuffer:
         self._eof = False
         self._changed = asyncio.Event()
         self.on_space: Callable[[], None] | None = None
+
+    @classmethod
+    def restored(cls, limit: int, base: int, data: bytes, eof: bool) -> OutputBuffer:
+        """A buffer holding *data* at offsets ``[base, base + len(data))`` (an upgrade's
+        hand-over; it may exceed *limit*: the pump then waits for reads)."""
+        buffer = cls(limit, start=base)
+        buffer._data += data
+        buffer._eof = eof
+        return buffer
+
+    def held(self) -> bytes:
+        """A copy of the unacknowledged bytes, ``[base, end)``."""
+        return bytes(self._data)
 
     @property
     def base(self) -> int:
@@ -140,7 +158,15 @@ class OutputPump:
 
     @property
     def fd(self) -> int:
+        """The fd being pumped; -1 once the stream ended."""
         return self._fd
+
+    def stop_reading(self) -> None:
+        """Leave the pipe alone (the upgrade's freeze); :meth:`start_reading` undoes it."""
+        self._pause()
+
+    def start_reading(self) -> None:
+        self._resume()
 
     def _resume(self) -> None:
         if not self._reading and self._fd >= 0:

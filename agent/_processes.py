@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+from agent import state
 from agent._fds import FdTable
 from agent._output import OutputBuffer, OutputPump
 from agent._stdin import StdinWriter
@@ -130,6 +131,57 @@ class Process:
         if pipes.stdin_w >= 0:
             self.stdin = StdinWriter(pipes.stdin_w, stdin_limit, fds.close, f"{self.name} stdin")
         pipes.handed_over()
+
+    def record(self) -> state.ProcessRecord:
+        """What the state file keeps of this process."""
+        return state.ProcessRecord(
+            exec_id=self.exec_id,
+            pid=self.pid,
+            state=self.state.value,
+            started=self.started,
+            terminal=self.stdio.terminal,
+            stdin=self.stdio.stdin,
+            stdout=self.stdio.stdout,
+            stderr=self.stdio.stderr,
+            exit_status=self.exit.status if self.exit else None,
+            exited_at_ns=self.exit.exited_at_ns if self.exit else 0,
+            stdin_offset=self.stdin.ledger.accepted if self.stdin else 0,
+            stdout_offset=self.stdout.end,
+            stderr_offset=self.stderr.end,
+            stdin_closed=bool(self.stdin and self.stdin.closed),
+            fingerprint=self.fingerprint,
+        )
+
+    # -- in-place upgrade ---------------------------------------------
+
+    def freeze_io(self) -> None:
+        """Stop pumping output and writing stdin; the fds stay open (for the exec)."""
+        for pump in self._pumps:
+            pump.stop_reading()
+        if self.stdin is not None:
+            self.stdin.freeze()
+
+    def thaw_io(self) -> None:
+        """Undo :meth:`freeze_io` (the exec failed, or the new image has committed)."""
+        for pump in self._pumps:
+            pump.start_reading()
+        if self.stdin is not None:
+            self.stdin.thaw()
+
+    def pumped_fds(self) -> list[int]:
+        return [pump.fd for pump in self._pumps if pump.fd >= 0]
+
+    def restore(self, *, pid: int, state: State, started: bool, exit: ExitInfo | None) -> None:
+        """Set what an upgrade handed over (the process object was just made)."""
+        self.pid, self.state, self.started, self.exit = pid, state, started, exit
+        if exit is not None:
+            self._done.set()
+
+    def adopt_io(self, pumps: list[OutputPump], stdin: StdinWriter | None, pty_fd: int) -> None:
+        """Take the pumps and stdin writer an upgrade rebuilt on inherited fds."""
+        self._pumps = pumps
+        self.stdin = stdin
+        self.pty_fd = pty_fd
 
     def release(self, fds: FdTable) -> None:
         """Close every fd and buffer of the process (on RemoveProcess)."""

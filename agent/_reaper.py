@@ -12,6 +12,12 @@ we only learn from runc's pid file), so statuses nobody waits for yet are
 kept, bounded, and matched later.  A kept status that is older than the
 spawn it would be matched to belongs to an earlier process with a reused
 pid and is discarded.
+
+Across an in-place upgrade (execve, same PID) the reaper is stopped before
+the state is written: children that exit meanwhile stay zombies of this
+PID, and the new image's reaper collects them once the watchers of the
+processes it resumed are in place.  Kept statuses travel in the state
+(:meth:`Reaper.unclaimed`, :meth:`Reaper.restore_unclaimed`).
 """
 
 from __future__ import annotations
@@ -78,9 +84,19 @@ class Reaper:
         self.reap_nowait()
 
     def stop(self) -> None:
+        """Stop reaping: SIGCHLD goes back to SIG_DFL, so exited children stay zombies."""
         if self._loop is not None:
             self._loop.remove_signal_handler(signal.SIGCHLD)
             self._loop = None
+
+    def unclaimed(self) -> list[Exit]:
+        """Statuses nobody has asked for yet, oldest first."""
+        return list(self._unclaimed.values())
+
+    def restore_unclaimed(self, exits: list[Exit]) -> None:
+        """Keep statuses an earlier image reaped (call after the watches are in place)."""
+        for exit in exits:
+            self._unclaimed.setdefault(exit.pid, exit)
 
     def reap_nowait(self) -> None:
         """Collect every exited child without blocking and dispatch it."""

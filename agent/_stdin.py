@@ -6,6 +6,11 @@ Bytes below the accepted offset are skipped (a retry after a lost reply),
 a gap is an error.  Accepted bytes go to a pending buffer that drains into
 the pipe (or pty) whenever it is writable, so a process that does not read
 never blocks the event loop; when the buffer is full, WriteStdin waits.
+
+An in-place upgrade freezes the writer (:meth:`StdinWriter.freeze`) and
+hands its ledger offset and pending bytes to the new image, which
+continues with :meth:`StdinWriter.resumed`: nothing accepted is lost or
+written twice.
 """
 
 from __future__ import annotations
@@ -69,13 +74,55 @@ class StdinWriter:
         self._broken: str | None = None
         self._writing = False
         self._drained = asyncio.Event()
+        self._frozen = False
         self._loop = asyncio.get_running_loop()
-        os.set_blocking(fd, False)
+        if fd >= 0:
+            os.set_blocking(fd, False)
+
+    @classmethod
+    def resumed(cls, fd: int, limit: int, close_fd: Callable[[int], None], name: str, *,
+                accepted: int, pending: bytes, close_requested: bool, broken: str,
+                keep_open: bool = False) -> StdinWriter:
+        """The writer an upgrade handed over: *fd* (-1 once released), the ledger at
+        *accepted*, *pending* bytes not written yet.  Call :meth:`thaw` to start writing."""
+        writer = cls(fd, limit, close_fd, name, accepted=accepted, keep_open=keep_open)
+        writer._pending += pending
+        writer._close_requested = close_requested
+        writer._broken = broken or None
+        writer._frozen = True
+        return writer
 
     @property
     def closed(self) -> bool:
         """True once CloseStdin was asked (or the reader went away)."""
         return self._close_requested or self._broken is not None
+
+    @property
+    def fd(self) -> int:
+        """The fd written to; -1 once released."""
+        return self._fd
+
+    @property
+    def close_requested(self) -> bool:
+        return self._close_requested
+
+    @property
+    def broken(self) -> str:
+        """Why the stdin fd went away ("" if it did not)."""
+        return self._broken or ""
+
+    def pending(self) -> bytes:
+        """Accepted bytes not written to the process yet (``accepted - len`` is their offset)."""
+        return bytes(self._pending)
+
+    def freeze(self) -> None:
+        """Stop writing to the fd (the upgrade's freeze); accepting continues into pending."""
+        self._frozen = True
+        self._set_writing(False)
+
+    def thaw(self) -> None:
+        self._frozen = False
+        self._flush()
 
     async def write(self, offset: int, data: bytes) -> int:
         """Accept *data* at *offset*; return the new accepted offset.
@@ -111,6 +158,8 @@ class StdinWriter:
         self._fail("stdin was discarded")
 
     def _flush(self) -> None:
+        if self._frozen:
+            return
         while self._pending and self._fd >= 0:
             try:
                 n = os.write(self._fd, self._pending[:WRITE_CHUNK])

@@ -7,6 +7,10 @@ would fail.  :class:`Operations` runs such operations as tasks of the
 agent's TaskGroup; the caller awaits the result, and if the caller is
 cancelled the operation still completes and its outcome is logged, never
 lost.
+
+During an in-place upgrade the agent *freezes* its operations: new ones
+wait at the gate (their callers' connections vanish with the exec and
+they retry on the new image) while those in flight drain.
 """
 
 from __future__ import annotations
@@ -28,9 +32,41 @@ class Operations:
 
     def __init__(self, group: asyncio.TaskGroup) -> None:
         self._group = group
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @property
+    def frozen(self) -> bool:
+        return not self._open.is_set()
+
+    def freeze(self) -> None:
+        """From now on new operations (and :meth:`wait_open` callers) wait for :meth:`thaw`."""
+        self._open.clear()
+
+    def thaw(self) -> None:
+        self._open.set()
+
+    async def wait_open(self) -> None:
+        """Return at once unless frozen; then wait until thawed (or forever: the exec)."""
+        await self._open.wait()
+
+    async def wait_idle(self) -> None:
+        """Wait until no operation is in flight (freeze first, or this may never end)."""
+        while self._running:
+            await self._idle.wait()
 
     async def run(self, coro: Coroutine[Any, Any, T], name: str) -> T:
         """Await *coro* in the agent's group; cancelling the caller does not cancel it."""
+        if self.frozen:
+            log.info("%s waits: the agent is being upgraded", name)
+            try:
+                await self._open.wait()
+            except BaseException:
+                coro.close()
+                raise
         loop = asyncio.get_running_loop()
         result: asyncio.Future[T] = loop.create_future()
 
@@ -52,11 +88,23 @@ class Operations:
             else:
                 result.set_result(value)
 
+        async def counted() -> None:
+            try:
+                await body()
+            finally:
+                self._running -= 1
+                if not self._running:
+                    self._idle.set()
+
+        task = counted()
         try:
-            self._group.create_task(body(), name=name)
+            self._group.create_task(task, name=name)
         except RuntimeError:  # the group is shutting down: the agent is stopping
+            task.close()
             coro.close()
             raise Unavailable(f"{name}: the agent is stopping") from None
+        self._running += 1
+        self._idle.clear()
         return await result
 
 

@@ -2,6 +2,9 @@
 
 The agent has no config file: everything it needs comes from its command
 line, which the sandbox (the process backend, or the guest's init) writes.
+An in-place upgrade rebuilds the command line from the config
+(:meth:`AgentConfig.to_argv`), so a release must keep accepting the
+options of the releases it can be upgraded from.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from agent.errors import InvalidArgument
 
 #: Channel names the agent serves; each needs exactly one listener.
 CHANNELS = ("agent", "ops")
+#: How the agent starts: fresh, resuming an in-place upgrade's state, or
+#: fresh after a failed upgrade whose state nobody could read (see __main__).
+MODES = ("start", "resume", "recover")
 
 _NAME = re.compile(r"^[a-z]+$")
 
@@ -47,6 +53,7 @@ class AgentConfig:
     #: Seconds one runtime command (runc create, start, ...) may take.
     runtime_timeout_s: float = 60.0
     log_level: str = "info"
+    mode: str = "start"
 
     def __post_init__(self) -> None:
         names = [listen.channel for listen in self.listens]
@@ -57,6 +64,24 @@ class AgentConfig:
             raise InvalidArgument("buffer sizes must be at least 4096 bytes")
         if logging.getLevelName(self.log_level.upper()) not in range(0, 60):
             raise InvalidArgument(f"unknown log level {self.log_level!r}")
+        if self.mode not in MODES:
+            raise InvalidArgument(f"unknown mode {self.mode!r}")
+
+    def to_argv(self) -> list[str]:
+        """The command-line arguments (without the mode flag) that give this config."""
+        argv = ["--state-dir", str(self.state_dir)]
+        for listen in self.listens:
+            if listen.kind == "fd":
+                argv += ["--listen-fd", f"{listen.channel}={listen.address}"]
+            else:
+                argv += ["--listen", f"{listen.channel}={listen.kind}:{listen.address}"]
+        return argv + [
+            "--runtime", self.runtime,
+            "--output-buffer-bytes", str(self.output_buffer_bytes),
+            "--stdin-buffer-bytes", str(self.stdin_buffer_bytes),
+            "--runtime-timeout", repr(self.runtime_timeout_s),
+            "--log-level", self.log_level,
+        ]
 
 
 def _channel(value: str) -> tuple[str, str]:
@@ -70,7 +95,7 @@ def _listen(value: str) -> Listen:
     """``CHANNEL=unix:PATH`` or ``CHANNEL=vsock:PORT``."""
     channel, rest = _channel(value)
     kind, sep, address = rest.partition(":")
-    if not sep or kind not in ("unix", "vsock") or not address:
+    if not sep or kind not in ("unix", "vsock", "serial") or not address:  # serial: agent/_serial.py
         raise InvalidArgument(f"bad --listen {value!r}: expected CHANNEL=unix:PATH or CHANNEL=vsock:PORT")
     if kind == "vsock" and not address.isdigit():
         raise InvalidArgument(f"bad --listen {value!r}: vsock port must be a number")
@@ -105,6 +130,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-timeout", type=float, default=60.0,
                    help="seconds one runtime command may take (default 60)")
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_const", dest="mode", const="resume",
+                      default="start", help="resume from the state an in-place upgrade left "
+                      "(listeners, pipes and ptys are inherited fds)")
+    mode.add_argument("--recover", action="store_const", dest="mode", const="recover",
+                      help="start fresh on inherited listeners after a failed upgrade; the "
+                      "unreadable state file is kept aside")
     return p
 
 
@@ -120,4 +152,5 @@ def from_args(argv: Sequence[str] | None = None) -> AgentConfig:
         stdin_buffer_bytes=ns.stdin_buffer_bytes,
         runtime_timeout_s=ns.runtime_timeout,
         log_level=ns.log_level,
+        mode=ns.mode,
     )

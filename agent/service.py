@@ -3,24 +3,36 @@
 Protobuf types stop here.  Each handler validates what the shim sent
 (betterproto checks nothing: a hostile peer can put an int in a bytes
 field), calls the core, and converts the answer.  Errors are mapped to
-gRPC status codes in one place, :func:`to_grpc_error`.
+gRPC status codes in one place, :func:`to_grpc_error`.  Every answered
+call is noted in the core's :class:`~agent._ops.Activity` (the upgrade
+gap is measured from it).
+
+UpgradeAgent is special: after execve nobody could answer it, so its
+stream handler sends the answer and the trailers, waits for the socket
+to take them, and only then starts the exec (agent/_upgrade.py).  While
+an upgrade is under way Hello and Health wait (the next answer comes
+from the new image) like lifecycle calls do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
+import grpclib.const
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
 
 from agent import _bundle, _ops
 from agent._core import AgentCore
 from agent._processes import State, Stdio
+from agent._upgrade import Upgrader
 from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
 from agent.errors import FailedPrecondition, InvalidArgument, KeelError
 
@@ -51,8 +63,9 @@ def rpc(fn: F) -> F:
     @functools.wraps(fn)
     async def handler(self: Any, request: Any) -> Any:
         try:
-            return await fn(self, request)
+            result = await fn(self, request)
         except KeelError as exc:
+            self._core.activity.served()
             log.info("%s -> %s: %s", fn.__name__, exc.code.name, exc)
             raise to_grpc_error(exc) from exc
         except (GRPCError, asyncio.CancelledError):
@@ -60,6 +73,8 @@ def rpc(fn: F) -> F:
         except Exception as exc:
             log.exception("%s failed unexpectedly", fn.__name__)
             raise to_grpc_error(exc) from exc
+        self._core.activity.served()
+        return result
 
     return cast(F, handler)
 
@@ -107,6 +122,7 @@ class AgentService(pb.AgentServiceBase):
 
     @rpc
     async def hello(self, req: pb.HelloRequest) -> pb.HelloResponse:
+        await self._core.wait_open()  # during an upgrade the new image answers
         client = _uint(req.api_version, "api_version")
         if client < MIN_API_VERSION:
             raise FailedPrecondition(
@@ -237,20 +253,72 @@ class AgentService(pb.AgentServiceBase):
 _STATES: dict[str, pb.ProcessState] = {s.value: pb.ProcessState[s.name] for s in State}
 
 
+#: How long the UpgradeAgent answer may sit in the transport before the exec goes ahead.
+FLUSH_TIMEOUT_S = 1.0
+
+
+async def _flush(stream: Stream[Any, Any]) -> None:
+    """Wait until the transport has handed everything it was given to the socket.
+
+    grpclib has no public flush; its transport is reached through the
+    private ``_stream._transport`` (if that moves, the kernel has the bytes
+    anyway in all but a full-socket case: this is belt and braces).
+    """
+    transport = getattr(getattr(stream, "_stream", None), "_transport", None)
+    size = getattr(transport, "get_write_buffer_size", None)
+    if size is None:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(FLUSH_TIMEOUT_S):
+            # asyncio has no "write buffer empty" event to wait on: poll, with a deadline.
+            while size():  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+
+
 class OpsService(ops_pb.OpsServiceBase):
-    def __init__(self, core: AgentCore) -> None:
+    def __init__(self, core: AgentCore, upgrader: Upgrader) -> None:
         self._core = core
+        self._upgrader = upgrader
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        mapping = super().__mapping__()
+        path = "/keel.ops.v1.OpsService/UpgradeAgent"
+        generated = mapping[path]
+        mapping[path] = grpclib.const.Handler(self._upgrade_stream, generated.cardinality,
+                                              generated.request_type, generated.reply_type)
+        return mapping
+
+    async def _upgrade_stream(self, stream: Stream[Any, Any]) -> None:
+        """Answer UpgradeAgent completely, then start the exec."""
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "UpgradeAgent needs a request message")
+        plan, response = await self._prepare_upgrade(request)
+        try:
+            await stream.send_message(response)
+            await stream.send_trailing_metadata()
+            await _flush(stream)
+        except BaseException:
+            self._upgrader.abandon(plan)
+            raise
+        self._upgrader.start(plan)
+
+    @rpc
+    async def _prepare_upgrade(self, req: ops_pb.UpgradeAgentRequest) -> Any:
+        """Check the request and the release: (plan, answer).  See :meth:`_upgrade_stream`."""
+        if not isinstance(req.agent_path, str) or not isinstance(req.to_version, str):
+            raise InvalidArgument("agent_path and to_version must be strings")
+        plan = await self._upgrader.prepare(req.agent_path, req.to_version)
+        return plan, ops_pb.UpgradeAgentResponse(
+            from_version=plan.from_version, to_version=plan.to_version, rolled_back=False,
+            message="exec", gap_s=0.0)
 
     @rpc
     async def health(self, req: ops_pb.HealthRequest) -> ops_pb.HealthResponse:
+        await self._core.wait_open()  # during an upgrade the new image answers
         h = _ops.health(self._core.boot_id, len(self._core))
         return ops_pb.HealthResponse(
             ok=h.ok, agent_version=h.agent_version, api_version=h.api_version,
             agent_pid=h.agent_pid, boot_id=h.boot_id, containers=h.containers,
             uptime_s=h.uptime_s, state_schema=h.state_schema,
         )
-
-    @rpc
-    async def upgrade_agent(self, req: ops_pb.UpgradeAgentRequest) -> ops_pb.UpgradeAgentResponse:
-        _ops.upgrade_agent(str(req.agent_path), str(req.to_version))
-        raise AssertionError("unreachable")

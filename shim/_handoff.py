@@ -87,7 +87,9 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
             "-handoff-fd", str(theirs.fileno())]
     if flags.debug:
         argv.append("-debug")
-    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    # Plain Popen, not asyncio's: the new shim outlives this process, so no
+    # child watcher may own it; fork+exec does not block the loop for long.
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
                              stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                              process_group=0)
     theirs.close()

@@ -9,29 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from agent.api import API_VERSION, ops_pb, pb
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 APPLETS = ("sh", "echo", "cat", "sleep", "seq", "yes", "head", "true", "false", "id", "ls",
-           "printf", "tty")
+           "printf", "tty", "usleep", "touch", "kill")
 
 
 def require_root_and_runc() -> str:
@@ -106,16 +109,18 @@ class AgentProcess:
     """A keel-agent subprocess with its own state dir and sockets."""
 
     def __init__(self, runc: str, *extra: str, agent_fd: int | None = None,
-                 agent_sock: Path | None = None) -> None:
+                 agent_sock: Path | None = None, command: Sequence[str] = ()) -> None:
         """*agent_fd*: serve the agent channel on this inherited listening socket
-        (bound at *agent_sock*) instead of a path of the agent's own."""
+        (bound at *agent_sock*) instead of a path of the agent's own.  *command*:
+        the agent executable (a release's launcher, see :func:`make_release`)
+        instead of this interpreter's ``-m agent``."""
         self.dir = Path(tempfile.mkdtemp(prefix="keel-at-"))  # short: sun_path is 108 bytes
         self.state_dir = self.dir / "state"
         self.agent_sock = agent_sock or self.dir / "agent.sock"
         self.ops_sock = self.dir / "ops.sock"
         self.runc = runc
         self.log_path = self.dir / "agent.log"
-        argv = [sys.executable, "-m", "agent", "--state-dir", str(self.state_dir),
+        argv = [*(command or (sys.executable, "-m", "agent")), "--state-dir", str(self.state_dir),
                 *(["--listen-fd", f"agent={agent_fd}"] if agent_fd is not None
                   else ["--listen", f"agent=unix:{self.agent_sock}"]),
                 "--listen", f"ops=unix:{self.ops_sock}", "--log-level", "debug", *extra]
@@ -237,3 +242,84 @@ async def read_both(stub: pb.AgentServiceStub, cid: str, eid: str = "") -> tuple
     out, err = await asyncio.gather(read_stream(stub, cid, eid, pb.OutputStream.STDOUT),
                                     read_stream(stub, cid, eid, pb.OutputStream.STDERR))
     return out, err
+
+
+# -- releases and in-place upgrades ---------------------------------------
+
+#: Errors that mean "the connection to the agent went away", never "the call failed"
+#: (what the shim retries on; an in-place upgrade drops every connection).
+TRANSIENT = (OSError, StreamTerminatedError, ProtocolError, EOFError)
+
+
+def make_release(root: Path, name: str, version: str, *, copy_code: bool = False,
+                 patches: dict[str, str] | None = None, before_exec: str = "") -> Path:
+    """A side-by-side "release" of the agent under *root*/*name*; returns its launcher.
+
+    The release is a directory on PYTHONPATH (ahead of this checkout) holding a
+    ``keel-<version>.dist-info`` (so ``agent_version()`` reports *version*)
+    and, with *copy_code*, its own copy of the ``agent`` and ``upgrade``
+    packages, to which *patches* (path -> code appended to that module) are
+    applied: a release with a bug in it.  The launcher ``bin/keel-agent`` is a
+    Python script (``-I``: the old image's PYTHONPATH does not leak in) that
+    runs *before_exec* (Python; ``sys.argv`` holds the agent's arguments) and
+    then execs this interpreter's ``-m agent``.  Not a shell script: a shell
+    that runs anything before its ``exec`` may reap the agent's children
+    (dash does), and a container process that exits during the upgrade
+    would lose its exit status (see agent/PROTOCOL.md).
+    """
+    rel = root / name
+    meta = rel / f"keel-{version}.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: keel\nVersion: {version}\n")
+    if copy_code:
+        for pkg in ("agent", "upgrade"):
+            shutil.copytree(REPO / pkg, rel / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for module, code in (patches or {}).items():
+        with open(rel / module, "a") as f:
+            f.write("\n" + code)
+    launcher = rel / "bin" / "keel-agent"
+    launcher.parent.mkdir()
+    launcher.write_text(
+        f"#!{sys.executable} -I\n"
+        "import os, sys\n"
+        f"{before_exec}\n"
+        f"os.environ['PYTHONPATH'] = {f'{rel}:{REPO}'!r}\n"
+        "os.execv(sys.executable, [sys.executable, '-P', '-m', 'agent', *sys.argv[1:]])\n")
+    launcher.chmod(0o755)
+    return launcher
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, timeout: float = 30.0) -> T:
+    """``await call()`` until it does not fail with a lost connection (like the shim's retry)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return await call()
+        except TRANSIENT:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+async def read_all(stub: pb.AgentServiceStub, cid: str, eid: str = "",
+                   stream: pb.OutputStream = pb.OutputStream.STDOUT, *, offset: int = 0) -> bytes:
+    """A stream from *offset* to EOF with long polls that survive agent upgrades
+    (retried at the same offset when the connection drops)."""
+    start = offset
+    data = bytearray()
+    while True:
+        offset = start + len(data)
+        req = pb.ReadOutputRequest(container_id=cid, exec_id=eid, stream=stream, offset=offset,
+                                   max_bytes=65536, wait_ms=2000)
+        resp = await retrying(functools.partial(stub.read_output, req), timeout=60)
+        assert resp.offset == offset
+        data += resp.data
+        if resp.eof:
+            return bytes(data)
+
+
+def upgrade_gaps_ms(log: str) -> list[float]:
+    """The gaps the agent logged, one per upgrade its new images served after."""
+    return [float(m) for m in re.findall(r"gap ([0-9.]+) ms", log)]

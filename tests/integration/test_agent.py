@@ -410,9 +410,10 @@ def test_hello_and_health(agent: AgentProcess) -> None:
                            Status.FAILED_PRECONDITION, "speaks")
         health = await c.ops.health(ops_pb.HealthRequest())
         assert health.ok and health.agent_pid == agent.pid and health.boot_id == hello.boot_id
-        assert health.state_schema == 1 and health.uptime_s >= 0
+        assert health.state_schema == 2 and health.uptime_s >= 0
+        # Upgrades are covered by test_agent_upgrade.py; a bad request changes nothing.
         await expect_error(c.ops.upgrade_agent(ops_pb.UpgradeAgentRequest(agent_path="/x")),
-                           Status.UNIMPLEMENTED)
+                           Status.FAILED_PRECONDITION, "/x")
     _run(agent, scenario)
 
 
@@ -426,7 +427,7 @@ def test_sigterm_leaves_containers_running(runc: str, rootfs: str) -> None:
         assert agent.stop() == 0
         assert agent.runc_containers() == ["st1"]
         saved = json.loads((agent.state_dir / "state.json").read_text())
-        assert saved["schema_version"] == 1
+        assert saved["schema_version"] == 2 and saved["handover"] is None
         assert saved["containers"][0]["processes"][0]["state"] == "running"
     finally:
         leftovers = agent.cleanup()  # force-deletes st1

@@ -14,12 +14,11 @@ import json
 import os
 from pathlib import Path
 
-from tests.agent_harness import make_rootfs, make_spec, require_root_and_runc
-
 from shim._events import EventPublisher
 from shim._process import Stdio
 from shim.config import ShimConfig
 from shim.sandbox import Sandbox
+from tests.agent_harness import make_rootfs, make_spec, require_root_and_runc
 
 LINES = 200_000
 

@@ -71,8 +71,8 @@ def test_wrong_kind_is_refused(tmp_path: Path) -> None:
 
 def test_shim_state_golden_v1_loads() -> None:
     """Every shim state schema that ever shipped must stay readable."""
-    from shim.state import KIND, SCHEMA_VERSION, store  # noqa: F401
     from shim.dirs import SandboxDir
+    from shim.state import KIND, SCHEMA_VERSION, store  # noqa: F401
 
     for golden in sorted(GOLDEN.glob("shim-state-v*.json")):
         st = store(SandboxDir(golden.parent))

@@ -24,7 +24,7 @@ from typing import Any
 
 from agent.errors import KeelError, NotFound, Unavailable
 from shim.vmm.api import LaunchSpec
-from shim.vmm.qemu import _accel, _cmdline, _mounts, image
+from shim.vmm.qemu import _accel, _cmdline, _mounts
 from shim.vmm.qemu._sandbox import QemuSandbox, start_time
 from shim.vmm.qemu.config import QemuConfig, load
 
@@ -53,6 +53,8 @@ class QemuBackend:
         if cfg.kernel and cfg.initrd and cfg.rootfs:
             parts = ("custom", cfg.kernel, cfg.initrd, cfg.rootfs)
         else:
+            from shim.vmm.qemu import image  # not at import: `python -m ...image` runs it
+
             try:
                 img = image.load(cfg.image)
             except NotFound as exc:
@@ -82,8 +84,8 @@ class QemuBackend:
             cfg, accel, files, name=spec.sandbox_id[:32], kernel=kernel, initrd=initrd,
             rootfs=rootfs, vcpus=vcpus, memory_mib=memory,
             cmdline=_cmdline.kernel_cmdline(cfg, accel, spec.agent_args))
-        await asyncio.to_thread(self._prepare, files)
         try:
+            await asyncio.to_thread(self._prepare, files)
             pid = await self._start(argv, files)
             pidfd = os.pidfd_open(pid)
         except BaseException as exc:
@@ -103,6 +105,7 @@ class QemuBackend:
         if files.shared.exists():
             _mounts.unshare_all(files.shared, files.rootfs_marks)  # left by a crashed sandbox
         files.shared.mkdir(mode=0o700)
+        _mounts.seal_share(files.shared)
         for path in (*files.sockets(), files.pidfile):
             path.unlink(missing_ok=True)
 

@@ -23,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,6 +45,16 @@ class Accel:
             return ["-accel", "kvm", "-cpu", "host"]
         # -cpu max: python starts 3x faster than with qemu64 (research/qemu.md 7.3).
         return ["-accel", "tcg", "-cpu", "max"]
+
+
+def tsc_khz() -> int | None:
+    """The host TSC rate (TCG guests see it), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)
+    return int(float(m.group(1)) * 1000) if m else None
 
 
 def _key(qemu: str, kernel: Path) -> dict[str, object]:
@@ -78,10 +89,11 @@ async def boot_probe(qemu: str, kernel: Path, timeout: float, accel: str = "kvm"
     with tempfile.TemporaryDirectory(prefix="keel-kvm-probe-") as tmp:
         console = Path(tmp, "console")
         cpu = "host" if accel == "kvm" else "max"
+        tsc = "" if accel == "kvm" or not (khz := tsc_khz()) else f" tsc_early_khz={khz}"
         argv = [qemu, "-accel", accel, "-cpu", cpu, "-M", "microvm", "-m", "128",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-serial", f"file:{console}", "-kernel", str(kernel),
-                "-append", "console=ttyS0 panic=-1 keel.probe=1"]
+                "-append", f"console=ttyS0 panic=-1 keel.probe=1{tsc}"]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)

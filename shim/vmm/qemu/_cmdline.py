@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent.errors import InvalidArgument
-from shim.vmm.qemu._accel import Accel
+from shim.vmm.qemu._accel import Accel, tsc_khz
 from shim.vmm.qemu._initramfs import PORTS, ROOT_TAG, SHARE_TAG
 from shim.vmm.qemu.config import QemuConfig
 
@@ -77,16 +76,6 @@ class SandboxFiles:
                 raise InvalidArgument(f"sandbox path too long for a unix socket: {sock}")
 
 
-def tsc_khz() -> int | None:
-    """The host TSC rate (TCG guests see it), from /proc/cpuinfo."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)
-    return int(float(m.group(1)) * 1000) if m else None
-
-
 def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str]) -> str:
     """The guest kernel command line; InvalidArgument if the agent args cannot travel on it."""
     if any("\n" in a for a in agent_args):
@@ -130,11 +119,13 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, ke
         "-mon", "chardev=qmp,mode=control",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
         # The read-only guest root, and the per-sandbox share (container rootfs
-        # bind mounts live under it, hence multidevs=remap; mapped-xattr keeps
-        # guest-made owners, modes and device nodes out of the host's view).
+        # bind mounts live under it, hence multidevs=remap).  security_model=none:
+        # the guest sees host owners and modes, host symlinks stay symlinks (the
+        # mapped models break them); the share is mounted nodev,nosuid,noexec on
+        # the host so what the guest creates there stays inert (_mounts).
         "-fsdev", f"local,id=fsroot,path={rootfs},security_model=none,readonly=on,multidevs=remap",
         "-device", f"virtio-9p-{bus},fsdev=fsroot,mount_tag={ROOT_TAG}",
-        "-fsdev", f"local,id=fsshare,path={files.shared},security_model=mapped-xattr,multidevs=remap",
+        "-fsdev", f"local,id=fsshare,path={files.shared},security_model=none,multidevs=remap",
         "-device", f"virtio-9p-{bus},fsdev=fsshare,mount_tag={SHARE_TAG}",
         "-device", f"virtio-serial-{bus},id=vser0",
     ]

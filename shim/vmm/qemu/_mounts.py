@@ -29,18 +29,52 @@ from pathlib import Path
 from agent.errors import Internal
 from shim.vmm.api import MountSpec
 
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x2, 0x4, 0x8, 0x20
 MS_BIND, MS_REC = 0x1000, 0x4000
+#: qemu's 9p (security_model=none, running as root) applies the guest's
+#: mknod, chown and chmod to the share: mounted nodev,nosuid,noexec, a device
+#: node or setuid file the guest makes there is inert on the host, and qemu
+#: cannot be made to open a host device through it.
+_SEALED = MS_NODEV | MS_NOSUID | MS_NOEXEC
 MNT_DETACH = 2
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _mount_by_fd(source: str, target_fd: int) -> None:
-    rc = _libc.mount(source.encode(), f"/proc/self/fd/{target_fd}".encode(), None,
-                     MS_BIND | MS_REC, None)
+def _mount(source: str | None, target: str, flags: int, what: str) -> None:
+    rc = _libc.mount(source.encode() if source else None, target.encode(), None, flags, None)
     if rc != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"bind mount {source}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _sealed_bind(source: str, parent_fd: int, name: str) -> int:
+    """Bind *source* on directory *name* of *parent_fd*, make it nodev,nosuid,noexec.
+
+    Returns an O_PATH fd of the new mount's root (the caller closes it).
+    """
+    target = os.open(name, _O_DIR, dir_fd=parent_fd)
+    try:
+        _mount(source, f"/proc/self/fd/{target}", MS_BIND | MS_REC, f"bind mount {source}")
+    finally:
+        os.close(target)
+    mounted = os.open(name, _O_DIR, dir_fd=parent_fd)  # now crosses into the new mount
+    try:
+        _mount(None, f"/proc/self/fd/{mounted}", MS_REMOUNT | MS_BIND | _SEALED,
+               f"remount {source} nodev,nosuid,noexec")
+    except BaseException:
+        os.close(mounted)
+        raise
+    return mounted
+
+
+def seal_share(shared: Path) -> None:
+    """Make *shared* its own nodev,nosuid,noexec mount (before qemu exports it)."""
+    parent = os.open(shared.parent, _O_DIR)
+    try:
+        os.close(_sealed_bind(str(shared), parent, shared.name))
+    finally:
+        os.close(parent)
 
 
 def _mnt_id(fd: int) -> int:
@@ -131,8 +165,7 @@ def bind_into_share(shared: Path, marks: Path, cid: str, source: Path) -> str:
                 fds.append(os.open(name, _O_DIR, dir_fd=fds[-1]))
             except OSError as exc:  # a symlink or a file the guest planted
                 raise Internal(f"share of {cid}: {name} is not a plain directory: {exc.strerror}") from exc
-        _mount_by_fd(str(source), fds[-1])
-        mounted = os.open("rootfs", _O_DIR, dir_fd=fds[-2])
+        mounted = _sealed_bind(str(source), fds[-2], "rootfs")
         fds.append(mounted)
         record = marks / cid
         doc = json.loads(record.read_text()) if record.exists() else {}

@@ -37,12 +37,14 @@ GUEST_PYTHON = "/usr/bin/python3"
 DEPS_DIR = "/opt/keel/deps"
 
 
-def _run(argv: Sequence[str], what: str, **kw: object) -> str:
-    res = subprocess.run(list(argv), capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+def run_tool(argv: Sequence[str], what: str, *, cwd: Path | None = None,
+             env: dict[str, str] | None = None) -> str:
+    """Run a build tool; its stdout, or Internal naming *what* with the tool's message."""
+    res = subprocess.run(list(argv), capture_output=True, text=True, check=False, cwd=cwd, env=env)
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip()[-2000:]
         raise Internal(f"{what} failed (exit {res.returncode}): {tail}")
-    return str(res.stdout)
+    return res.stdout
 
 
 def py_pins() -> dict[str, str]:
@@ -72,7 +74,7 @@ def debootstrap(target: Path, debs: Path, packages: Sequence[str] = PACKAGES) ->
     if shutil.which("debootstrap") is None:
         raise Internal("debootstrap is not installed (apt-get install debootstrap)")
     debs.mkdir(parents=True, exist_ok=True)
-    _run(["debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
+    run_tool(["debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
           f"--cache-dir={debs}", SUITE, str(target), MIRROR], "debootstrap")
     # Not needed at run time: package lists, docs, caches.
     for sub in ("var/lib/apt/lists", "var/cache/apt", "usr/share/doc", "usr/share/man",
@@ -86,7 +88,7 @@ def install_py_deps(target: Path, pins: dict[str, str]) -> None:
     dest = target / DEPS_DIR.lstrip("/")
     tmp = dest.with_name("deps.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(tmp),
+    run_tool([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(tmp),
           "--only-binary=:all:", "--platform", "manylinux2014_x86_64", "--python-version", "3.11",
           "--implementation", "cp", "--abi", "cp311",
           *(f"{name}=={version}" for name, version in sorted(pins.items()))],
@@ -117,13 +119,13 @@ def install_agent(target: Path, repo: Path, tree_hash: str) -> str:
 def compile_in_guest(target: Path, guest_dir: str) -> None:
     """Byte-compile *guest_dir* with the guest's own interpreter (chroot)."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
-    _run(["chroot", str(target), GUEST_PYTHON, "-m", "compileall", "-q", guest_dir],
+    run_tool(["chroot", str(target), GUEST_PYTHON, "-m", "compileall", "-q", guest_dir],
          f"byte-compiling {guest_dir} in the guest root", env=env)
 
 
 def dpkg_versions(target: Path, names: Sequence[str]) -> dict[str, str]:
     """Installed versions of *names* in the root (for the image manifest)."""
-    out = _run(["dpkg-query", f"--admindir={target / 'var/lib/dpkg'}", "-W",
+    out = run_tool(["dpkg-query", f"--admindir={target / 'var/lib/dpkg'}", "-W",
                 "-f", "${Package} ${Version}\n", *names], "dpkg-query")
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 

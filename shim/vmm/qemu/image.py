@@ -80,7 +80,7 @@ def load(path: Path | None = None) -> Image:
 
 
 def _apt_show(packages: list[str]) -> dict[str, dict[str, str]]:
-    out = _rootfs._run(["apt-cache", "show", "--no-all-versions", *packages],
+    out = _rootfs.run_tool(["apt-cache", "show", "--no-all-versions", *packages],
                        "apt-cache show (run apt-get update first?)")
     result: dict[str, dict[str, str]] = {}
     for stanza in out.strip().split("\n\n"):
@@ -125,10 +125,10 @@ def _deb_extract(package: str, version: str, debs: Path, dest: Path) -> None:
     debs.mkdir(parents=True, exist_ok=True)
     pattern = f"{package}_*{version.split(':')[-1]}_amd64.deb"
     if not any(debs.glob(pattern)):
-        _rootfs._run(["apt-get", "download", f"{package}={version}"],
+        _rootfs.run_tool(["apt-get", "download", f"{package}={version}"],
                      f"apt-get download {package}", cwd=debs)
     deb = next(debs.glob(pattern))
-    _rootfs._run(["dpkg-deb", "-x", str(deb), str(dest)], f"dpkg-deb -x {deb.name}")
+    _rootfs.run_tool(["dpkg-deb", "-x", str(deb), str(dest)], f"dpkg-deb -x {deb.name}")
 
 
 def _kernel_part(cache: Path, kernel: dict[str, str], say: Callable[[str], None]) -> Path:

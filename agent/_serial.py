@@ -1,0 +1,282 @@
+"""Agent channels over virtio-serial ports (qemu without vhost-vsock).
+
+``--listen agent=serial:NAME`` serves a channel on the virtio-serial port
+named NAME (``/dev/virtio-ports/NAME``, found through sysfs when udev made
+no link), or on a character device given by absolute path (a pty in
+tests).  grpclib needs a socket, a port is a character device, so
+:func:`serial_listener` returns an ordinary listening unix socket (in a
+private 0700 directory) that the channel's gRPC server serves as usual, and
+a bridge relays bytes between the port and one connection to that socket
+per *host session*.
+
+The port's traps (research/qemu.md section 6) shape the bridge:
+
+* while no host client is connected the port polls ``POLLIN|POLLHUP``
+  forever, so it is watched through an edge-triggered epoll (whose own fd
+  is what asyncio watches), never a level-triggered reader;
+* a host disconnect reads as EOF: the session ends (the agent's HTTP/2
+  connection is closed and pending output dropped);
+* a fast close and reconnect can be invisible (no EOF), so a read chunk
+  that starts with the HTTP/2 client preface also starts a new session: a
+  chunk never mixes bytes of two host connections, and the shim opens
+  every connection with the preface and a Hello;
+* bytes that arrive with no session and no preface are leftovers of a
+  finished session: they are counted and dropped.
+
+Buffers are bounded in both directions: when one is full the bridge stops
+reading the other side, it never drops a session's bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import select
+import shutil
+import socket
+import tempfile
+import tty
+from pathlib import Path
+
+log = logging.getLogger("keel.agent.serial")
+
+#: What every HTTP/2 client connection starts with (RFC 9113, 3.4).
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: Bytes buffered per direction before the bridge stops reading the source.
+BUFFER_LIMIT = 1 << 20
+_READ = 65536
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SerialStatistics:
+    sessions: int
+    bytes_from_host: int
+    bytes_to_host: int
+    stray_bytes: int
+
+
+def find_port(name: str) -> str:
+    """The device path of virtio-serial port *name*; FileNotFoundError if absent."""
+    if name.startswith("/"):
+        return name
+    link = Path("/dev/virtio-ports") / name
+    if link.exists():
+        return str(link)
+    sysfs = Path("/sys/class/virtio-ports")
+    for port in sorted(sysfs.iterdir()) if sysfs.is_dir() else ():
+        try:
+            if (port / "name").read_text().strip() == name:
+                return f"/dev/{port.name}"
+        except OSError:
+            continue
+    raise FileNotFoundError(f"no virtio-serial port named {name!r}")
+
+
+class _Bridge:
+    """Relays one port to per-session connections to *target* (callback driven)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, port_fd: int, target: str) -> None:
+        self._loop = loop
+        self._fd = port_fd
+        self._target = target
+        self._ep = select.epoll()
+        self._ep.register(port_fd, select.EPOLLIN | select.EPOLLOUT | select.EPOLLET)
+        self._sess: socket.socket | None = None
+        self._to_agent = bytearray()
+        self._to_host = bytearray()
+        # Edge-triggered: remember readiness we have not used up yet.
+        self._readable = self._writable = True
+        self._agent_paused = False
+        self._stats = {"sessions": 0, "bytes_from_host": 0, "bytes_to_host": 0, "stray_bytes": 0}
+        loop.add_reader(self._ep.fileno(), self._on_port)
+        loop.call_soon(self._pump)
+
+    def statistics(self) -> SerialStatistics:
+        return SerialStatistics(**self._stats)
+
+    def _on_port(self) -> None:
+        for _fd, ev in self._ep.poll(0):
+            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                self._readable = True
+            if ev & select.EPOLLOUT:
+                self._writable = True
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._fd < 0:
+            return
+        self._write_port()
+        if self._readable and len(self._to_agent) < BUFFER_LIMIT:
+            self._read_port()
+        self._flush_agent()
+        if self._agent_paused and len(self._to_host) < BUFFER_LIMIT and self._sess is not None:
+            self._agent_paused = False
+            self._loop.add_reader(self._sess.fileno(), self._on_session)
+
+    def _read_port(self) -> None:
+        eof_seen = False
+        while len(self._to_agent) < BUFFER_LIMIT:
+            try:
+                chunk = os.read(self._fd, _READ)
+            except BlockingIOError:
+                self._readable = False
+                return
+            except OSError as exc:  # EIO and friends: treat like a disconnect
+                log.warning("reading the serial port: %s", exc)
+                chunk = b""
+            if chunk:
+                eof_seen = False
+                self._from_host(chunk)
+                continue
+            # EOF: the host disconnected.  A disconnected port keeps reading
+            # EOF; two in a row mean no new host has connected since.
+            self._end_session("host disconnected")
+            self._to_host.clear()
+            if eof_seen:
+                self._readable = False
+                return
+            eof_seen = True
+
+    def _from_host(self, chunk: bytes) -> None:
+        self._stats["bytes_from_host"] += len(chunk)
+        if chunk.startswith(PREFACE):
+            self._end_session("host started a new session")
+            self._to_host.clear()
+            self._start_session()
+        elif self._sess is None:
+            self._stats["stray_bytes"] += len(chunk)
+            return
+        self._to_agent += chunk
+
+    def _start_session(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            sock.connect(self._target)
+        except OSError:
+            sock.close()
+            raise
+        self._sess = sock
+        self._stats["sessions"] += 1
+        self._agent_paused = False
+        self._loop.add_reader(sock.fileno(), self._on_session)
+
+    def _end_session(self, why: str) -> None:
+        sock, self._sess = self._sess, None
+        self._to_agent.clear()
+        if sock is None:
+            return
+        log.debug("serial session ended: %s", why)
+        self._loop.remove_reader(sock.fileno())
+        self._loop.remove_writer(sock.fileno())
+        sock.close()
+
+    def _on_session(self) -> None:
+        assert self._sess is not None
+        try:
+            data = self._sess.recv(_READ)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("serial session socket: %s", exc)
+            data = b""
+        if not data:
+            self._end_session("agent closed the connection")
+            return
+        self._to_host += data
+        if len(self._to_host) >= BUFFER_LIMIT:
+            self._agent_paused = True
+            self._loop.remove_reader(self._sess.fileno())
+        self._pump()
+
+    def _flush_agent(self) -> None:
+        sess = self._sess
+        if sess is None or not self._to_agent:
+            return
+        try:
+            sent = sess.send(self._to_agent)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            log.warning("serial session socket: %s", exc)
+            self._end_session("agent connection failed")
+            return
+        del self._to_agent[:sent]
+        if self._to_agent:
+            self._loop.add_writer(sess.fileno(), self._on_session_writable)
+        else:
+            self._loop.remove_writer(sess.fileno())
+
+    def _on_session_writable(self) -> None:
+        self._pump()
+
+    def _write_port(self) -> None:
+        while self._writable and self._to_host:
+            try:
+                n = os.write(self._fd, self._to_host[:_READ])
+            except BlockingIOError:
+                self._writable = False
+                return
+            except OSError as exc:
+                log.warning("writing the serial port: %s", exc)
+                self._to_host.clear()
+                return
+            self._stats["bytes_to_host"] += n
+            del self._to_host[:n]
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        self._end_session("channel closed")
+        self._loop.remove_reader(self._ep.fileno())
+        self._ep.close()
+        os.close(self._fd)
+        self._fd = -1
+
+
+class SerialListener(socket.socket):
+    """The listening socket of a serial channel; closing it stops the bridge."""
+
+    bridge: _Bridge | None = None
+    workdir: str | None = None
+
+    def close(self) -> None:
+        if self.bridge is not None:
+            self.bridge.close()
+            self.bridge = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        super().close()
+
+
+def serial_listener(channel: str, port: str, backlog: int = 16) -> SerialListener:
+    """Open port *port* and return the listening socket its sessions arrive on.
+
+    Must run inside the agent's event loop (the bridge lives there).
+    Raises OSError naming the port (missing, busy: a port opens once).
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        path = find_port(port)
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise OSError(exc.errno, f"channel {channel}: serial port {port}: {exc.strerror or exc}") from exc
+    if os.isatty(fd):  # a pty or ttyS stand-in: bytes must pass untouched
+        tty.setraw(fd)
+    workdir = tempfile.mkdtemp(prefix=f"keel-{channel}-")
+    sock = SerialListener(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.workdir = workdir
+    try:
+        target = os.path.join(workdir, "s")
+        sock.bind(target)
+        sock.listen(backlog)
+        sock.bridge = _Bridge(loop, fd, target)
+    except BaseException:
+        os.close(fd)
+        sock.close()
+        raise
+    log.info("channel %s: serial port %s (%s)", channel, port, path)
+    return sock

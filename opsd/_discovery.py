@@ -1,0 +1,176 @@
+"""Finding sandboxes and talking to their shims (ShimOps on ``ops.sock``).
+
+Every sandbox directory ``<state_root>/sandboxes/<id>/`` with an
+``ops.sock`` is a candidate; a socket that does not answer Status within
+the deadline is reported as :class:`Unreachable` (a note), never fatal.
+
+Each call dials afresh: after UpgradeShim another process serves the same
+path, so a cached connection would talk to a shim that is exiting.
+Errors come back as KeelError classes (grpc codes via ``from_code``; a
+socket that refuses or is missing is Unavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from agent.api import InvalidArgument, Unavailable, from_code, ops_pb
+from agent.errors import DeadlineExceeded
+from shim.dirs import SandboxDir
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_FANOUT = 16
+
+
+def _clip(s: str, n: int = 128) -> str:
+    return s[:n]
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerView:
+    id: str
+    pid: int
+    status: str
+    execs: int
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxView:
+    """What a shim said about its sandbox in one Status call."""
+
+    id: str
+    shim_version: str
+    agent_version: str
+    shim_pid: int
+    backend: str
+    namespace: str
+    containers: tuple[ContainerView, ...]
+    state_schema: int
+
+    def running(self) -> frozenset[str]:
+        return frozenset(c.id for c in self.containers if c.status == "running")
+
+    def version_of(self, component: str) -> str:
+        return self.shim_version if component == "shim" else self.agent_version
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Switched:
+    """The answer of an UpgradeShim/UpgradeAgent call."""
+
+    from_version: str
+    to_version: str
+    new_pid: int
+    detail: str
+
+
+class Shims(Protocol):
+    """The edge opsd drives: the sandboxes of this node."""
+
+    def ids(self) -> list[str]: ...
+
+    async def status(self, sandbox_id: str) -> SandboxView: ...
+
+    async def upgrade(self, sandbox_id: str, component: str, path: Path,
+                      to_version: str) -> Switched: ...
+
+
+def check_id(sandbox_id: str) -> str:
+    if not _ID.match(sandbox_id):
+        raise InvalidArgument(f"{sandbox_id!r} is not a sandbox id")
+    return sandbox_id
+
+
+class ShimClient:
+    """:class:`Shims` over the real ``ops.sock`` endpoints under *state_root*."""
+
+    def __init__(self, state_root: Path, *, status_timeout: float = 5.0,
+                 upgrade_timeout: float = 120.0) -> None:
+        self.state_root = state_root
+        self.status_timeout = status_timeout
+        self.upgrade_timeout = upgrade_timeout
+
+    def ids(self) -> list[str]:
+        base = self.state_root / "sandboxes"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and _ID.match(p.name))
+
+    async def status(self, sandbox_id: str) -> SandboxView:
+        async with self._stub(sandbox_id) as stub:
+            r = await stub.status(ops_pb.StatusRequest(), timeout=self.status_timeout)
+        return SandboxView(
+            id=sandbox_id, shim_version=_clip(r.shim_version), agent_version=_clip(r.agent_version),
+            shim_pid=r.shim_pid, backend=_clip(r.backend), namespace=_clip(r.namespace),
+            containers=tuple(ContainerView(_clip(c.id), c.pid, _clip(c.status), len(c.exec_ids))
+                             for c in r.containers[:4096]),
+            state_schema=r.state_schema)
+
+    async def upgrade(self, sandbox_id: str, component: str, path: Path,
+                      to_version: str) -> Switched:
+        """One sandbox's shim or agent switches to *path*; the shim does it synchronously."""
+        async with self._stub(sandbox_id) as stub:
+            if component == "shim":
+                s = await stub.upgrade_shim(ops_pb.UpgradeShimRequest(str(path), to_version),
+                                            timeout=self.upgrade_timeout)
+                return Switched(s.from_version, s.to_version, s.new_shim_pid,
+                                f"freeze {s.freeze_ms:.0f} ms")
+            a = await stub.upgrade_agent(ops_pb.UpgradeAgentRequest(str(path), to_version),
+                                         timeout=self.upgrade_timeout)
+            if a.rolled_back:
+                raise Unavailable(f"sandbox {sandbox_id}: agent {to_version} failed and went back"
+                                  f" to {a.from_version}: {a.message}")
+            return Switched(a.from_version, a.to_version, 0, f"gap {a.gap_s * 1000:.0f} ms")
+
+    @asynccontextmanager
+    async def _stub(self, sandbox_id: str) -> AsyncIterator[ops_pb.ShimOpsStub]:
+        sock = SandboxDir.of(self.state_root, check_id(sandbox_id)).ops_socket
+        channel = Channel(path=str(sock))
+        try:
+            yield ops_pb.ShimOpsStub(channel)
+        except GRPCError as exc:
+            raise from_code(exc.status.value, f"sandbox {sandbox_id}: {exc.message}") from exc
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"sandbox {sandbox_id}: {sock} did not answer in time") from exc
+        except (OSError, StreamTerminatedError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise Unavailable(f"sandbox {sandbox_id}: {sock}: {why}") from exc
+        finally:
+            channel.close()
+
+
+async def scan(shims: Shims, ids: Iterable[str] | None = None
+               ) -> tuple[list[SandboxView], list[Unreachable]]:
+    """Status of every sandbox in *ids* (default: all), at most 16 calls at a time."""
+    wanted = list(shims.ids() if ids is None else ids)
+    limit = asyncio.Semaphore(_FANOUT)
+    found: dict[str, SandboxView | Unreachable] = {}
+
+    async def one(sid: str) -> None:
+        async with limit:
+            try:
+                found[sid] = await shims.status(sid)
+            except Exception as exc:  # every failure is a note, not a crash of the scan
+                found[sid] = Unreachable(sid, str(exc))
+
+    async with asyncio.TaskGroup() as tg:
+        for sid in wanted:
+            tg.create_task(one(sid))
+    views = [v for sid in wanted if isinstance(v := found[sid], SandboxView)]
+    dead = [v for sid in wanted if isinstance(v := found[sid], Unreachable)]
+    return views, dead

@@ -1,0 +1,78 @@
+"""Test-wide policy: environment markers skip loudly, and never skip in CI.
+
+* `requires_root`: the test needs euid 0.
+* `integration`: the test drives a real containerd with runc; needs root,
+  `containerd`, `ctr`, `runc`, `containerd-shim-runc-v2` and `/bin/busybox`
+  (apt: containerd runc busybox-static).  Any test that uses the
+  `containerd` fixture gets both markers automatically.
+
+When a prerequisite is missing the test is skipped with the reason in the
+skip message (shown by `-ra`).  With `CI=true` (or `1`/`yes`) it fails
+instead: in CI the environment is part of what is being tested, so a test
+must never pass by not running.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.containerd import missing_prerequisites
+from tests.images.busybox import BUSYBOX_PATH
+
+
+def in_ci() -> bool:
+    """Whether missing prerequisites must fail rather than skip (env CI=true)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _root() -> list[str]:
+    return [] if os.geteuid() == 0 else [f"needs root (euid is {os.geteuid()})"]
+
+
+def _integration() -> list[str]:
+    reasons = missing_prerequisites()
+    if not Path(BUSYBOX_PATH).exists():
+        reasons.append(f"{BUSYBOX_PATH} missing (apt-get install busybox-static)")
+    return reasons
+
+
+# marker name -> what is missing for it (empty: nothing)
+_CHECKS: dict[str, Callable[[], list[str]]] = {
+    "requires_root": _root,
+    "integration": _integration,
+}
+
+
+def require(marker: str) -> None:
+    """Skip (or, in CI, fail) the current test/fixture if `marker`'s prerequisites are missing."""
+    reasons = _CHECKS[marker]()
+    if not reasons:
+        return
+    what = "; ".join(reasons)
+    if in_ci():
+        pytest.fail(f"[{marker}] prerequisites missing in CI (CI=true, refusing to skip): {what}",
+                    pytrace=False)
+    pytest.skip(f"SKIPPED (environment) [{marker}]: {what}")
+
+
+@pytest.fixture(scope="session")
+def require_env() -> Callable[[str], None]:
+    """`require` for fixtures (conftest modules are not meant to be imported)."""
+    return require
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "containerd" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.requires_root)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in _CHECKS:
+        if item.get_closest_marker(marker) is not None:
+            require(marker)

@@ -1,0 +1,105 @@
+"""Fixtures for tests that drive a real, private containerd (see tests/containerd.py).
+
+* `containerd` (session): one private containerd for the whole run, with the
+  busybox image (`busybox` fixture / `BUSYBOX_REF`) already imported and a
+  `containerd-shim-keel-v2` wrapper in its PATH that runs this interpreter's
+  `-m shim` with the repo on PYTHONPATH; `KEEL_STATE_ROOT=<tmp>/keel`.  At the end every task and
+  container in the namespace is removed, containerd is stopped, and the run
+  fails if any process, mount or socket of it is left (those are then
+  killed/unmounted, so the host stays clean either way).
+* `container_ids` (function): hands out unique container ids and, after the
+  test, force-removes whatever of them is left and checks that nothing but
+  containerd itself remains (so it does not suit tests that share a
+  long-lived container across tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.containerd import Containerd, force_cleanup, install_shim_wrapper, leftovers
+from tests.images.busybox import BUSYBOX_REF, build_image, import_image
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_CACHE = Path(os.environ.get("KEEL_TEST_CACHE", "/var/tmp/keel-test-cache")) / "images"
+
+
+@pytest.fixture(scope="session")
+def containerd(require_env: Callable[[str], None]) -> Iterator[Containerd]:
+    require_env("integration")
+    tmp = Path(tempfile.mkdtemp(prefix="keel-ctd-", dir="/tmp"))
+    # Keel's sandbox state under the temp root too, so leftovers() sees it.
+    ctd = Containerd(tmp, env={"KEEL_STATE_ROOT": str(tmp / "keel")})
+    install_shim_wrapper(ctd.paths.bin_dir, sys.executable, env={"PYTHONPATH": str(REPO)})
+    ctd.start()
+    try:
+        import_image(ctd.ctr_prefix(), build_image(IMAGE_CACHE))
+        yield ctd
+    finally:
+        _teardown(ctd)
+
+
+def _teardown(ctd: Containerd) -> None:
+    problems = []
+    if ctd.pid is not None:
+        try:
+            ctd.remove_all()
+        except Exception as exc:  # report, but still stop and clean up
+            problems.append(f"remove_all: {exc}")
+    found = ctd.stop()
+    if found:
+        problems.append(f"left behind after containerd stopped:\n{found}")
+        force_cleanup(found)
+    tmp = ctd.paths.tmp_root
+    still = leftovers(tmp)
+    if still.mounts:  # never rmtree through a mount
+        problems.append(f"could not unmount; kept {tmp}:\n{still}")
+    elif not problems:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if problems:
+        pytest.fail("private containerd teardown:\n" + "\n".join(problems)
+                    + f"\n--- containerd log tail ({ctd.paths.log}) ---\n{ctd.log_tail()}",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def busybox(containerd: Containerd) -> str:
+    """The ref of the busybox image imported into `containerd`."""
+    return BUSYBOX_REF
+
+
+@pytest.fixture
+def container_ids(containerd: Containerd, request: pytest.FixtureRequest
+                  ) -> Iterator[Callable[[], str]]:
+    """A factory of fresh container ids; cleans them up and checks for leftovers after the test."""
+    base = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[-40:].strip("-")
+    counter = itertools.count(1)
+    issued: list[str] = []
+
+    def new_id() -> str:
+        cid = f"{base}-{os.getpid()}-{next(counter)}"
+        issued.append(cid)
+        return cid
+
+    yield new_id
+    stale = []
+    for cid in issued:
+        if containerd.ctr("tasks", "ls", "-q").stdout.split().count(cid):
+            stale.append(f"task {cid}")
+            containerd.ctr("tasks", "kill", "-a", "-s", "SIGKILL", cid)
+            containerd.ctr("tasks", "rm", "-f", cid)
+        if containerd.ctr("containers", "ls", "-q").stdout.split().count(cid):
+            stale.append(f"container {cid}")
+            containerd.ctr("containers", "rm", cid)
+    found = containerd.leftovers(grace=5.0)
+    assert not found, f"left behind by {request.node.name}:\n{found}"
+    assert not stale, f"{request.node.name} did not clean up: {stale}"

@@ -1,0 +1,108 @@
+"""Reference baseline: the stock `io.containerd.runc.v2` under the private containerd.
+
+These prove the fixture (private containerd, imported busybox image, ctr
+and pty helpers) and record what containerd + runc do, so the Keel shim's
+tests can be read against them: same commands, same expected results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.containerd import Containerd, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.requires_root]
+
+RUNC = "io.containerd.runc.v2"
+
+
+def _task(ctd: Containerd, cid: str) -> tuple[int, str] | None:
+    """(pid, status) of task `cid` from `ctr task ls`, or None if it is not listed."""
+    res = ctd.ctr("tasks", "ls")
+    assert res.returncode == 0, res.stderr
+    for line in res.stdout.splitlines()[1:]:  # header: TASK PID STATUS
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return int(fields[1]), fields[2]
+    return None
+
+
+def _status(ctd: Containerd, cid: str) -> str | None:
+    task = _task(ctd, cid)
+    return None if task is None else task[1]
+
+
+def _listed(ctd: Containerd, kind: str, cid: str) -> bool:
+    return cid in ctd.ctr(kind, "ls", "-q").stdout.split()
+
+
+def test_run_rm_output_and_exit_code(containerd: Containerd, busybox: str,
+                                     container_ids: Callable[[], str]) -> None:
+    cid = container_ids()
+    res = containerd.ctr("run", "--rm", "--runtime", RUNC, busybox, cid,
+                         "sh", "-c", "echo hi; echo err >&2; exit 3")
+    assert (res.returncode, res.stdout, res.stderr) == (3, "hi\n", "err\n")
+    assert not _listed(containerd, "tasks", cid)
+    assert not _listed(containerd, "containers", cid)
+
+
+def test_run_rm_stdin_reaches_the_process(containerd: Containerd, busybox: str,
+                                          container_ids: Callable[[], str]) -> None:
+    cid = container_ids()
+    # Fed once the task runs: ctr 1.6 loses stdin EOF that comes before the task exists.
+    res = containerd.ctr_feed("run", "--rm", "--runtime", RUNC, busybox, cid, "wc", "-l",
+                              input="one\ntwo\nthree\n",
+                              when=lambda: _status(containerd, cid) == "RUNNING")
+    assert (res.returncode, res.stdout.strip(), res.stderr) == (0, "3", "")
+
+
+def test_detached_exec_kill_delete(containerd: Containerd, busybox: str,
+                                   container_ids: Callable[[], str]) -> None:
+    cid = container_ids()
+    res = containerd.ctr("run", "-d", "--runtime", RUNC, busybox, cid, "sleep", "1000")
+    assert res.returncode == 0, res.stderr
+    task = _task(containerd, cid)
+    assert task is not None and task[0] > 0 and task[1] == "RUNNING", task
+
+    res = containerd.ctr("tasks", "exec", "--exec-id", "e1", cid,
+                         "sh", "-c", "echo from-exec; echo $$; exit 4")
+    assert res.returncode == 4, res.stderr
+    out = res.stdout.splitlines()
+    assert out[0] == "from-exec" and int(out[1]) > 1, res.stdout  # exec is not PID 1
+    assert len(containerd.ctr("tasks", "ps", cid).stdout.splitlines()) == 2  # header + init
+
+    res = containerd.ctr("tasks", "kill", "-s", "SIGKILL", cid)
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: _task(containerd, cid) == (task[0], "STOPPED"), 10, f"{cid} to stop")
+
+    res = containerd.ctr("tasks", "rm", cid)
+    # ctr task rm succeeds and only warns about the status (128 + SIGKILL).
+    assert (res.returncode, res.stdout) == (0, ""), res
+    assert "exit with non-zero exit code 137" in res.stderr, res.stderr
+    assert not _listed(containerd, "tasks", cid)
+    res = containerd.ctr("containers", "rm", cid)
+    assert res.returncode == 0, res.stderr
+    assert not _listed(containerd, "containers", cid)
+
+
+def test_run_tty(containerd: Containerd, busybox: str,
+                 container_ids: Callable[[], str]) -> None:
+    cid = container_ids()
+    res = containerd.ctr_pty("run", "--rm", "-t", "--runtime", RUNC, busybox, cid,
+                             "sh", "-c", "tty; echo tty-ok; exit 5", timeout=30)
+    # Both ptys translate "\n": the container's to "\r\n", ctr's (ours) once more.
+    # (No `stty size` here: ctr sends ResizePty only after Start, so it races.)
+    lines = res.output.replace("\r", "").splitlines()
+    assert res.returncode == 5, res.output
+    assert lines == ["/dev/pts/0", "tty-ok"], res.output
+
+
+def test_run_tty_interactive(containerd: Containerd, busybox: str,
+                             container_ids: Callable[[], str]) -> None:
+    cid = container_ids()
+    res = containerd.ctr_pty("run", "--rm", "-t", "--runtime", RUNC, busybox, cid, "sh",
+                             input="echo $((6*7)); exit 7\n", timeout=30)
+    assert res.returncode == 7, res.output
+    assert "42" in res.output.replace("\r", "").splitlines(), res.output

@@ -1,0 +1,314 @@
+"""Upgrade plan logic: batching, health gate, rollback, abort, persistence, resume.
+
+The sandboxes are an in-memory stand-in for the ShimOps edge (FakeShims,
+which keeps versions and containers like a shim would); releases and the
+plan file are real (ReleaseStore over a temp directory, StateStore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from opsd._discovery import ContainerView, SandboxView, Switched
+from opsd._manager import Manager
+from opsd._preflight import UpgradeRequest
+from opsd._rollout import Rollout, RolloutConfig, health_problem
+from opsd.state import Plan, PlanState, TargetState, make_plan, plan_store
+from upgrade.releases import AGENT_ENTRY, SHIM_ENTRY, Manifest, ReleaseStore, manifest_store
+
+FAST = RolloutConfig(gate_timeout_s=0.3, settle_timeout_s=0.3, poll_s=0.01)
+
+
+@dataclasses.dataclass
+class Box:
+    shim: str = "0.1.0"
+    agent: str = "0.1.0"
+    containers: dict[str, str] = dataclasses.field(default_factory=lambda: {"c1": "running"})
+    schema: int = 1
+    alive: bool = True
+
+
+class FakeShims:
+    """Sandboxes as a shim reports them; *hooks* inject faults per (id, component, version)."""
+
+    def __init__(self, boxes: dict[str, Box]) -> None:
+        self.boxes = boxes
+        self.calls: list[tuple[str, str, str]] = []
+        self.hooks: dict[tuple[str, str, str], Callable[[Box], None]] = {}
+
+    def ids(self) -> list[str]:
+        return sorted(self.boxes)
+
+    async def status(self, sandbox_id: str) -> SandboxView:
+        b = self.boxes[sandbox_id]
+        if not b.alive:
+            raise Unavailable(f"sandbox {sandbox_id}: connection refused")
+        return SandboxView(sandbox_id, b.shim, b.agent, 100, "process", "default",
+                           tuple(ContainerView(c, 1, s, 0) for c, s in b.containers.items()),
+                           b.schema)
+
+    async def upgrade(self, sandbox_id: str, component: str, path: Path,
+                      to_version: str) -> Switched:
+        self.calls.append((sandbox_id, component, to_version))
+        assert path.name == Path(SHIM_ENTRY if component == "shim" else AGENT_ENTRY).name
+        assert path.parent.parent.name == to_version
+        b = self.boxes[sandbox_id]
+        hook = self.hooks.get((sandbox_id, component, to_version))
+        if hook is not None:
+            hook(b)  # may raise (the shim refused: the old version keeps serving)
+        before = getattr(b, component)
+        setattr(b, component, to_version)
+        return Switched(before, to_version, 0, "test")
+
+
+def make_releases(root: Path, *versions: str, shim_schema: int = 1) -> ReleaseStore:
+    """Release directories with the layout ReleaseStore reads (no venv: shims are fakes)."""
+    for v in versions:
+        for entry in (SHIM_ENTRY, AGENT_ENTRY):
+            (root / v / entry).parent.mkdir(parents=True, exist_ok=True)
+            (root / v / entry).write_text("#!/bin/sh\n")
+        manifest_store(root / v).save(Manifest(v, 0.0, "test", shim_schema, 1))
+    return ReleaseStore(root)
+
+
+def run_plan(plan: Plan, shims: FakeShims, releases: ReleaseStore, store_dir: Path,
+             during: Callable[[Rollout, Plan], None] = lambda r, p: None) -> Plan:
+    store = plan_store(store_dir)
+    holder: list[Rollout] = []
+
+    def save(p: Plan) -> None:
+        store.save(p)
+        if holder:
+            during(holder[0], p)
+
+    rollout = Rollout(plan, shims=shims, releases=releases, save=save, event=lambda line: None,
+                      config=FAST)
+    holder.append(rollout)
+    return asyncio.run(rollout.run())
+
+
+def fleet(n: int) -> FakeShims:
+    return FakeShims({f"sb{i}": Box() for i in range(n)})
+
+
+def plan_for(shims: FakeShims, batch: int = 2, pause: float = 0.0,
+             comps: tuple[str, ...] = ("shim", "agent")) -> Plan:
+    return make_plan("p1", "0.2.0", comps, batch, pause,
+                     [(s, b.shim, b.agent) for s, b in sorted(shims.boxes.items())])
+
+
+def test_batching_splits_in_order() -> None:
+    plan = plan_for(fleet(5), batch=2)
+    assert [t.batch for t in plan.targets] == [0, 0, 1, 1, 2]
+    assert plan.batches == 3 and plan.components == ("shim", "agent")
+    with pytest.raises(ValueError):
+        make_plan("p", "0.2.0", ("shim",), 0, 0, [])
+
+
+def test_illegal_transitions_name_the_state() -> None:
+    plan = plan_for(fleet(1))
+    with pytest.raises(FailedPrecondition, match="pending; it cannot become healthy"):
+        plan.targets[0].moved(TargetState.HEALTHY)
+    with pytest.raises(FailedPrecondition, match="running; it cannot become rolled-back"):
+        plan.moved(PlanState.ROLLED_BACK)
+
+
+def test_plan_round_trips_through_the_store(tmp_path: Path) -> None:
+    plan = plan_for(fleet(3)).changed(pause_until=12.5, abort_requested=True)
+    t = plan.targets[1].moved(TargetState.UPGRADING, "x", running=("a", "b"))
+    plan = plan.with_target(t)
+    store = plan_store(tmp_path / "state")
+    store.save(plan)
+    assert store.load() == plan
+    doc = json.loads((tmp_path / "state/plan.json").read_text())
+    assert doc["schema_version"] == 1 and doc["kind"] == "keel.opsd.plan"
+
+
+def test_success_upgrades_every_sandbox_shim_first(tmp_path: Path) -> None:
+    shims = fleet(3)
+    releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
+    final = run_plan(plan_for(shims), shims, releases, tmp_path / "st")
+    assert final.state is PlanState.SUCCEEDED, final.message
+    assert all((b.shim, b.agent) == ("0.2.0", "0.2.0") for b in shims.boxes.values())
+    assert [c[1] for c in shims.calls if c[0] == "sb0"] == ["shim", "agent"]
+    assert plan_store(tmp_path / "st").load() == final
+    assert {t.state for t in final.targets} == {TargetState.HEALTHY}
+
+
+def test_only_selected_component_moves(tmp_path: Path) -> None:
+    shims = fleet(2)
+    releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
+    final = run_plan(plan_for(shims, comps=("agent",)), shims, releases, tmp_path / "st")
+    assert final.state is PlanState.SUCCEEDED
+    assert all((b.shim, b.agent) == ("0.1.0", "0.2.0") for b in shims.boxes.values())
+
+
+def test_failed_upgrade_rolls_back_its_batch_only(tmp_path: Path) -> None:
+    shims = fleet(5)
+
+    def refuse(b: Box) -> None:
+        raise FailedPrecondition("new agent cannot start")
+
+    shims.hooks[("sb3", "agent", "0.2.0")] = refuse
+    releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
+    final = run_plan(plan_for(shims, batch=2), shims, releases, tmp_path / "st")
+    assert final.state is PlanState.ROLLED_BACK
+    assert "new agent cannot start" in final.message
+    b = shims.boxes
+    assert (b["sb0"].shim, b["sb1"].agent) == ("0.2.0", "0.2.0")  # batch 1 stays upgraded
+    assert all((b[s].shim, b[s].agent) == ("0.1.0", "0.1.0") for s in ("sb2", "sb3", "sb4"))
+    assert not [c for c in shims.calls if c[0] == "sb4"]  # batch 3 never touched
+    states = {t.sandbox_id: t.state for t in final.targets}
+    assert states["sb2"] is states["sb3"] is TargetState.ROLLED_BACK
+    assert states["sb4"] is TargetState.PENDING
+
+
+def test_gate_catches_a_lost_container_and_rolls_back(tmp_path: Path) -> None:
+    shims = fleet(2)
+    shims.hooks[("sb1", "agent", "0.2.0")] = lambda b: b.containers.update(c1="stopped")
+    releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
+    final = run_plan(plan_for(shims, batch=2), shims, releases, tmp_path / "st")
+    assert final.state is PlanState.ROLLED_BACK
+    sb1 = final.target("sb1")
+    assert "containers no longer running: c1" in sb1.message
+    assert all((b.shim, b.agent) == ("0.1.0", "0.1.0") for b in shims.boxes.values())
+    assert [c for c in shims.calls if c[0] == "sb0"][-2:] == [("sb0", "agent", "0.1.0"),
+                                                              ("sb0", "shim", "0.1.0")]
+
+
+def test_failed_rollback_fails_the_plan(tmp_path: Path) -> None:
+    shims = fleet(1)
+
+    def refuse(b: Box) -> None:
+        raise FailedPrecondition("no")
+
+    shims.hooks[("sb0", "agent", "0.2.0")] = refuse
+    shims.hooks[("sb0", "shim", "0.1.0")] = refuse
+    releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
+    final = run_plan(plan_for(shims), shims, releases, tmp_path / "st")
+    assert final.state is PlanState.FAILED
+    assert final.targets[0].state is TargetState.ROLLBACK_FAILED
+    assert "rollback failed" in final.targets[0].message
+
+
+def test_abort_during_pause_leaves_later_batches(tmp_path: Path) -> None:
+    shims = fleet(4)
+    releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
+
+    def abort_when_paused(rollout: Rollout, p: Plan) -> None:
+        if p.pause_until is not None and not p.abort_requested:
+            rollout.request_abort()
+
+    final = run_plan(plan_for(shims, batch=2, pause=3600), shims, releases, tmp_path / "st",
+                     during=abort_when_paused)
+    assert final.state is PlanState.ABORTED
+    assert [t.state for t in final.targets] == [TargetState.HEALTHY] * 2 + [TargetState.PENDING] * 2
+    assert shims.boxes["sb3"].shim == "0.1.0"
+
+
+def test_resume_mid_batch_reconciles_instead_of_repeating(tmp_path: Path) -> None:
+    shims = fleet(2)
+    releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
+    plan = plan_for(shims, batch=2)
+    # As persisted by an opsd killed while sb0's shim switch was in flight (and done).
+    plan = plan.with_target(plan.target("sb0").moved(TargetState.UPGRADING, running=("c1",)))
+    shims.boxes["sb0"].shim = "0.2.0"
+    store = plan_store(tmp_path / "st")
+    store.save(plan)
+    resumed = store.load()
+    assert resumed is not None
+    final = run_plan(resumed, shims, releases, tmp_path / "st")
+    assert final.state is PlanState.SUCCEEDED
+    assert ("sb0", "shim", "0.2.0") not in shims.calls
+    assert ("sb0", "agent", "0.2.0") in shims.calls
+
+
+def test_health_problem_checks_versions_then_containers() -> None:
+    view = SandboxView("s", "0.2.0", "0.1.0", 1, "process", "ns",
+                       (ContainerView("a", 1, "running", 0), ContainerView("b", 2, "stopped", 0)),
+                       1)
+    assert health_problem({"shim": "0.2.0", "agent": "0.1.0"}, ("a",), view) is None
+    assert "agent reports '0.1.0'" in str(health_problem({"shim": "0.2.0", "agent": "0.2.0"},
+                                                         (), view))
+    assert health_problem({"shim": "0.2.0"}, ("a", "b"), view) == (
+        "containers no longer running: b")
+
+
+def _manager(tmp_path: Path, shims: FakeShims, *versions: str, schema: int = 1) -> Manager:
+    releases = make_releases(tmp_path / "rel", *versions, shim_schema=schema)
+    m = Manager(store=plan_store(tmp_path / "st"), releases=releases, shims=shims, config=FAST)
+    m.load()
+    return m
+
+
+@pytest.mark.parametrize("req, error, text", [
+    (UpgradeRequest("latest!"), InvalidArgument, "not a Keel version"),
+    (UpgradeRequest("0.3.0"), NotFound, "release 0.3.0 is not installed"),
+    (UpgradeRequest("0.2.0", sandbox_ids=("nope",)), NotFound, "no sandbox nope"),
+    (UpgradeRequest("1.0.0"), FailedPrecondition, "changes the major version"),
+    (UpgradeRequest("0.2.0", components=("kernel",)), InvalidArgument, "unknown component"),
+    (UpgradeRequest("0.2.0", batch_size=0), InvalidArgument, "batch size"),
+])
+def test_refusals_touch_nothing(tmp_path: Path, req: UpgradeRequest, error: type[Exception],
+                                text: str) -> None:
+    shims = fleet(2)
+    m = _manager(tmp_path, shims, "0.1.0", "0.2.0", "1.0.0")
+    with pytest.raises(error, match=text):
+        asyncio.run(m.start(req))
+    assert shims.calls == [] and plan_store(tmp_path / "st").load() is None
+
+
+def test_unreadable_plan_file_disables_upgrades_and_is_kept(tmp_path: Path) -> None:
+    shims = fleet(1)
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st/plan.json").write_text('{"schema_version": 9, "kind": "keel.opsd.plan"}')
+    m = _manager(tmp_path, shims, "0.1.0", "0.2.0")
+    with pytest.raises(FailedPrecondition, match="upgrades are disabled: .*schema_version 9"):
+        asyncio.run(m.start(UpgradeRequest("0.2.0")))
+    assert json.loads((tmp_path / "st/plan.json").read_text())["schema_version"] == 9
+    assert shims.calls == []
+
+
+def test_newer_state_schema_and_missing_rollback_release_are_refused(tmp_path: Path) -> None:
+    shims = fleet(1)
+    shims.boxes["sb0"].schema = 2
+    shims.boxes["sb0"].agent = "0.1.1"  # its release is not installed: no way back
+    m = _manager(tmp_path, shims, "0.1.0", "0.2.0", schema=1)
+    with pytest.raises(FailedPrecondition) as err:
+        asyncio.run(m.start(UpgradeRequest("0.2.0")))
+    assert "incompatible state schema" in str(err.value)
+    assert "0.1.1, whose release is not installed" in str(err.value)
+    assert shims.calls == []
+
+
+def test_dry_run_and_second_upgrade(tmp_path: Path) -> None:
+    shims = fleet(3)
+    shims.boxes["sb2"].alive = False
+    m = _manager(tmp_path, shims, "0.1.0", "0.2.0")
+
+    async def scenario() -> None:
+        plan, notes = await m.start(UpgradeRequest("0.2.0", dry_run=True))
+        assert [t.sandbox_id for t in plan.targets] == ["sb0", "sb1"]
+        assert any("skipped sb2" in n for n in notes)
+        assert shims.calls == [] and m.plan is None
+        runner = asyncio.create_task(m.run())
+        try:
+            plan, _ = await m.start(UpgradeRequest("0.2.0", pause_s=3600))
+            with pytest.raises(FailedPrecondition, match=f"upgrade {plan.id} to 0.2.0 is running"):
+                await m.start(UpgradeRequest("0.2.0"))
+            m.abort()
+            async for p, _lines in m.watch(plan.id):
+                last = p
+            assert last.state is PlanState.ABORTED
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    asyncio.run(scenario())

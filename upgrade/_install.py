@@ -1,0 +1,134 @@
+"""The mechanics of installing a release (used by :mod:`upgrade.releases`).
+
+Kept apart because it shells out: pip builds a wheel (which names the
+version before anything is written under the releases root), ``venv``
+makes the release's interpreter, pip installs the wheel into it, and a
+probe run by the new interpreter reports what the release really is.
+
+Virtualenvs are not relocatable: pip writes the venv's absolute path into
+the ``#!`` line of every ``bin/`` script.  The release is built under a
+temporary name and renamed into place, so :func:`relocate` rewrites those
+paths first (the same thing ``virtualenv --relocatable`` used to do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from agent.errors import FailedPrecondition, InvalidArgument
+
+Progress = Callable[[str], None]
+
+#: Not copied out of a source directory: VCS data, virtualenvs, caches and
+#: build debris (pip builds in-tree; the caller's checkout stays untouched).
+_SKIP = shutil.ignore_patterns(".git", ".venv", "venv*", "__pycache__", "*.egg-info", "build",
+                               "dist", ".mypy_cache", ".pytest_cache", ".ruff_cache",
+                               ".hypothesis", "*.pyc")
+
+_PROBE = """
+import json, importlib.metadata as m
+out = {"version": m.version("keel")}
+try:
+    import agent.state, shim.state
+    out["shim_state"], out["agent_state"] = shim.state.SCHEMA_VERSION, agent.state.SCHEMA_VERSION
+except Exception as exc:  # --no-deps: the release cannot import its dependencies
+    out["error"] = repr(exc)
+print(json.dumps(out))
+"""
+
+
+@contextlib.contextmanager
+def workdir(root: Path) -> Iterator[Path]:
+    """A scratch directory under *root* (dot-named: never listed), removed after."""
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=root) as tmp:
+        yield Path(tmp)
+
+
+def wheel_of(source: Path, work: Path, build_isolation: bool, progress: Progress) -> Path:
+    """*source* itself if it is a wheel, else a wheel pip builds from it into *work*."""
+    if source.is_file() and source.suffix == ".whl":
+        wheel_version(source)
+        return source
+    if source.is_dir():
+        if not ((source / "pyproject.toml").exists() or (source / "setup.py").exists()):
+            raise InvalidArgument(f"{source} is not a Python project (no pyproject.toml)")
+        progress(f"copying {source} (without VCS, venv and cache directories)")
+        tree = work / "src"
+        shutil.copytree(source, tree, ignore=_SKIP, symlinks=True)
+    elif source.is_file() and (source.name.endswith((".tar.gz", ".zip"))):
+        tree = source
+    elif not source.exists():
+        raise InvalidArgument(f"{source} does not exist")
+    else:
+        raise InvalidArgument(f"{source}: expected a wheel (.whl), an sdist (.tar.gz)"
+                              f" or a directory")
+    progress(f"building a wheel from {source.name}")
+    out = work / "wheels"
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-input",
+         "--disable-pip-version-check", *([] if build_isolation else ["--no-build-isolation"]),
+         "-w", str(out), str(tree)])
+    wheels = sorted(out.glob("*.whl"))
+    if len(wheels) != 1:
+        raise FailedPrecondition(f"building {source} gave {len(wheels)} wheels, expected 1")
+    return wheels[0]
+
+
+def wheel_version(wheel: Path) -> str:
+    """The version in a wheel's file name (PEP 427); InvalidArgument unless it is keel."""
+    parts = wheel.name[: -len(".whl")].split("-")
+    if len(parts) not in (5, 6):
+        raise InvalidArgument(f"{wheel.name} is not a wheel file name")
+    if re.sub(r"[-_.]+", "_", parts[0]).lower() != "keel":
+        raise InvalidArgument(f"{wheel.name} is not a Keel package (it is {parts[0]!r})")
+    return parts[1]
+
+
+def run(argv: list[str]) -> None:
+    """Run *argv*; FailedPrecondition with its last output lines if it fails.
+
+    PYTHONPATH and PYTHONHOME are dropped: what is installed must not
+    depend on the caller's source tree.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, check=False, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join("  | " + line for line in proc.stdout.splitlines()[-15:])
+        raise FailedPrecondition(f"{Path(argv[0]).name} {' '.join(argv[1:4])} ... failed"
+                                 f" (exit {proc.returncode}):\n{tail}")
+
+
+def probe(python: Path, progress: Progress) -> dict[str, Any]:
+    """Ask the new release's interpreter for its version and state schemas."""
+    proc = subprocess.run([str(python), "-I", "-c", _PROBE], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, check=False)
+    try:
+        facts: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError) as exc:
+        raise FailedPrecondition(f"the new release does not run: {proc.stderr[-500:]}") from exc
+    if "error" in facts:
+        progress(f"warning: the release cannot import its modules ({facts['error']});"
+                 f" its entry points will not run until its dependencies are installed")
+    return facts
+
+
+def relocate(stage: Path, final: Path) -> None:
+    """Rewrite *stage*'s absolute path to *final* in bin/ scripts and pyvenv.cfg."""
+    old, new = str(stage).encode(), str(final).encode()
+    files = [p for p in (stage / "bin").iterdir() if p.is_file() and not p.is_symlink()]
+    for path in [*files, stage / "pyvenv.cfg"]:
+        data = path.read_bytes()
+        if old in data and b"\0" not in data:
+            mode = path.stat().st_mode
+            path.write_bytes(data.replace(old, new))
+            path.chmod(mode)
