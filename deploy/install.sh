@@ -29,7 +29,11 @@ step "installing Debian packages"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq containerd runc busybox-static libsystemd-dev pkg-config gcc \
-    iproute2 util-linux python3-venv python3-dev >/dev/null
+    iproute2 util-linux >/dev/null
+# A Debian python3 needs these for the release venv (systemd-python compiles).
+python3 -c 'import ensurepip, venv' 2>/dev/null || apt-get install -y -qq python3-venv >/dev/null
+python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+    || apt-get install -y -qq python3-dev >/dev/null
 
 version=$(python3 -c 'import tomllib,sys; print(tomllib.load(open(sys.argv[1],"rb"))["project"]["version"])' "$here/pyproject.toml")
 dest=$releases/$version
@@ -48,6 +52,17 @@ if [ $containerd = 1 ]; then
     mkdir -p /etc/containerd
     if [ ! -s /etc/containerd/config.toml ]; then
         containerd config default > /etc/containerd/config.toml
+    fi
+    # Declaring any runtime under CRI replaces its implicit runc entry, and CRI
+    # then fails to load ("no corresponding runtime configured ... runc"):
+    # declare runc explicitly when the file does not.
+    if ! grep -q 'runtimes.runc\]' /etc/containerd/config.toml; then
+        cat >> /etc/containerd/config.toml <<'TOML'
+
+# Added by Keel's install.sh: the default runc handler, kept explicit.
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+TOML
     fi
     if ! grep -q 'runtimes.keel\]' /etc/containerd/config.toml; then
         cat >> /etc/containerd/config.toml <<'TOML'
@@ -69,12 +84,23 @@ TOML
     fi
 fi
 
+if [ -d /run/systemd/system ]; then
+    step "installing the opsd unit (keel-opsd.service)"
+    install -m 0644 "$here/deploy/systemd/keel-opsd.service" /etc/systemd/system/
+    systemctl daemon-reload
+    systemctl enable --now keel-opsd.service
+else
+    step "no systemd here: start opsd by hand if you need live upgrades (see deploy/systemd/keel-opsd.service)"
+fi
+
 if [ $demo = 1 ]; then
     step "building a busybox image from Debian's busybox-static"
-    tar=$("$dest/bin/python" "$here/tests/images/busybox.py" /var/lib/keel/images)
-    ctr images import --no-unpack=false "$tar" >/dev/null
+    tar=$(cd "$here" && "$dest/bin/python" -m tests.images.busybox /var/lib/keel/images)
+    ref=localhost/keel/busybox:test
+    ctr images import "$tar" >/dev/null
+    ctr images ls -q | grep -qx "$ref" || { echo "image import did not produce $ref" >&2; exit 1; }
     step "running a demo pod under Keel"
-    ctr run --rm --runtime io.containerd.keel.v2 localhost/keel/busybox:latest keel-demo-$$ \
+    ctr run --rm --runtime io.containerd.keel.v2 "$ref" "keel-demo-$$" \
         sh -c 'echo "hello from a keel sandbox: hostname $(hostname), pid $$"'
 fi
 step "done: containerd runs pods with --runtime io.containerd.keel.v2"
