@@ -1,8 +1,9 @@
 """Listening sockets of the agent's channels, and the gRPC servers on them.
 
 A channel listens on a unix socket path (process backend, tests), a vsock
-port (VMs with vhost-vsock) or an inherited listening socket (``fd``: what
-an in-place upgrade hands to the new image).  Each channel gets its own
+port (VMs with vhost-vsock), a virtio-serial port, or an inherited
+listening socket or serial port (``fd``, ``serial-fd``: what an in-place
+upgrade hands to the new image).  Each channel gets its own
 ``grpclib.server.Server`` started on that socket.
 """
 
@@ -66,6 +67,10 @@ def open_listener(listen: Listen) -> socket.socket:
         from agent._serial import serial_listener
 
         return serial_listener(listen.channel, listen.address, BACKLOG)
+    if listen.kind == "serial-fd":  # the port an in-place upgrade handed over
+        from agent._serial import inherited_serial_listener
+
+        return inherited_serial_listener(listen.channel, int(listen.address), BACKLOG)
     try:
         if listen.kind == "unix":
             sock = _unix(Path(listen.address))

@@ -138,8 +138,9 @@ class _Builder:
         self._blob = blob
         self._fds = fds
         self._limit = config.output_buffer_bytes
+        # Listeners and serial ports are the channels' (agent/_channels.py opens them).
         self._unadopted = {role: fd for role, fd in st.fds.items()
-                           if not role.startswith("listener:")}
+                           if not role.startswith(("listener:", "serial:"))}
         self._streams = {(s.container_id, s.exec_id, s.stream): s for s in st.handover.streams}
         self.io: list[_PendingIO] = []
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 from collections.abc import Callable
@@ -25,8 +26,25 @@ from agent.errors import InvalidArgument
 
 log = logging.getLogger("keel.agent.output")
 
-#: Largest read from a pipe at once.
-READ_CHUNK = 64 * 1024
+#: fcntl.F_SETPIPE_SZ (Linux; the constant is missing from older Pythons).
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+#: Largest read from a pipe at once: a busy loop comes back to a full pipe
+#: (see PIPE_BYTES), and one big read costs far less than many small ones.
+READ_CHUNK = 1 << 20
+#: Kernel buffer asked for the output pipes (F_SETPIPE_SZ; best effort): a
+#: writer keeps writing while the loop serves a ReadOutput, and each wake-up
+#: then moves more bytes.
+PIPE_BYTES = 1 << 20
+
+
+def enlarge_pipe(fd: int) -> None:
+    """Ask for a PIPE_BYTES kernel buffer on *fd*; keeps the default when refused
+    (a pty, or a limit below PIPE_BYTES: /proc/sys/fs/pipe-max-size)."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass
 
 
 class OutputBuffer:
@@ -101,7 +119,8 @@ class OutputBuffer:
         """
         self._check(offset)
         self.ack(offset)
-        chunk = bytes(self._data[:max_bytes])
+        with memoryview(self._data) as view, view[:max_bytes] as part:
+            chunk = bytes(part)  # one copy; the views are gone before the next resize
         return chunk, self._eof and offset + len(chunk) == self.end
 
     def _check(self, offset: int) -> None:

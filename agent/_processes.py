@@ -17,7 +17,7 @@ from pathlib import Path
 
 from agent import state
 from agent._fds import FdTable
-from agent._output import OutputBuffer, OutputPump
+from agent._output import OutputBuffer, OutputPump, enlarge_pipe
 from agent._stdin import StdinWriter
 from agent.errors import FailedPrecondition, NotFound
 
@@ -214,8 +214,10 @@ class ChildPipes:
                 ins, self.stdin_w = self._pipe(f"stdin:{name}")
             if stdio.stdout:
                 self.stdout_r, outs = self._pipe(f"stdout:{name}")
+                enlarge_pipe(outs)
             if stdio.stderr:
                 self.stderr_r, errs = self._pipe(f"stderr:{name}")
+                enlarge_pipe(errs)
         self._child_fds: tuple[int, int, int] | tuple[()] = (ins, outs, errs)
 
     def _own(self, fd: int, role: str) -> int:

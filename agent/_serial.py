@@ -25,6 +25,17 @@ The port's traps (research/qemu.md section 6) shape the bridge:
 
 Buffers are bounded in both directions: when one is full the bridge stops
 reading the other side, it never drops a session's bytes.
+
+In-place upgrade (agent/_upgrade.py): the port fd survives the execve
+(``--listen-fd CHANNEL=serial:FD``), the session does not (its socket is
+close-on-exec and the bridge lives in this image's memory).  Before the
+exec the old image waits until its bridges are *quiet* and flushes them
+(:meth:`Bridge.flush_nowait`), so the host has every byte of the old
+session up to a frame boundary.  The host sees no EOF (the port stays
+open), so the new image's bridge ends the host's session for it: if a host
+is connected it writes an HTTP/2 GOAWAY frame, the host's connection
+closes and it redials with a fresh preface, which starts a session on the
+new image.  Until then host bytes are leftovers and dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import select
 import shutil
 import socket
 import tempfile
+import time
 import tty
 from pathlib import Path
 
@@ -47,6 +59,9 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: Bytes buffered per direction before the bridge stops reading the source.
 BUFFER_LIMIT = 1 << 20
 _READ = 65536
+#: HTTP/2 GOAWAY (RFC 9113, 6.8): last stream 0, NO_ERROR.  What a resumed
+#: bridge tells a host still attached to the previous image's session.
+GOAWAY = b"\x00\x00\x08\x07\x00" + bytes(4) + bytes(4) + bytes(4)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,7 +89,7 @@ def find_port(name: str) -> str:
     raise FileNotFoundError(f"no virtio-serial port named {name!r}")
 
 
-class _Bridge:
+class Bridge:
     """Relays one port to per-session connections to *target* (callback driven)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, port_fd: int, target: str) -> None:
@@ -93,8 +108,61 @@ class _Bridge:
         loop.add_reader(self._ep.fileno(), self._on_port)
         loop.call_soon(self._pump)
 
+    @property
+    def port_fd(self) -> int:
+        return self._fd
+
     def statistics(self) -> SerialStatistics:
         return SerialStatistics(**self._stats)
+
+    def host_connected(self) -> bool:
+        """Whether a host client holds the port now (a port without one polls POLLHUP)."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        return not any(ev & select.POLLHUP for _fd, ev in poller.poll(0))
+
+    def end_host_session_nowait(self) -> bool:
+        """A resumed bridge: make a host still attached to the previous image's
+        session drop it (GOAWAY) and redial.  True if a host was connected."""
+        if not self.host_connected():
+            return False
+        self._to_host += GOAWAY
+        self._pump()
+        return True
+
+    def quiet(self) -> bool:
+        """Nothing waits to go to the host: the session socket is drained and so is the buffer."""
+        if self._to_host:
+            return False
+        sess = self._sess
+        return sess is None or not select.select([sess], [], [], 0)[0]
+
+    def flush_nowait(self, timeout: float) -> bool:
+        """Synchronously move what the session has written to the port (the
+        last thing before an execve); True if everything went out in *timeout*."""
+        end = time.monotonic() + timeout
+        while True:
+            more = self._sess is not None and self._recv_session_nowait()
+            self._writable = True
+            self._write_port()
+            if not more and not self._to_host:
+                return True
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            if not more:
+                select.select([], [self._fd], [], min(left, 0.01))
+
+    def _recv_session_nowait(self) -> bool:
+        assert self._sess is not None
+        if len(self._to_host) >= BUFFER_LIMIT:
+            return True
+        try:
+            data = self._sess.recv(_READ)
+        except (BlockingIOError, OSError):
+            return False
+        self._to_host += data
+        return bool(data)
 
     def _on_port(self) -> None:
         for _fd, ev in self._ep.poll(0):
@@ -229,6 +297,9 @@ class _Bridge:
     def close(self) -> None:
         if self._fd < 0:
             return
+        for channel, bridge in list(_BRIDGES.items()):
+            if bridge is self:
+                del _BRIDGES[channel]
         self._end_session("channel closed")
         self._loop.remove_reader(self._ep.fileno())
         self._ep.close()
@@ -236,10 +307,19 @@ class _Bridge:
         self._fd = -1
 
 
+#: The live bridge of each serial channel of this process (a port opens once).
+_BRIDGES: dict[str, Bridge] = {}
+
+
+def bridges() -> dict[str, Bridge]:
+    """Channel -> bridge, for the channels served on virtio-serial ports now."""
+    return dict(_BRIDGES)
+
+
 class SerialListener(socket.socket):
     """The listening socket of a serial channel; closing it stops the bridge."""
 
-    bridge: _Bridge | None = None
+    bridge: Bridge | None = None
     workdir: str | None = None
 
     def close(self) -> None:
@@ -258,7 +338,6 @@ def serial_listener(channel: str, port: str, backlog: int = 16) -> SerialListene
     Must run inside the agent's event loop (the bridge lives there).
     Raises OSError naming the port (missing, busy: a port opens once).
     """
-    loop = asyncio.get_running_loop()
     try:
         path = find_port(port)
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -266,6 +345,51 @@ def serial_listener(channel: str, port: str, backlog: int = 16) -> SerialListene
         raise OSError(exc.errno, f"channel {channel}: serial port {port}: {exc.strerror or exc}") from exc
     if os.isatty(fd):  # a pty or ttyS stand-in: bytes must pass untouched
         tty.setraw(fd)
+    sock = _listen_on(channel, fd, backlog)
+    log.info("channel %s: serial port %s (%s)", channel, port, path)
+    return sock
+
+
+def inherited_serial_listener(channel: str, fd: int, backlog: int = 16) -> SerialListener:
+    """The port an in-place upgrade handed over as fd *fd*: a new bridge on it,
+    and the previous image's host session ended (see the module docstring)."""
+    try:
+        os.fstat(fd)
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+    except OSError as exc:
+        raise OSError(exc.errno, f"channel {channel}: inherited serial port fd {fd}: "
+                                 f"{exc.strerror or exc}") from exc
+    _remove_stale_workdirs(channel)
+    sock = _listen_on(channel, fd, backlog)
+    assert sock.bridge is not None
+    told = sock.bridge.end_host_session_nowait()
+    log.info("channel %s: inherited serial port (fd %d)%s", channel, fd,
+             "; told the host to redial" if told else "")
+    return sock
+
+
+def _remove_stale_workdirs(channel: str) -> None:
+    """Remove the bridge directories of *channel* that an earlier image of this
+    process left (its listener died with the execve): nobody listens on them."""
+    for workdir in Path(tempfile.gettempdir()).glob(f"keel-{channel}-*"):
+        try:
+            st = workdir.lstat()
+            if not workdir.is_dir() or workdir.is_symlink() or st.st_uid != os.getuid():
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+                probe.settimeout(0.5)
+                probe.connect(str(workdir / "s"))
+            continue  # someone listens: not ours to remove
+        except ConnectionRefusedError:
+            log.debug("removing %s, left by the previous agent image", workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _listen_on(channel: str, fd: int, backlog: int) -> SerialListener:
+    loop = asyncio.get_running_loop()
     workdir = tempfile.mkdtemp(prefix=f"keel-{channel}-")
     sock = SerialListener(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.workdir = workdir
@@ -273,10 +397,9 @@ def serial_listener(channel: str, port: str, backlog: int = 16) -> SerialListene
         target = os.path.join(workdir, "s")
         sock.bind(target)
         sock.listen(backlog)
-        sock.bridge = _Bridge(loop, fd, target)
+        sock.bridge = _BRIDGES[channel] = Bridge(loop, fd, target)
     except BaseException:
         os.close(fd)
         sock.close()
         raise
-    log.info("channel %s: serial port %s (%s)", channel, port, path)
     return sock

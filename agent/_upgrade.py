@@ -1,11 +1,14 @@
 """OpsService.UpgradeAgent, the old image's half: check, answer, drain, execve.
 
 1. :meth:`Upgrader.prepare` (in the RPC): the path must be an absolute,
-   executable file, no other upgrade may be running, and the release must
-   pass a *preflight*: ``AGENT_PATH --preflight --state-dir DIR`` (a child
-   process) imports all of the new release and reads the state file, then
-   prints its version.  Anything wrong is FAILED_PRECONDITION and nothing
-   changed.  The RPC is answered (``message="exec"``) and flushed to the
+   executable file, or a release *directory* (a tree holding the ``agent``
+   package, as the VM image installs releases under ``/opt/keel``: it runs
+   on this interpreter, with the same options, that tree first on
+   ``PYTHONPATH`` instead of this one's); no other upgrade may be running,
+   and the release must pass a *preflight*: ``AGENT_PATH --preflight
+   --state-dir DIR`` (a child process) imports all of the new release and
+   reads the state file, then prints its version.  Anything wrong is
+   FAILED_PRECONDITION and nothing changed.  The RPC is answered (``message="exec"``) and flushed to the
    socket: after the exec nobody could answer it.
 2. :meth:`Upgrader.start`: *freeze* (new lifecycle calls, Hello and Health
    wait at the gate; reads, writes and waits go on) and let in-flight
@@ -15,8 +18,10 @@
    (agent/_handover.py) and the state, write ``upgrade.json`` (how to go
    back), clear FD_CLOEXEC on every fd in the table and ``execve`` the new
    release with the same options, ``--listen-fd`` for the listeners and
-   ``--resume``.  Connections are close-on-exec: every caller sees its
-   connection drop and retries on the new image.
+   ``--resume``.  A virtio-serial channel hands over its port, not its
+   bridge's listener (``--listen-fd CHANNEL=serial:FD``), after the bridge
+   was flushed (agent/_serial.py).  Connections are close-on-exec: every
+   caller sees its connection drop and retries on the new image.
 4. If execve fails, or the drain does not finish in time, everything is
    thawed and this image keeps serving (the caller sees the old version in
    Health).
@@ -37,7 +42,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from agent import _handover, state
 from agent._core import AgentCore
@@ -47,10 +52,15 @@ from agent._reaper import Reaper
 from agent.config import CHANNELS, AgentConfig, Listen
 from agent.errors import FailedPrecondition, InvalidArgument
 
+if TYPE_CHECKING:
+    from agent import _serial
+
 log = logging.getLogger("keel.agent.upgrade")
 
 #: Seconds the new release's preflight may take.
 PREFLIGHT_TIMEOUT_S = 30.0
+#: Seconds the serial bridges may take to hand the host what the sessions wrote.
+SERIAL_FLUSH_TIMEOUT_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,6 +77,11 @@ def _check_path(agent_path: str) -> str:
     path = Path(agent_path)
     if not path.is_absolute():
         raise FailedPrecondition(f"agent_path {agent_path!r} is not an absolute path")
+    if path.is_dir():
+        if not (path / "agent" / "__init__.py").is_file():
+            raise FailedPrecondition(f"agent_path {agent_path} is a directory without an "
+                                     f"agent package")
+        return agent_path
     if not path.is_file():
         raise FailedPrecondition(f"agent_path {agent_path} does not exist or is not a file")
     if not os.access(path, os.X_OK):
@@ -81,6 +96,23 @@ def current_launch(argv: list[str]) -> state.Launch:
     if len(prefix) < 2:
         prefix = [sys.executable, "-m", "agent"]
     return state.Launch(sys.executable, (sys.executable, *prefix[1:], *argv), dict(os.environ))
+
+
+def _this_tree() -> str:
+    """The directory this image's ``agent`` package was imported from."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def release_launch(agent_path: str, argv: list[str]) -> state.Launch:
+    """How to exec release *agent_path* (a file, or a tree run like this image) with *argv*."""
+    if not Path(agent_path).is_dir():
+        return state.Launch(agent_path, (agent_path, *argv), dict(os.environ))
+    this = current_launch(argv)
+    env = dict(this.env)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+            if p and os.path.realpath(p) != _this_tree()]
+    env["PYTHONPATH"] = os.pathsep.join([agent_path, *rest])
+    return state.Launch(this.executable, this.argv, env)
 
 
 class Upgrader:
@@ -100,12 +132,6 @@ class Upgrader:
         """Check the request and the release; FailedPrecondition when it cannot go."""
         if self._busy is not None:
             raise FailedPrecondition(f"an upgrade to {self._busy.agent_path} is already running")
-        serial = [listen.channel for listen in self._config.listens if listen.kind == "serial"]
-        if serial:
-            # The virtio-serial bridge (agent/_serial.py) holds the port and its session in
-            # this image's memory; nothing hands them over across execve yet.
-            raise FailedPrecondition(f"in-place upgrade is not supported on virtio-serial "
-                                     f"channels ({', '.join(serial)})")
         path = _check_path(agent_path)
         plan = Plan(uuid.uuid4().hex[:12], path, agent_version(), to_version or "?")
         self._busy = plan
@@ -137,9 +163,9 @@ class Upgrader:
 
     async def _preflight(self, path: str) -> str:
         """Run the release's ``--preflight``; its version, or FailedPrecondition."""
-        argv = [path, "--preflight", "--state-dir", str(self._config.state_dir)]
+        launch = release_launch(path, ["--preflight", "--state-dir", str(self._config.state_dir)])
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            status = await self._run_child(argv, out, err)
+            status = await self._run_child(launch, out, err)
             out.seek(0)
             err.seek(0)
             output, errors = out.read(65536), err.read(65536).decode(errors="replace").strip()
@@ -153,14 +179,15 @@ class Upgrader:
                                      f"{output[:200]!r}") from exc
         return str(version)
 
-    async def _run_child(self, argv: list[str], out: IO[bytes], err: IO[bytes]) -> int:
+    async def _run_child(self, launch: state.Launch, out: IO[bytes], err: IO[bytes]) -> int:
         since = time.monotonic_ns()
         try:
             # Popen only forks and execs: the reaper (the one waitpid owner) awaits the exit.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,  # noqa: ASYNC220
-                                    stderr=err, close_fds=True)
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                list(launch.argv), executable=launch.executable, env=launch.env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True)
         except OSError as exc:
-            raise FailedPrecondition(f"cannot execute {argv[0]}: {exc}") from exc
+            raise FailedPrecondition(f"cannot execute {launch.executable}: {exc}") from exc
         try:
             async with asyncio.timeout(PREFLIGHT_TIMEOUT_S):
                 return (await self._reaper.wait(proc.pid, since)).status
@@ -185,7 +212,27 @@ class Upgrader:
             self._give_up(plan, "the agent is stopping")
             raise
         log.info("upgrade %s: drained in %.1f ms", plan.upgrade_id, (time.monotonic() - began) * 1e3)
+        await self._wait_serial_quiet()
         self._exec(plan)
+
+    async def _wait_serial_quiet(self) -> None:
+        """Let the serial bridges hand the host what the sessions wrote (the
+        UpgradeAgent answer among it), so the exec cuts between HTTP/2 frames."""
+        bridges = self._serial_bridges()
+        if not bridges:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SERIAL_FLUSH_TIMEOUT_S):
+                # The bridges are callback driven and have no "drained" event: poll.
+                while not all(b.quiet() for b in bridges.values()):  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+
+    def _serial_bridges(self) -> dict[str, _serial.Bridge]:
+        if not any(listen.kind in ("serial", "serial-fd") for listen in self._config.listens):
+            return {}
+        from agent import _serial
+
+        return _serial.bridges()
 
     def _give_up(self, plan: Plan, why: str) -> None:
         log.error("upgrade %s to %s abandoned: %s; staying on %s", plan.upgrade_id,
@@ -198,10 +245,34 @@ class Upgrader:
         self._busy = None
 
     def _argv(self) -> list[str]:
-        """This agent's options, with the listeners as the fds it keeps open."""
+        """This agent's options, with the listeners (or serial ports) as the fds it keeps open."""
         fds = self._fds.snapshot()
-        listens = tuple(Listen(ch, "fd", str(fds[f"listener:{ch}"])) for ch in CHANNELS)
+        listens = tuple(Listen(ch, "serial-fd", str(fds[f"serial:{ch}"])) if f"serial:{ch}" in fds
+                        else Listen(ch, "fd", str(fds[f"listener:{ch}"])) for ch in CHANNELS)
         return [*dataclasses.replace(self._config, listens=listens).to_argv(), "--resume"]
+
+    def _hand_over_ports(self, bridges: dict[str, _serial.Bridge],
+                         swapped: list[tuple[int, int, str]]) -> None:
+        """Put each serial channel's port in the fd table in place of its bridge's
+        listener (which dies with this image), noting each in *swapped* for
+        :meth:`_take_back_ports`."""
+        listeners = self._fds.snapshot()
+        for channel, bridge in bridges.items():
+            if not bridge.flush_nowait(SERIAL_FLUSH_TIMEOUT_S):
+                log.warning("channel %s: the host did not take the last bytes of its session",
+                            channel)
+            listener = listeners.get(f"listener:{channel}", -1)
+            if listener >= 0:
+                self._fds.forget(listener)
+            self._fds.add(bridge.port_fd, f"serial:{channel}")
+            swapped.append((listener, bridge.port_fd, channel))
+
+    def _take_back_ports(self, swapped: list[tuple[int, int, str]]) -> None:
+        for listener, port, channel in swapped:
+            self._fds.forget(port)
+            os.set_inheritable(port, False)
+            if listener >= 0:
+                self._fds.add(listener, f"listener:{channel}")
 
     def _exec(self, plan: Plan) -> None:
         """Hand over and execve; returns only if that failed (then all is thawed)."""
@@ -211,12 +282,14 @@ class Upgrader:
         self._core.freeze_io()
         blob = _handover.blob_path(self._config.state_dir, plan.upgrade_id)
         records = state.upgrade_store(self._config.state_dir)
+        swapped: list[tuple[int, int, str]] = []
         try:
+            self._hand_over_ports(self._serial_bridges(), swapped)
             argv = self._argv()
             handover = _handover.write(self._config.state_dir, plan.upgrade_id,
                                        self._core.processes(), self._reaper.unclaimed())
             self._core.persist(handover, strict=True)
-            target = state.Launch(plan.agent_path, (plan.agent_path, *argv), dict(os.environ))
+            target = release_launch(plan.agent_path, argv)
             records.save(state.UpgradeRecord(
                 plan.upgrade_id, plan.from_version, plan.to_version, current_launch(argv), target,
                 self._fds.snapshot(), self._core.activity.last_served_mono_ns,
@@ -230,6 +303,7 @@ class Upgrader:
             if not isinstance(exc, OSError):
                 log.exception("upgrade %s: hand-over failed", plan.upgrade_id)
             self._fds.set_inheritable(False)
+            self._take_back_ports(swapped)
             records.path.unlink(missing_ok=True)
             blob.unlink(missing_ok=True)
             self._core.thaw_io()

@@ -6,6 +6,7 @@ range this release speaks, the channel ports, and the error vocabulary.
 
 from __future__ import annotations
 
+from agent import _h2frames
 from agent._pb.keel.agent import v1 as pb
 from agent._pb.keel.ops import v1 as ops_pb
 from agent.errors import (
@@ -23,6 +24,9 @@ from agent.errors import (
     code_of,
     from_code,
 )
+
+# Every user of the API speaks it over h2: keep h2's per-frame trace cheap.
+_h2frames.install()
 
 #: Agent API versions this release speaks.  A shim and an agent agree on
 #: min(their maxima) in Hello if it is within both ranges.

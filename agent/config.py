@@ -31,8 +31,11 @@ _NAME = re.compile(r"^[a-z]+$")
 class Listen:
     """Where one channel listens.
 
-    *kind* is ``unix`` (address: a path), ``vsock`` (address: a port) or
-    ``fd`` (address: an inherited listening socket's fd number).
+    *kind* is ``unix`` (address: a path), ``vsock`` (address: a port),
+    ``serial`` (address: a virtio-serial port name), ``fd`` (address: an
+    inherited listening socket's fd number) or ``serial-fd`` (address: an
+    inherited virtio-serial port's fd number, what an in-place upgrade
+    hands over for a ``serial`` channel).
     """
 
     channel: str
@@ -73,6 +76,8 @@ class AgentConfig:
         for listen in self.listens:
             if listen.kind == "fd":
                 argv += ["--listen-fd", f"{listen.channel}={listen.address}"]
+            elif listen.kind == "serial-fd":
+                argv += ["--listen-fd", f"{listen.channel}=serial:{listen.address}"]
             else:
                 argv += ["--listen", f"{listen.channel}={listen.kind}:{listen.address}"]
         return argv + [
@@ -103,11 +108,15 @@ def _listen(value: str) -> Listen:
 
 
 def _listen_fd(value: str) -> Listen:
-    """``CHANNEL=FD``: an inherited listening socket."""
+    """``CHANNEL=FD``: an inherited listening socket; ``CHANNEL=serial:FD``: an
+    inherited virtio-serial port (agent/_serial.py)."""
     channel, rest = _channel(value)
+    kind = "fd"
+    if rest.startswith("serial:"):
+        kind, rest = "serial-fd", rest.removeprefix("serial:")
     if not rest.isdigit():
-        raise InvalidArgument(f"bad --listen-fd {value!r}: expected CHANNEL=FD")
-    return Listen(channel, "fd", rest)
+        raise InvalidArgument(f"bad --listen-fd {value!r}: expected CHANNEL=FD or CHANNEL=serial:FD")
+    return Listen(channel, kind, rest)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -121,7 +130,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", action="append", default=[], metavar="CHANNEL=unix:PATH",
                    help="listen for a channel (agent, ops) on a unix socket path or vsock:PORT")
     p.add_argument("--listen-fd", action="append", default=[], metavar="CHANNEL=FD",
-                   help="serve a channel on an inherited listening socket")
+                   help="serve a channel on an inherited listening socket (CHANNEL=serial:FD: "
+                   "an inherited virtio-serial port)")
     p.add_argument("--runtime", default="runc", help="OCI runtime binary (default: runc)")
     p.add_argument("--output-buffer-bytes", type=int, default=1 << 20,
                    help="output buffered per stream before backpressure (default 1 MiB)")

@@ -67,6 +67,11 @@ def p99(xs: Sequence[float]) -> float:
     return percentile(xs, 99)
 
 
+def p90(xs: Sequence[float]) -> float:
+    """`percentile(xs, 90)`."""
+    return percentile(xs, 90)
+
+
 # --- memory ---------------------------------------------------------------
 
 def children_of() -> dict[int, list[int]]:
@@ -101,6 +106,21 @@ def pid_tree(roots: int | Iterable[int]) -> list[int]:
     return sorted(seen)
 
 
+def pids_where(match: Callable[[list[str]], bool]) -> list[int]:
+    """Live processes whose argv (from /proc/<pid>/cmdline) satisfies `match`, sorted."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if raw and match(raw.rstrip(b"\0").decode(errors="replace").split("\0")):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS of one process in KiB; 0 for kernel threads, zombies and vanished pids."""
     try:
@@ -128,32 +148,44 @@ def tree_rss_kib(roots: int | Iterable[int]) -> int:
 class Row:
     """One table line: a metric measured for both candidates, in `unit`.
 
-    `precision` (decimals) overrides the table's default for this row.
+    `b` is None when the second candidate has no such figure (printed "-").
+    `precision` (decimals) overrides the table's default for this row;
+    `target` is free text printed in a last column (e.g. "<= 3x runc").
     """
 
     metric: str
     a: float
-    b: float
+    b: float | None
     unit: str = ""
     precision: int | None = None
+    target: str = ""
 
 
 def format_table(rows: Sequence[Row], names: tuple[str, str] = ("keel", "runc"),
                  precision: int = 3) -> str:
-    """Rows side by side: `metric | <a> | <b> | ratio`, ratio = a / b ("-" when b is 0)."""
-    header = ["metric", *names, "ratio"]
+    """Rows side by side: `metric | <a> | <b> | ratio [| target]`.
+
+    ratio = a / b ("-" when b is 0 or None); the target column appears only
+    when some row has a target.
+    """
+    with_target = any(r.target for r in rows)
+    header = ["metric", *names, "ratio", *(["target"] if with_target else [])]
     body = []
     for r in rows:
         unit = f" {r.unit}" if r.unit else ""
         ratio = f"{r.a / r.b:.2f}x" if r.b else "-"
         d = precision if r.precision is None else r.precision
-        body.append([r.metric, f"{r.a:.{d}f}{unit}", f"{r.b:.{d}f}{unit}", ratio])
+        b = "-" if r.b is None else f"{r.b:.{d}f}{unit}"
+        line = [r.metric, f"{r.a:.{d}f}{unit}", b, ratio]
+        body.append(line + [r.target] if with_target else line)
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def fmt(cells: list[str]) -> str:
         first = cells[0].ljust(widths[0])
         rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
-        return " | ".join([first, *rest])
+        if with_target:  # free text reads better left-aligned
+            rest[-1] = cells[-1].ljust(widths[-1])
+        return " | ".join([first, *rest]).rstrip()
 
     rule = "-+-".join("-" * w for w in widths)
     return "\n".join([fmt(header), rule, *(fmt(line) for line in body)])

@@ -55,6 +55,8 @@ class SandboxView:
     namespace: str
     containers: tuple[ContainerView, ...]
     state_schema: int
+    #: A VM backend's accelerator (kvm, tcg); empty for the process backend.
+    accel: str = ""
 
     def running(self) -> frozenset[str]:
         return frozenset(c.id for c in self.containers if c.status == "running")
@@ -119,7 +121,7 @@ class ShimClient:
             shim_pid=r.shim_pid, backend=_clip(r.backend), namespace=_clip(r.namespace),
             containers=tuple(ContainerView(_clip(c.id), c.pid, _clip(c.status), len(c.exec_ids))
                              for c in r.containers[:4096]),
-            state_schema=r.state_schema)
+            state_schema=r.state_schema, accel=_clip(r.accel))
 
     async def upgrade(self, sandbox_id: str, component: str, path: Path,
                       to_version: str) -> Switched:

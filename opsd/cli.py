@@ -44,12 +44,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(_json(resp))
         return 0
     print(f"current release: {resp.current_release or '(none)'}")
-    print(f"{'SANDBOX':<24} {'SHIM':<10} {'AGENT':<10} {'BACKEND':<8} {'NAMESPACE':<12} CONTAINERS")
+    print(f"{'SANDBOX':<24} {'SHIM':<10} {'AGENT':<10} {'BACKEND':<12} {'NAMESPACE':<12} CONTAINERS")
     for sb in resp.sandboxes:
         if sb.error:
             print(f"{sb.id:<24} {'?':<10} {'?':<10} unreachable: {sb.error}")
             continue
-        print(f"{sb.id:<24} {sb.shim_version:<10} {sb.agent_version:<10} {sb.backend:<8}"
+        backend = f"{sb.backend}/{sb.accel}" if sb.accel else sb.backend
+        print(f"{sb.id:<24} {sb.shim_version:<10} {sb.agent_version:<10} {backend:<12}"
               f" {sb.namespace:<12} {len(sb.containers)}")
         for c in sb.containers:
             print(f"  container {c.id:<30} pid {c.pid:<8} {c.status}"

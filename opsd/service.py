@@ -52,7 +52,7 @@ def sandbox_pb(v: SandboxView | Unreachable) -> pb.Sandbox:
     return pb.Sandbox(
         id=v.id, shim_version=v.shim_version, agent_version=v.agent_version,
         shim_pid=v.shim_pid, backend=v.backend, namespace=v.namespace,
-        state_schema=v.state_schema,
+        state_schema=v.state_schema, accel=v.accel,
         containers=[pb.Container(id=c.id, pid=c.pid, status=c.status, execs=c.execs)
                     for c in v.containers])
 

@@ -19,12 +19,16 @@ import tenacity
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
+from h2.settings import SettingCodes
 
 from agent.api import API_VERSION, MIN_API_VERSION, FailedPrecondition, Unavailable, from_code, pb
 from shim.vmm.api import Dialer
 
 log = logging.getLogger("keel.shim.agent")
 T = TypeVar("T")
+
+#: Largest DATA frame the agent may send us (h2 allows 16 KiB to 16 MiB - 1).
+MAX_FRAME_BYTES = 1 << 20
 
 #: Errors that mean "the connection is gone", never "the call failed".
 _TRANSIENT = (OSError, StreamTerminatedError, ProtocolError, ConnectionError, EOFError)
@@ -46,6 +50,12 @@ class _DialChannel(Channel):
     async def _create_connection(self) -> H2Protocol:
         sock = await self._dialer()
         _, protocol = await self._loop.create_connection(self._protocol_factory, sock=sock)
+        # Let the agent send DATA frames of up to MAX_FRAME_BYTES (h2's default
+        # is 16 KiB): a large ReadOutput answer then costs a few frames, not 64
+        # per MiB, on both ends.
+        protocol.connection._connection.update_settings(
+            {SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_BYTES})
+        protocol.connection.flush()
         self.generation += 1
         return protocol
 
@@ -63,13 +73,14 @@ class AgentConnection:
         self._hello_lock = asyncio.Lock()
         self.hello: pb.HelloResponse | None = None
 
-    async def _ensure_hello(self) -> None:
+    async def _ensure_hello(self, timeout: float | None = None) -> None:
+        """Say Hello on a new connection; *timeout* caps the call (default: the connection's)."""
         async with self._hello_lock:
             if self._hello_generation == self._channel.generation and self.hello:
                 return
             req = pb.HelloRequest(api_version=API_VERSION, client_version=self._client_version,
                                   session=self._session)
-            resp = await self.stub.hello(req, timeout=self._timeout)
+            resp = await self.stub.hello(req, timeout=self._timeout if timeout is None else timeout)
             if not MIN_API_VERSION <= resp.api_version <= API_VERSION:
                 raise FailedPrecondition(
                     f"agent {resp.agent_version} speaks API {resp.min_api_version}-"
@@ -104,26 +115,37 @@ class AgentConnection:
             raise Unavailable(f"agent unreachable: {exc!r}") from exc
         raise AssertionError("unreachable")
 
-    async def wait_ready(self, deadline_s: float, alive: Callable[[], bool]) -> pb.HelloResponse:
-        """Wait until the agent answers a fresh Hello; fail early if *alive* turns False."""
+    async def wait_ready(self, deadline_s: float, alive: Callable[[], bool],
+                         attempt_s: float | None = None) -> pb.HelloResponse:
+        """Wait until the agent answers a fresh Hello; fail early if *alive* turns False.
+
+        With *attempt_s*, a Hello unanswered for that long drops the connection
+        and dials again (a serial port's stream can stall where a socket would
+        have closed: agent/_serial.py).
+        """
         self._hello_generation = -1
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline_s
         delay = 0.005
         while True:
             try:
-                await self._ensure_hello()
+                # A Hello sent before the guest opened its port waits unanswered:
+                # never past the deadline.
+                left = max(end - loop.time(), 0.01)
+                await self._ensure_hello(left if attempt_s is None else min(left, attempt_s))
                 assert self.hello is not None
                 return self.hello
             except GRPCError as exc:
                 raise from_code(exc.status.value, exc.message or exc.status.name) from exc
             except _TRANSIENT as exc:
+                if isinstance(exc, TimeoutError) and attempt_s is not None:
+                    self._channel.close()  # the next attempt dials a new connection
                 if not alive():
                     raise Unavailable("sandbox exited before its agent answered") from exc
                 if loop.time() > end:
                     raise Unavailable(f"agent did not answer within {deadline_s}s: {exc!r}") from exc
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
+                delay = min(delay * 2, 0.025)  # a start-up wait: each poll is a failed dial
 
     def close(self) -> None:
         self._channel.close()

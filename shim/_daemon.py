@@ -41,6 +41,8 @@ def _setup_logging(debug: bool, fallback: Path) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("hpack", "h2"):  # every header of every agent call, at debug level
+        logging.getLogger(noisy).setLevel(logging.INFO)
 
 
 def serve(flags: Flags) -> int:
@@ -72,6 +74,19 @@ class Daemon:
         self.handed_off = False
 
     async def run(self) -> None:
+        prelaunch = None
+        if not self.flags.handoff_fd:  # a new sandbox: its first Create's bundle is our cwd
+            from shim import _prelaunch
+
+            prelaunch = await _prelaunch.start(self.flags.sandbox_id or self.flags.id, self.cfg,
+                                               Path.cwd())
+        try:
+            await self._run(prelaunch)
+        finally:
+            if prelaunch is not None:
+                await prelaunch.aclose()
+
+    async def _run(self, prelaunch: Any) -> None:
         from shim import version
         from shim._events import EventPublisher
         from shim._opsserver import serve_ops
@@ -88,6 +103,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 self.tg = tg
                 self.sandbox = Sandbox(sandbox_id, self.flags.namespace, self.cfg, self.events, tg)
+                self.sandbox.prelaunch = prelaunch
                 task = TaskService(self.sandbox, on_shutdown=self.stop.set)
                 self.server = TtrpcServer()
                 self.server.register(SERVICE, {n: Method(r, f) for n, (r, f) in task.methods().items()})
@@ -147,6 +163,7 @@ class Daemon:
         record = st.decode_checked(st.migrate(st.parse_doc(doc)))
         await self.sandbox.restore(record)
         await self.sandbox.check_health()
+        self.sandbox.claim()
 
     def go_live(self, listener: socket.socket,
                 conns: list[tuple[socket.socket, bytes, list[tuple[int, bytes]]]]) -> None:
@@ -156,6 +173,7 @@ class Daemon:
         self.sandbox.go_live()
 
     async def upgrade_shim(self, shim_path: str) -> Any:
+        from agent.errors import Unavailable
         from shim._handoff import hand_off
 
         result = await hand_off(self, shim_path)
@@ -163,4 +181,9 @@ class Daemon:
         self.server.release_all()
         # Exit once the reply to opsd is on its way.
         asyncio.get_running_loop().call_later(0.2, self.stop.set)
+        if not result.serving:
+            # Past commit nothing can be taken back: containerd sees the new
+            # shim's crash and cleans the sandbox up, as for any dead shim.
+            raise Unavailable(f"new shim {result.to_version} (pid {result.new_pid}) died after"
+                              f" taking over sandbox {self.sandbox.id}")
         return result

@@ -8,57 +8,132 @@ shim daemon, touch only its own task, and print a raw DeleteResponse.
 
 If the sandbox still runs its agent, the task's container is killed and
 removed through the agent; when no container is left the sandbox is
-stopped and its directory removed.  A corrupt state file is reported on
-stderr (containerd logs it) and left in place.
+stopped, its directory and the dead shim's socket removed.  Deletes of one
+sandbox (containerd runs one per task, at once when a pod's shim died) take
+turns on a lock of the sandbox directory.  A corrupt state file is reported
+on stderr (containerd logs it) and left in place.
 """
 
 from __future__ import annotations
 
-import asyncio
-import datetime
+import fcntl
+import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shim._flags import Flags
+
+if TYPE_CHECKING:
+    from shim.dirs import SandboxDir
 
 DEADLINE_S = 4.0
 
 
 def delete(flags: Flags) -> int:
-    from shim._pb.containerd.task import v2 as task_pb
-
     status = 128 + signal.SIGKILL
     try:
-        asyncio.run(asyncio.wait_for(_cleanup(flags), DEADLINE_S))
+        # containerd runs this after every normal delete too (and waits for
+        # it): when the sandbox is gone already, answer without asyncio or
+        # betterproto, whose imports would be most of this process's life.
+        if not _cleaned_up(flags):
+            import asyncio
+
+            asyncio.run(asyncio.wait_for(_cleanup(flags), DEADLINE_S))
     except Exception as exc:  # report, but still answer: containerd must go on
         print(f"keel delete {flags.id}: {exc}", file=sys.stderr)
-    resp = task_pb.DeleteResponse(exit_status=status,
-                                  exited_at=datetime.datetime.now(datetime.UTC))
-    sys.stdout.buffer.write(bytes(resp))
+    sys.stdout.buffer.write(delete_response(status, time.time_ns()))
     sys.stdout.flush()
     return 0
 
 
-async def _cleanup(flags: Flags) -> None:
-    from agent.api import NotFound, pb
+def _cleaned_up(flags: Flags) -> bool:
+    """True when the task's sandbox directory is gone (the stale socket, if
+    any, is removed here); False when :func:`_cleanup` has work to do."""
     from shim import config as config_mod
-    from shim import version
-    from shim._agentconn import AgentConnection
-    from shim._bundle import sandbox_id
+    from shim._bundle import sandbox_id, socket_path
     from shim.dirs import SandboxDir
-    from shim.state import store
-    from shim.vmm import backend as get_backend
-    from shim.vmm.api import LaunchSpec
+
+    bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
+    cfg = config_mod.load()
+    sid = sandbox_id(bundle, flags.id)
+    if SandboxDir.of(cfg.state_root, sid).root.exists():
+        return False
+    _unlink_stale(socket_path(cfg.state_root, flags.address, flags.namespace, sid))
+    return True
+
+
+def delete_response(exit_status: int, exited_at_ns: int) -> bytes:
+    """containerd.task.v2.DeleteResponse{exit_status, exited_at} in protobuf
+    wire format (pid 0 is the default and not written), encoded by hand so
+    the fast path needs no protobuf library."""
+    secs, nanos = divmod(exited_at_ns, 1_000_000_000)
+    stamp = b"\x08" + _varint(secs) + (b"\x10" + _varint(nanos) if nanos else b"")
+    status = b"\x10" + _varint(exit_status) if exit_status else b""
+    return status + b"\x1a" + _varint(len(stamp)) + stamp
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+async def _cleanup(flags: Flags) -> None:
+    from shim import config as config_mod
+    from shim._bundle import sandbox_id, socket_path
+    from shim.dirs import SandboxDir
 
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
     cfg = config_mod.load()
     sid = sandbox_id(bundle, flags.id)
     sdir = SandboxDir.of(cfg.state_root, sid)
+    shim_socket = socket_path(cfg.state_root, flags.address, flags.namespace, sid)
+    try:
+        lock = os.open(sdir.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        _unlink_stale(shim_socket)  # a normal delete already cleaned up the rest
+        return
+    try:
+        # containerd runs one delete per task, concurrently when a pod's
+        # shim dies: each must see the others' changes to the state.
+        await _lock(lock)
+        await _cleanup_locked(flags, bundle, sid, sdir, shim_socket)
+    finally:
+        os.close(lock)
+
+
+async def _lock(fd: int) -> None:
+    """flock *fd* exclusively, polling so that the caller's deadline applies."""
+    import asyncio
+
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            await asyncio.sleep(0.02)
+
+
+async def _cleanup_locked(flags: Flags, bundle: Path, sid: str, sdir: SandboxDir,
+                          shim_socket: Path) -> None:
+    from agent.api import NotFound, pb
+    from shim import version
+    from shim._agentconn import AgentConnection
+    from shim.state import store
+    from shim.vmm import backend as get_backend
+    from shim.vmm.api import LaunchSpec
+
     st = store(sdir)
     rec = st.load()
     if rec is None:
-        return  # a normal delete already cleaned up
+        _unlink_stale(shim_socket)  # a normal delete already cleaned up the rest
+        return
     if _shim_alive(rec.vmm.get("shim")):
         return  # a live shim owns this sandbox and its state
     backend = get_backend(rec.backend)
@@ -89,6 +164,7 @@ async def _cleanup(flags: Flags) -> None:
         import shutil
 
         shutil.rmtree(sdir.root, ignore_errors=True)
+        _unlink_stale(shim_socket)  # the dead shim's listener
 
 
 async def _remove_container(conn, pb, cid: str) -> None:  # type: ignore[no-untyped-def]
@@ -111,13 +187,42 @@ async def _remove_container(conn, pb, cid: str) -> None:  # type: ignore[no-unty
         pass
 
 
+def _unlink_stale(path: Path) -> None:
+    """Remove the shim socket at *path* unless a live shim still listens on it.
+
+    Holds the lock ``start`` binds and listens under, so a socket that a new
+    shim has bound but not yet listens on is never taken for a stale one.
+    """
+    import socket
+
+    if not path.parent.is_dir():
+        return
+    lock = os.open(path.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        probe.connect(str(path))
+    except FileNotFoundError:
+        return
+    except OSError:
+        path.unlink(missing_ok=True)
+    finally:
+        probe.close()
+        os.close(lock)
+
+
 def _shim_alive(info: dict | None) -> bool:
-    """True when the shim recorded in state still runs (pid + start time)."""
+    """True when the shim recorded in state still runs (pid + start time).
+
+    A killed shim can linger as a zombie of containerd (a child subreaper)
+    while this runs; a zombie has exited and counts as gone.
+    """
     if not info:
         return False
-    from shim.vmm.process import _start_time
-
     try:
-        return _start_time(int(info["pid"])) == int(info["start_time"])
-    except (OSError, KeyError, ValueError):
+        pid = int(info["pid"])
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0] not in (b"Z", b"X") and int(fields[19]) == int(info["start_time"])
+    except (OSError, KeyError, ValueError, IndexError):
         return False

@@ -21,6 +21,7 @@ thaws and carries on: it never closed anything.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import logging
@@ -28,6 +29,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,8 @@ from upgrade.handoff import PROTOCOL_VERSION, HandoffChannel, HandoffError, pair
 log = logging.getLogger("keel.shim.handoff")
 
 TIMEOUT_S = 20.0
+#: How long the old shim waits, after commit, for the new one to serve ops.sock.
+SERVING_TIMEOUT_S = 10.0
 #: One-shot fault injection for tests: a file in the sandbox directory
 #: naming the phase at which the *new* shim kills itself.
 FAILPOINT_FILE = "handoff-failpoint"
@@ -51,6 +55,9 @@ class Result:
     to_version: str
     new_pid: int
     freeze_ms: float
+    #: False when the new shim died after commit (before serving ops.sock):
+    #: the sandbox is lost, as with any crashed shim.
+    serving: bool = True
 
 
 def failpoint(sandbox_dir: Path, phase: str) -> None:
@@ -87,16 +94,24 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
             "-handoff-fd", str(theirs.fileno())]
     if flags.debug:
         argv.append("-debug")
+    ops_sock = daemon.sandbox.dir.ops_socket
+    ops_before = _inode(ops_sock)
+    # The new shim's stderr (an unlinked file): what a release that dies
+    # before it can log (at import) printed, for the error we return.
+    errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     # Plain Popen, not asyncio's: the new shim outlives this process, so no
     # child watcher may own it; fork+exec does not block the loop for long.
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
-                             stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                             stderr=errors, pass_fds=(theirs.fileno(),),
                              process_group=0)
     theirs.close()
     ch = HandoffChannel(mine)
     frozen = None
     try:
-        hello, fds = await ch.recv(TIMEOUT_S)
+        try:
+            hello, fds = await ch.recv(TIMEOUT_S)
+        except HandoffError as exc:
+            raise HandoffError(await _died(child, errors, shim_path, exc)) from exc
         _close_fds(fds)
         _check_hello(hello)
         t0 = time.monotonic()
@@ -123,9 +138,11 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
         for f in frozen or ():
             os.close(f.fd)
         ch.close()
+        errors.close()
+    serving = await _wait_serving(ops_sock, ops_before, child)
     log.info("handed sandbox %s to %s (pid %d); freeze %.1f ms",
              daemon.sandbox.id, ready.get("version"), child.pid, freeze_ms)
-    return Result(version(), str(ready.get("version", "")), child.pid, freeze_ms)
+    return Result(version(), str(ready.get("version", "")), child.pid, freeze_ms, serving)
 
 
 def _check_hello(hello: dict[str, Any]) -> None:
@@ -139,6 +156,45 @@ def _check_hello(hello: dict[str, Any]) -> None:
         raise FailedPrecondition(
             f"new shim {hello.get('version')} cannot read sandbox state schema {SCHEMA_VERSION} "
             f"(it reads {reads}); upgrade through an intermediate release")
+
+
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return 0
+
+
+async def _wait_serving(ops_sock: Path, before: int, child: subprocess.Popen[bytes]) -> bool:
+    """After commit: wait (bounded) until the new shim's ops.sock replaced ours,
+    so whoever asked for the upgrade next talks to the new shim.  False if
+    the new shim died first."""
+    deadline = time.monotonic() + SERVING_TIMEOUT_S
+    while _inode(ops_sock) in (before, 0):  # 0: an older shim unlinks before it binds
+        if child.poll() is not None:
+            log.error("new shim pid %d died after commit (exit status %s)", child.pid,
+                      child.returncode)
+            return False
+        if time.monotonic() > deadline:
+            log.warning("new shim pid %d does not serve %s yet", child.pid, ops_sock)
+            return True
+        await asyncio.sleep(0.005)
+    return True
+
+
+async def _died(child: subprocess.Popen[bytes], errors: Any, shim_path: str,
+                exc: Exception) -> str:
+    """Why the new shim never said hello, with the end of what it printed."""
+    for _ in range(100):  # it closed the channel: it is exiting
+        if (status := child.poll()) is not None:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        return f"new shim {shim_path} (pid {child.pid}) did not say hello: {exc}"
+    errors.seek(0)
+    lines = errors.read()[-4096:].decode(errors="replace").strip().splitlines()
+    said = lines[-1] if lines else "no message"
+    return f"new shim {shim_path} exited with status {status} before saying hello: {said}"
 
 
 def _reap(child: subprocess.Popen[bytes]) -> None:

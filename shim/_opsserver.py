@@ -11,6 +11,7 @@ from grpclib.server import Server
 
 from agent.api import KeelError, ops_pb
 from shim import version
+from shim.state import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from shim._daemon import Daemon
@@ -26,7 +27,8 @@ class ShimOps(ops_pb.ShimOpsBase):
         agent = sb.agent.hello.agent_version if sb.agent and sb.agent.hello else ""
         return ops_pb.StatusResponse(
             sandbox_id=sb.id, shim_version=version(), shim_pid=os.getpid(), agent_version=agent,
-            backend=sb.config.backend, namespace=sb.namespace,
+            backend=sb.config.backend, namespace=sb.namespace, state_schema=SCHEMA_VERSION,
+            accel=str(sb.vm.record().get("accel", "")) if sb.vm is not None else "",
             containers=[
                 ops_pb.ContainerInfo(id=c.id, pid=c.init.pid, status=c.init.state.value,
                                      exec_ids=list(c.execs))
@@ -57,14 +59,22 @@ class ShimOps(ops_pb.ShimOpsBase):
 
 
 async def serve_ops(daemon: Daemon) -> Server:
-    """Listen on the sandbox's ops.sock (0600, root only)."""
+    """Listen on the sandbox's ops.sock (0600, root only).
+
+    Bound under a temporary name and renamed over the path: after a
+    handoff the old shim's socket answers until the very moment the new
+    one replaces it, so a client never finds the path missing (the old
+    shim waits for that rename before it reports the handoff done).
+    """
     daemon.sandbox.dir.create()
     path = daemon.sandbox.dir.ops_socket
-    path.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
     server = Server([ShimOps(daemon)])
     old = os.umask(0o177)
     try:
-        await server.start(path=str(path))
+        await server.start(path=str(tmp))
     finally:
         os.umask(old)
+    os.replace(tmp, path)
     return server

@@ -12,6 +12,7 @@ being delivered is delivered first.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 
 from agent.api import pb
@@ -19,9 +20,16 @@ from shim._agentconn import AgentConnection
 from shim._stdio import Sink, Source
 
 log = logging.getLogger("keel.shim.pumps")
+#: fcntl.F_SETPIPE_SZ (Linux; the constant is missing from older Pythons).
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
-CHUNK = 256 * 1024
+#: ReadOutput size: the agent's whole default output buffer (1 MiB), so one
+#: round trip moves everything it holds.
+CHUNK = 1 << 20
 POLL_MS = 10_000
+#: Kernel buffer asked for an output fifo (best effort), so a chunk goes to
+#: containerd's reader in a few writes rather than one per 64 KiB.
+FIFO_BYTES = 1 << 20
 
 
 class _Pump:
@@ -54,6 +62,10 @@ class OutputPump(_Pump):
         self._conn = conn
         self._cid, self._eid, self._stream = cid, eid, stream
         self.sink = sink
+        try:
+            fcntl.fcntl(sink.fd, _F_SETPIPE_SZ, FIFO_BYTES)
+        except OSError:
+            pass  # not a pipe, or above /proc/sys/fs/pipe-max-size: keep its size
         #: Bytes delivered to the sink; owned by the pump.
         self.offset = offset
         self.eof = asyncio.Event()
@@ -80,8 +92,16 @@ class OutputPump(_Pump):
 
 
 class InputPump(_Pump):
+    """Copies the stdin fifo to the agent.
+
+    The agent takes stdin only once the process runs (an exec's pipes or
+    pty exist after its start), so nothing is sent before ``started`` is
+    set; bytes wait in the fifo meanwhile.  A CloseIO that comes earlier
+    is carried out after the start.
+    """
+
     def __init__(self, conn: AgentConnection, cid: str, eid: str, source: Source,
-                 offset: int = 0) -> None:
+                 offset: int = 0, *, started: bool = True) -> None:
         super().__init__()
         self._conn = conn
         self._cid, self._eid = cid, eid
@@ -89,6 +109,11 @@ class InputPump(_Pump):
         #: Bytes the agent accepted.
         self.offset = offset
         self.closed = False
+        #: Set by the owner once the agent runs the process.
+        self.started = asyncio.Event()
+        if started:
+            self.started.set()
+        self._close_pending = False
 
     async def _send(self, data: bytes) -> None:
         self._busy = True
@@ -101,6 +126,14 @@ class InputPump(_Pump):
             self._busy = False
 
     async def run(self) -> None:
+        await self.started.wait()
+        if self._close_pending:
+            self._busy = True  # a close in progress is finished, not cancelled
+            try:
+                await self._close()
+            finally:
+                self._busy = False
+            return
         while not self._stopping and not self.closed:
             data = await self.source.read()
             if data:
@@ -108,9 +141,15 @@ class InputPump(_Pump):
 
     async def close_input(self) -> None:
         """containerd's CloseIO: forward what is buffered, then close stdin."""
-        if self.closed:
+        if self.closed or self._close_pending:
+            return
+        if not self.started.is_set():
+            self._close_pending = True  # the pump closes once started
             return
         await self.stop()
+        await self._close()
+
+    async def _close(self) -> None:
         self.closed = True
         while (data := self.source.read_nowait()):
             await self._send(data)

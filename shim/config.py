@@ -8,6 +8,11 @@ invalid is an error.
 
 ``$KEEL_STATE_ROOT`` overrides ``state_root`` (tests point it elsewhere;
 containerd passes its whole environment to shims).
+
+The file holds one table per component: ``[shim]`` (this class) and
+``[qemu]`` (``shim.vmm.qemu.config.QemuConfig``, validated here too so a bad
+table fails the shim's start, not its first sandbox).  A file without a
+``[shim]`` table may give the shim's keys at the top level.
 """
 
 from __future__ import annotations
@@ -20,6 +25,12 @@ from pathlib import Path
 from agent.errors import InvalidArgument
 
 DEFAULT_PATH = Path("/etc/keel/config.toml")
+#: Seconds to wait for the agent by backend, when the file does not say:
+#: a VM's agent starts seconds after qemu (tens of seconds under TCG on a
+#: loaded host), the process backend's almost at once.
+AGENT_TIMEOUT_S = {"process": 10.0, "qemu": 30.0}
+#: Tables of the config file owned by other components.
+OTHER_TABLES = ("qemu",)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -34,8 +45,9 @@ class ShimConfig:
     agent_command: tuple[str, ...] = ()
     #: Output bytes the agent buffers per stream before it applies backpressure.
     output_buffer_bytes: int = 1 << 20
-    #: Seconds to wait for the agent to answer after the sandbox starts.
-    agent_timeout_s: float = 10.0
+    #: Seconds to wait for the agent to answer after the sandbox starts;
+    #: 0 means the backend's default (``AGENT_TIMEOUT_S``).
+    agent_timeout_s: float = 0.0
     #: Log level of the shim daemon.
     log_level: str = "info"
 
@@ -44,8 +56,10 @@ class ShimConfig:
             raise InvalidArgument(f"config: backend must be 'process' or 'qemu', not {self.backend!r}")
         if self.output_buffer_bytes < 4096:
             raise InvalidArgument("config: output_buffer_bytes must be at least 4096")
-        if self.agent_timeout_s <= 0:
+        if self.agent_timeout_s < 0:
             raise InvalidArgument("config: agent_timeout_s must be positive")
+        if not self.agent_timeout_s:
+            object.__setattr__(self, "agent_timeout_s", AGENT_TIMEOUT_S[self.backend])
 
 
 def load(path: str | Path | None = None) -> ShimConfig:
@@ -62,7 +76,13 @@ def load(path: str | Path | None = None) -> ShimConfig:
         raw = {}
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"config file {file}: {exc}") from exc
-    section = raw.get("shim", raw)
+    if "shim" in raw:
+        section = raw["shim"]
+    else:
+        section = {k: v for k, v in raw.items() if k not in OTHER_TABLES}
+    if not isinstance(section, dict):
+        raise InvalidArgument(f"config file {file}: [shim] must be a table")
+    _check_other_tables(raw, file)
     known = {f.name: f for f in dataclasses.fields(ShimConfig)}
     for key, value in section.items():
         if key not in known:
@@ -71,6 +91,24 @@ def load(path: str | Path | None = None) -> ShimConfig:
     if root := os.environ.get("KEEL_STATE_ROOT"):
         values["state_root"] = Path(root)
     return ShimConfig(**values)  # type: ignore[arg-type]
+
+
+def _check_other_tables(raw: dict[str, object], file: Path) -> None:
+    if "shim" in raw:
+        for key in raw:
+            if key != "shim" and key not in OTHER_TABLES:
+                raise InvalidArgument(f"config file {file}: unknown key {key!r} (tables: shim, "
+                                      f"{', '.join(OTHER_TABLES)})")
+    if "qemu" in raw:
+        from shim.vmm.qemu.config import QemuConfig
+
+        table = raw["qemu"]
+        if not isinstance(table, dict):
+            raise InvalidArgument(f"config file {file}: [qemu] must be a table")
+        try:
+            QemuConfig.from_mapping(table)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"config file {file}: {exc}") from exc
 
 
 def _coerce(key: str, value: object, file: Path) -> object:

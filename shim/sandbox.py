@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,14 @@ from agent.api import AlreadyExists, FailedPrecondition, KeelError, NotFound, Un
 from shim import events_pb, version
 from shim._agentconn import AgentConnection
 from shim._events import EventPublisher
+from shim._prelaunch import Prelaunch, launch_spec, netns_path
 from shim._process import Container, Exit, Process, State, Stdio
 from shim._pumps import InputPump, OutputPump
 from shim._stdio import Sink, Source
 from shim.config import ShimConfig
 from shim.dirs import SandboxDir
 from shim.state import SandboxRecord, store
+from shim.vmm import _sizing
 from shim.vmm import backend as get_backend
 from shim.vmm.api import LaunchSpec, MountSpec
 from shim.vmm.api import Sandbox as VmmSandbox
@@ -39,6 +40,8 @@ log = logging.getLogger("keel.shim")
 
 #: How long an exit report waits for the process's output to drain.
 OUTPUT_GRACE_S = 2.0
+#: Seconds one Hello to an upgraded agent may go unanswered before the shim redials.
+UPGRADE_HELLO_ATTEMPT_S = 30.0
 
 
 class Sandbox:
@@ -53,6 +56,8 @@ class Sandbox:
         self._tasks = tasks
         self._backend = get_backend(config.backend)
         self.vm: VmmSandbox | None = None
+        #: A launch begun before this object existed (shim._prelaunch); set by the daemon.
+        self.prelaunch: Prelaunch | None = None
         self.agent: AgentConnection | None = None
         self.containers: dict[str, Container] = {}
         self._lock = asyncio.Lock()
@@ -60,16 +65,15 @@ class Sandbox:
 
     # -- sandbox lifecycle -------------------------------------------------
 
-    def _launch_spec(self) -> LaunchSpec:
-        cmd = self.config.agent_command or (sys.executable, "-m", "agent")
-        return LaunchSpec(sandbox_id=self.id, root=self.dir.root, agent_command=cmd,
-                          agent_args=("--runtime", self.config.runtime))
+    def _launch_spec(self, spec: dict[str, Any] | None = None) -> LaunchSpec:
+        return launch_spec(self.id, self.config, self.dir.root, spec)
 
-    async def _ensure_started(self) -> AgentConnection:
+    async def _ensure_started(self, spec: dict[str, Any] | None = None) -> AgentConnection:
         if self.agent is not None:
             return self.agent
         self.dir.create()
-        self.vm = await self._backend.launch(self._launch_spec())
+        launched = await self.prelaunch.take(spec) if self.prelaunch is not None else None
+        self.vm = launched or await self._backend.launch(self._launch_spec(spec))
         log.info("sandbox %s started (%s backend, pid %d)", self.id, self._backend.name, self.vm.pid)
         self.agent = AgentConnection(self.vm.dialer("agent"), client_version=version(),
                                      session=f"shim-{os.getpid()}", timeout=self.config.agent_timeout_s)
@@ -148,9 +152,20 @@ class Sandbox:
         rec = self._persist()
         return rec
 
+    def claim(self) -> None:
+        """Record this shim as the sandbox's owner in the state file.
+
+        The new shim claims before READY, so that once the old one has
+        committed, a crash of the new one is seen as a dead owner by
+        containerd's ``delete`` (the old one may linger a moment); ``thaw``
+        claims back after a failed handoff.
+        """
+        self._persist()
+
     def thaw(self) -> None:
         """Undo ``freeze`` after a failed handoff: resume where we stopped."""
         try:
+            self.claim()
             self._resume_processes(reopen=False)
             if self.vm is not None:
                 self._sandbox_watch = self._tasks.create_task(self._watch_sandbox(),
@@ -225,7 +240,17 @@ class Sandbox:
                 timeout=60.0, retry_for=0)
         finally:
             channel.close()
-        hello = await self.agent.wait_ready(self.config.agent_timeout_s, self.vm.alive)
+        began = asyncio.get_running_loop().time()
+        # A VM's agent ends the host's old serial session itself (GOAWAY); should
+        # that be lost, a Hello unanswered for long is taken as a dead connection.
+        hello = await self.agent.wait_ready(self.config.agent_timeout_s, self.vm.alive,
+                                            attempt_s=UPGRADE_HELLO_ATTEMPT_S)
+        # The agent answered just before its exec; what runs now tells how it
+        # ended.  The gap is as the shim saw it: that answer to the new Hello.
+        resp.gap_s = asyncio.get_running_loop().time() - began
+        resp.rolled_back = hello.agent_version != resp.to_version
+        resp.message = (f"release {resp.to_version} failed; back on {hello.agent_version}"
+                        if resp.rolled_back else "upgraded")
         log.info("agent upgraded %s -> %s (now %s, gap %.0f ms%s)", resp.from_version,
                  resp.to_version, hello.agent_version, resp.gap_s * 1000,
                  ", rolled back" if resp.rolled_back else "")
@@ -258,7 +283,7 @@ class Sandbox:
                 stdio = Stdio(stdio.stdin, stdio.stdout, "", True)  # stderr is unused with a tty
             sinks = {"stdout": Sink.open(stdio.stdout), "stderr": Sink.open(stdio.stderr)}
             source = Source.open(stdio.stdin)
-            agent = await self._ensure_started()
+            agent = await self._ensure_started(spec)
             assert self.vm is not None
             rootfs_host = Path(bundle) / "rootfs"
             if not mounts:
@@ -267,7 +292,7 @@ class Sandbox:
             try:
                 rootfs = await self.vm.share_rootfs(cid, mounts, rootfs_host)
                 req = pb.CreateContainerRequest(
-                    container_id=cid, spec_json=spec_json, rootfs=rootfs,
+                    container_id=cid, spec_json=_guest_spec(self.vm, spec_json), rootfs=rootfs,
                     stdio=_pb_stdio(stdio, sinks, source))
                 resp = await agent.call(agent.stub.create_container, req)
             except BaseException:
@@ -303,7 +328,8 @@ class Sandbox:
             pump.task = self._tasks.create_task(
                 _guard(pump.run(), f"{name} pump of {proc.name}"), name=f"{name}-{proc.name}")
         if source is not None:
-            proc.input = InputPump(self.agent, proc.cid, proc.eid, source, int(offsets.get("stdin", 0)))
+            proc.input = InputPump(self.agent, proc.cid, proc.eid, source, int(offsets.get("stdin", 0)),
+                                   started=not proc.eid or proc.state is not State.CREATED)
             proc.input.task = self._tasks.create_task(
                 _guard(proc.input.run(), f"stdin pump of {proc.name}"), name=f"stdin-{proc.name}")
 
@@ -322,6 +348,8 @@ class Sandbox:
                                      pb.StartProcessRequest(container_id=cid, exec_id=eid))
         p.pid = resp.pid
         p.to(State.RUNNING)
+        if p.input is not None:
+            p.input.started.set()  # the agent takes the exec's stdin now
         if eid:
             self._events.publish_nowait("/tasks/exec-started", events_pb.TaskExecStarted(
                 container_id=cid, exec_id=eid, pid=p.pid))
@@ -435,10 +463,14 @@ class Sandbox:
 
     async def resize(self, cid: str, eid: str, width: int, height: int) -> None:
         p = self.container(cid).process(eid)
-        p.require(State.CREATED, State.RUNNING, State.PAUSED, action="resize the terminal of")
+        if p.state is State.STOPPED:
+            return  # ctr resizes after a short-lived process exited; runc's shim ignores it too
         assert self.agent is not None
-        await self.agent.call(self.agent.stub.resize_pty, pb.ResizePtyRequest(
-            container_id=cid, exec_id=eid, width=width, height=height))
+        try:
+            await self.agent.call(self.agent.stub.resize_pty, pb.ResizePtyRequest(
+                container_id=cid, exec_id=eid, width=width, height=height))
+        except (NotFound, FailedPrecondition):
+            pass  # it exited while the call was on its way: as above
 
     async def pause(self, cid: str) -> None:
         c = self.container(cid)
@@ -461,6 +493,17 @@ class Sandbox:
     async def update(self, cid: str, resources_json: bytes) -> None:
         self.container(cid).init.require(State.CREATED, State.RUNNING, State.PAUSED, action="update")
         assert self.agent is not None
+        # A VM grows first (QemuSandbox.grow_to: vCPU/DIMM hotplug), so the
+        # new limits have room; sized by this container's resources alone.
+        grow = getattr(self.vm, "grow_to", None)
+        if grow is not None:
+            try:
+                resources = json.loads(resources_json or b"{}")
+            except ValueError:
+                resources = {}
+            if not isinstance(resources, dict):
+                resources = {}
+            await grow(_sizing.workload([{"linux": {"resources": resources}}]))
         await self.agent.call(self.agent.stub.update_container, pb.UpdateContainerRequest(
             container_id=cid, resources_json=resources_json))
 
@@ -477,6 +520,16 @@ class Sandbox:
         assert self.agent is not None
         resp = await self.agent.call(self.agent.stub.list_processes, pb.ContainerRequest(container_id=cid))
         return list(resp.processes)
+
+
+_netns_path = netns_path
+
+
+def _guest_spec(vm: VmmSandbox, spec_json: bytes) -> bytes:
+    """The spec as the agent must see it: a VM backend rewrites host-only parts
+    (``QemuSandbox.guest_spec``); the process backend's agent runs on the host."""
+    adapt = getattr(vm, "guest_spec", None)
+    return adapt(spec_json) if adapt is not None else spec_json
 
 
 async def _guard(coro: Any, what: str) -> None:

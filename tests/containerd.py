@@ -583,7 +583,7 @@ def _processes_of(root: str, skip: set[int]) -> Iterable[tuple[int, str]]:
                 if mnt_ns not in ns_mentions:
                     ns_mentions[mnt_ns] = needle in Path(f"/proc/{pid}/mountinfo").read_bytes()
                 found = ns_mentions[mnt_ns]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+        except OSError:  # gone, going (EINVAL on a dying task's mountinfo) or not ours to read
             continue
         if found:
             yield pid, cmdline.replace(b"\0", b" ").decode(errors="replace").strip()

@@ -48,8 +48,9 @@ def make_releases(root: Path, *versions: str, shim_schema: int = 1) -> None:
 class StandIn(ops_pb.ShimOpsBase):
     def __init__(self, sid: str, *, shim: str = "0.1.0", agent: str = "0.1.0",
                  containers: dict[str, str] | None = None, schema: int = 1, block: bool = False,
-                 lose_container_on_agent: str = "", fail_agent: str = "") -> None:
+                 lose_container_on_agent: str = "", fail_agent: str = "", accel: str = "") -> None:
         self.sid, self.shim, self.agent, self.schema = sid, shim, agent, schema
+        self.accel = accel
         self.containers = dict(containers or {"c1": "running"})
         self.block, self.lose, self.fail_agent = block, lose_container_on_agent, fail_agent
         self.calls: list[tuple[str, str]] = []
@@ -64,6 +65,7 @@ class StandIn(ops_pb.ShimOpsBase):
         return ops_pb.StatusResponse(
             sandbox_id=self.sid, shim_version=self.shim, shim_pid=os.getpid(),
             agent_version=self.agent, backend="standin", namespace="test", state_schema=self.schema,
+            accel=self.accel,
             containers=[ops_pb.ContainerInfo(id=c, pid=1, status=s)
                         for c, s in self.containers.items()])
 

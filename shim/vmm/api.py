@@ -46,6 +46,13 @@ class LaunchSpec:
     vcpus: int = 1
     memory_mib: int = 256
     env: Mapping[str, str] = field(default_factory=dict)
+    #: The pod's network namespace (the OCI spec's ``network`` namespace path),
+    #: for backends that must carry it into the sandbox (a VM); None: none.
+    netns: str | None = None
+    #: What the pod's containers ask for on top of the base size
+    #: (``shim.vmm._sizing.workload``); backends with a fixed size ignore it.
+    workload_vcpus: int = 0
+    workload_memory_mib: int = 0
 
 
 class Sandbox(Protocol):

@@ -166,6 +166,39 @@ class Counter:
 
 
 @pytest.mark.requires_root
+def test_upgrade_to_a_release_directory(agent: AgentProcess, rootfs: str, tmp_path: Path,
+                                        releases: Path) -> None:
+    """A release given as a directory (how a VM image installs them) runs on the
+    same interpreter with that tree in place of the running one on PYTHONPATH."""
+    c_dir = tmp_path / "c"
+    make_release(tmp_path, "c", "9.3.0", copy_code=True)  # its own agent/ and upgrade/ trees
+
+    async def scenario(c: Client) -> None:
+        before = await _health(c)
+        counter = Counter(c)
+        await counter.start(rootfs)
+        await counter.seen(20)
+        await expect_error(_upgrade(c, str(tmp_path)), Status.FAILED_PRECONDITION,
+                           "without an agent package")
+        resp = await _upgrade(c, str(c_dir), "9.3.0")
+        assert (resp.from_version, resp.to_version) == (A, "9.3.0"), resp
+        health = await _health(c)
+        assert (health.agent_version, health.agent_pid, health.boot_id) == (
+            "9.3.0", agent.pid, before.boot_id)
+        await counter.seen(40)
+        await _upgrade(c, launcher(releases, "a"), A)  # and back to a launcher file
+        assert (await _health(c)).agent_version == A
+        assert await counter.finish() > 20
+        await retrying(lambda: c.agent.remove_process(
+            pb.RemoveProcessRequest(container_id="seq", exec_id="stop")))
+        await c.agent.remove_process(pb.RemoveProcessRequest(container_id="seq"))
+
+    _run(agent, scenario)
+    assert f"exec {c_dir}" in agent.log()
+    assert "Traceback" not in agent.log(), agent.log()
+
+
+@pytest.mark.requires_root
 @pytest.mark.slow
 def test_upgrade_back_and_forth_loses_nothing(agent: AgentProcess, rootfs: str,
                                               releases: Path, tmp_path: Path) -> None:

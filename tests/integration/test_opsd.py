@@ -80,7 +80,7 @@ def test_logs_go_to_the_journal_under_systemd(base: Path, fleet: Fleet) -> None:
 
 def test_ls_shows_sandboxes_containers_versions(opsd: Opsd, fleet: Fleet, base: Path) -> None:
     fleet.add("pod-a", containers={"web": "running", "sidecar": "running"})
-    fleet.add("pod-b", agent="0.1.1")
+    fleet.add("pod-b", agent="0.1.1", accel="tcg")
     dead = base / "state/sandboxes/pod-dead"
     dead.mkdir(parents=True)
     s = socket.socket(socket.AF_UNIX)
@@ -89,14 +89,17 @@ def test_ls_shows_sandboxes_containers_versions(opsd: Opsd, fleet: Fleet, base: 
     r = opsctl(opsd.socket, "ls")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert any(ln.startswith("pod-a") and " 0.1.0 " in ln and ln.endswith(" 2") for ln in lines)
-    assert any(ln.startswith("pod-b") and "0.1.1" in ln for ln in lines)
+    assert any(ln.startswith("pod-a") and " 0.1.0 " in ln and " standin " in ln
+               and ln.endswith(" 2") for ln in lines)
+    # A VM sandbox's accelerator shows in the BACKEND column.
+    assert any(ln.startswith("pod-b") and "0.1.1" in ln and " standin/tcg " in ln for ln in lines)
     assert any(ln.startswith("pod-dead") and "unreachable" in ln for ln in lines)
     assert any("container web" in ln and "running" in ln for ln in lines)
     r = opsctl(opsd.socket, "ls", "--json")
     doc = json.loads(r.stdout)
     by_id = {s["id"]: s for s in doc["sandboxes"]}
     assert by_id["pod-b"]["agent_version"] == "0.1.1" and by_id["pod-dead"]["error"]
+    assert by_id["pod-b"]["accel"] == "tcg", by_id["pod-b"]
 
 
 def test_non_root_callers_are_refused(opsd: Opsd, base: Path) -> None:

@@ -64,3 +64,16 @@ def test_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         config.load(tmp_path / "missing.toml")
     monkeypatch.setenv("KEEL_STATE_ROOT", str(tmp_path))
     assert config.load(tmp_path / "missing.toml" if False else None).state_root == tmp_path
+
+
+@pytest.mark.parametrize("status", [0, 1, 137, 300])
+@pytest.mark.parametrize("ns", [0, 1_796_112_969_000_000_000, 1_796_112_969_123_456_789])
+def test_hand_encoded_delete_response_parses(status: int, ns: int) -> None:
+    from shim._delete import delete_response
+    from shim._pb.containerd.task import v2 as task_pb
+
+    resp = task_pb.DeleteResponse().parse(delete_response(status, ns))
+    assert (resp.pid, resp.exit_status) == (0, status)
+    stamp = resp.exited_at
+    assert int(stamp.timestamp()) == ns // 1_000_000_000
+    assert stamp.microsecond == ns % 1_000_000_000 // 1000

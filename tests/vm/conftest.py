@@ -13,12 +13,14 @@ The image is cached under ``$KEEL_IMAGE_DIR`` (default
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,11 @@ import pytest
 from shim._agentconn import AgentConnection
 from shim.vmm.api import LaunchSpec
 from shim.vmm.qemu import QemuBackend, QemuConfig, QemuSandbox, _mounts, image
+from tests.containerd import Containerd, force_cleanup, install_shim_wrapper, leftovers
+from tests.images.busybox import build_image, import_image
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_CACHE = Path(os.environ.get("KEEL_TEST_CACHE", "/var/tmp/keel-test-cache")) / "images"
 
 #: Seconds a TCG guest may take to answer Hello (it takes ~5-10 s on a loaded 2-core host).
 AGENT_TIMEOUT_S = 60.0
@@ -143,3 +150,72 @@ async def booted(img: image.Image, root: Path, **kw: object) -> AsyncIterator[
         conn.close()
         await vm.stop()
         backend.close_fds(vm)
+
+
+# --- a private containerd whose Keel shim runs every sandbox in a VM ----------------
+
+KEEL_RUNTIME = "io.containerd.keel.v2"
+#: The shim's agent timeout in these tests: the default (30 s for qemu) is
+#: too tight for a TCG boot on a 2-core host shared with other test runs.
+SHIM_AGENT_TIMEOUT_S = 120
+
+
+def write_keel_config(path: Path, img: image.Image, **qemu: object) -> Path:
+    """A Keel config file selecting the qemu backend with the test image."""
+    lines = ["[shim]", 'backend = "qemu"', f"agent_timeout_s = {SHIM_AGENT_TIMEOUT_S}", "",
+             "[qemu]", f'image = "{img.initrd.parent}"',
+             f'probe_cache = "{Path(tempfile.gettempdir()) / "keel-test-kvm-probe.json"}"']
+    for key, value in qemu.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def vm_containerd(vm_image: image.Image, require_env: Callable[[str], None]) -> Iterator[Containerd]:
+    """A private containerd (tests/containerd.py) with busybox imported and a
+    ``containerd-shim-keel-v2`` whose ``KEEL_CONFIG`` selects the qemu backend.
+
+    Keel's state lives under the temp root, so a VM left running is one of
+    its ``leftovers()`` (qemu's command line names its sandbox dir there).
+    Teardown removes every task, stops containerd and fails the module if
+    any process (shim, qemu), mount or socket is left.
+    """
+    require_env("integration")
+    tmp = Path(tempfile.mkdtemp(prefix="kctd-", dir="/tmp"))  # short: socket paths below it
+    keel_config = write_keel_config(tmp / "keel.toml", vm_image)
+    # KEEL_CONFIG in containerd's environment too: shims given by path
+    # (``--runtime /path/to/release/shim``) inherit it from there.
+    ctd = Containerd(tmp, namespace="keel-vm-test",
+                     env={"KEEL_STATE_ROOT": str(tmp / "keel"), "KEEL_CONFIG": str(keel_config)})
+    install_shim_wrapper(ctd.paths.bin_dir, sys.executable,
+                         env={"PYTHONPATH": str(REPO), "KEEL_CONFIG": str(keel_config)})
+    ctd.start()
+    try:
+        import_image(ctd.ctr_prefix(), build_image(IMAGE_CACHE))
+        yield ctd
+    finally:
+        _containerd_teardown(ctd)
+
+
+def _containerd_teardown(ctd: Containerd) -> None:
+    problems = []
+    if ctd.pid is not None:
+        try:
+            ctd.remove_all(timeout=120)
+        except Exception as exc:  # noqa: BLE001 - report, but still stop and clean up
+            problems.append(f"remove_all: {exc}")
+    found = ctd.stop(leftover_grace=15.0)
+    if found:
+        problems.append(f"left behind after containerd stopped:\n{found}")
+        force_cleanup(found)
+    tmp = ctd.paths.tmp_root
+    still = leftovers(tmp)
+    if still.mounts:
+        problems.append(f"could not unmount; kept {tmp}:\n{still}")
+    elif not problems:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if problems:
+        pytest.fail("private containerd (qemu backend) teardown:\n" + "\n".join(problems)
+                    + f"\n--- containerd log tail ({ctd.paths.log}) ---\n{ctd.log_tail()}",
+                    pytrace=False)

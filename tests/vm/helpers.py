@@ -18,7 +18,7 @@ from tests.agent_harness import make_rootfs, make_spec, read_both
 
 REPO = Path(__file__).resolve().parents[2]
 
-__all__ = ["launch_in_child", "mount_options", "make_rootfs", "run_container", "leftovers", "process_gone", "writable", "privileged"]
+__all__ = ["launch_in_child", "mount_options", "make_rootfs", "run_container", "leftovers", "process_gone", "writable"]
 
 
 async def run_container(vm: QemuSandbox, conn: AgentConnection, cid: str, args: Sequence[str],
@@ -49,17 +49,6 @@ def writable(args: Sequence[str], cid: str) -> dict[str, Any]:
     """A spec with a writable root."""
     doc = make_spec(args, cid)
     doc["root"] = {"path": "rootfs", "readonly": False}
-    return doc
-
-
-def privileged(args: Sequence[str], cid: str) -> dict[str, Any]:
-    """A spec whose process may write /sys (CAP_SYS_ADMIN, rw sysfs): onlines hotplugged CPUs."""
-    doc = make_spec(args, cid)
-    caps = ["CAP_SYS_ADMIN"]
-    doc["process"]["capabilities"] = {"bounding": caps, "effective": caps, "permitted": caps}
-    for m in doc["mounts"]:
-        if m["destination"] == "/sys":
-            m["options"] = ["nosuid", "noexec", "nodev"]
     return doc
 
 

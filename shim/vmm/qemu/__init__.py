@@ -7,7 +7,9 @@ execs the agent as PID 1, and a per-sandbox read-write 9p share for
 container root filesystems.  The agent's two channels are virtio-serial
 ports whose host ends are unix sockets in the sandbox directory; QMP
 (``qmp.sock``) reports status, quits the VM and hotplugs vCPUs and memory
-on q35/pc.  Layout of the sandbox directory: ``_cmdline.SandboxFiles``.
+on q35/pc.  When the pod has a network namespace, its veth is bridged to a
+tap whose fd qemu gets (``_net``).  Layout of the sandbox directory:
+``_cmdline.SandboxFiles``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.errors import KeelError, NotFound, Unavailable
+from agent.errors import FailedPrecondition, KeelError, NotFound, Unavailable
 from shim.vmm.api import LaunchSpec
-from shim.vmm.qemu import _accel, _cmdline, _mounts
+from shim.vmm.qemu import _accel, _cmdline, _mounts, _net, _template
 from shim.vmm.qemu._sandbox import QemuSandbox, start_time
 from shim.vmm.qemu.config import QemuConfig, load
+from upgrade.aio import wait_readable
 
 __all__ = ["QemuBackend", "QemuConfig", "QemuSandbox"]
 
@@ -40,6 +43,25 @@ def _tail(path: Path, limit: int = 1500) -> str:
             return f.read().decode(errors="replace").strip() or "(empty)"
     except OSError:
         return "(none)"
+
+
+async def _exits(pidfd: int, timeout: float) -> bool:
+    """Whether the process of *pidfd* exits within *timeout* s (False for no pidfd).
+
+    A failed clone whose qemu is exiting may lose its sockets just before its pidfd says so.
+    """
+    if pidfd < 0:
+        return False
+    try:
+        async with asyncio.timeout(timeout):
+            await wait_readable(pidfd)
+    except TimeoutError:
+        return False
+    return True
+
+
+class _VmGone(Unavailable):
+    """qemu daemonized, then exited before its pid could be read."""
 
 
 class QemuBackend:
@@ -79,25 +101,111 @@ class QemuBackend:
         if qemu is None:
             raise Unavailable(f"{cfg.qemu} not found (apt-get install qemu-system-x86)")
         accel = await _accel.choose(qemu, kernel, cfg.accel, cfg.probe_cache, cfg.kvm_probe_timeout_s)
-        vcpus, memory = max(cfg.vcpus, spec.vcpus), max(cfg.memory_mib, spec.memory_mib)
-        argv = _cmdline.argv(
-            cfg, accel, files, name=spec.sandbox_id[:32], kernel=kernel, initrd=initrd,
-            rootfs=rootfs, vcpus=vcpus, memory_mib=memory,
-            cmdline=_cmdline.kernel_cmdline(cfg, accel, spec.agent_args))
+        vcpus = max(cfg.vcpus, spec.vcpus) + spec.workload_vcpus
+        memory = max(cfg.memory_mib, spec.memory_mib) + spec.workload_memory_mib
+        nic, tap_fd = await self._attach_network(spec)
+        info = {"accel": accel.name, "accel_reason": accel.reason, "machine": cfg.machine,
+                "image": image_id, "vcpus": vcpus, "memory_mib": memory, "qemu": qemu,
+                "base_vcpus": vcpus - spec.workload_vcpus,
+                "base_memory_mib": memory - spec.workload_memory_mib}
+        if cfg.template and nic is None:
+            try:
+                pid, pidfd, tpl_key = await self._launch_clone(
+                    spec, files, qemu, accel, (image_id, kernel, initrd, rootfs), vcpus, memory)
+            except Exception as exc:  # noqa: BLE001 - the template is an optimisation: cold-boot
+                log.warning("sandbox %s: starting from a template failed, cold boot instead: %s",
+                            spec.sandbox_id, exc)
+            else:
+                log.info("sandbox %s: qemu pid %d restored from template %s, %s/%s, %d vCPU, "
+                         "%d MiB", spec.sandbox_id, pid, tpl_key, cfg.machine, accel.name, vcpus, memory)
+                return QemuSandbox(files, pid, pidfd, {**info, "template": tpl_key})
         try:
+            argv = _cmdline.argv(
+                cfg, accel, files, name=spec.sandbox_id[:32], kernel=kernel, initrd=initrd,
+                rootfs=rootfs, vcpus=vcpus, memory_mib=memory,
+                cmdline=_cmdline.kernel_cmdline(cfg, accel, spec.agent_args,
+                                                nic.guest_config() if nic else ""),
+                tap=(tap_fd, nic.mac) if nic else None)
             await asyncio.to_thread(self._prepare, files)
-            pid = await self._start(argv, files)
+            pid = await self._start(argv, files, (tap_fd,) if nic else ())
             pidfd = os.pidfd_open(pid)
         except BaseException as exc:
             await asyncio.to_thread(self._discard, files)
+            if nic is not None:
+                await asyncio.to_thread(_net.teardown, nic.netns, nic.veth)
             if isinstance(exc, ProcessLookupError):
                 raise Unavailable(f"qemu exited at once; console: {_tail(files.console)}") from None
             raise
-        info = {"accel": accel.name, "accel_reason": accel.reason, "machine": cfg.machine,
-                "image": image_id, "vcpus": vcpus, "memory_mib": memory, "qemu": qemu}
+        finally:
+            if nic is not None:
+                os.close(tap_fd)  # qemu holds its own copy
+        if nic is not None:
+            info["network"] = {"netns": nic.netns, "veth": nic.veth, "mac": nic.mac,
+                               "addresses": list(nic.addresses)}
         log.info("sandbox %s: qemu pid %d, %s/%s, %d vCPU, %d MiB, image %s (%s)", spec.sandbox_id,
                  pid, cfg.machine, accel.name, vcpus, memory, image_id, accel.reason)
         return QemuSandbox(files, pid, pidfd, info)
+
+    async def _launch_clone(self, spec: LaunchSpec, files: _cmdline.SandboxFiles, qemu: str,
+                            accel: _accel.Accel, image: tuple[str, Path, Path, Path], vcpus: int,
+                            memory: int) -> tuple[int, int, str]:
+        """Start the VM by restoring its template (built now if missing): (pid, pidfd, key).
+
+        Raises on any failure, leaving nothing of the attempt behind.
+        """
+        cfg = self.config
+        image_id, kernel, initrd, rootfs = image
+        cmdline = _cmdline.kernel_cmdline(cfg, accel, (), template=True)
+
+        def argv_for(f: _cmdline.SandboxFiles, incoming: Path | None) -> list[str]:
+            return _cmdline.argv(cfg, accel, f, name=spec.sandbox_id[:32] if incoming else "template",
+                                 kernel=kernel, initrd=initrd, rootfs=rootfs, vcpus=vcpus,
+                                 memory_mib=memory, cmdline=cmdline, incoming=incoming)
+
+        # Everything a clone must share with its template (paths of sockets and shares may differ).
+        shape = {"image": image_id, "kernel": _template.file_id(kernel),
+                 "initrd": _template.file_id(initrd), "rootfs": str(rootfs),
+                 "qemu": [qemu, *_template.file_id(Path(qemu))], "machine": cfg.machine,
+                 "accel": accel.name, "vcpus": vcpus, "memory_mib": memory, "cmdline": cmdline,
+                 "hotplug": [cfg.max_vcpus, cfg.max_memory_mib, cfg.memory_slots] if cfg.hotplug else None}
+        tpl = await _template.ensure(cfg.template_dir, _template.key(shape), shape, argv_for,
+                                     self._start, cfg.template_timeout_s)
+        await asyncio.to_thread(self._prepare, files)
+        pidfd = -1
+        try:
+            pid = await self._start(argv_for(files, tpl.snapshot), files)
+            pidfd = os.pidfd_open(pid)
+            await _template.resume(files, spec.sandbox_id, spec.agent_args, cfg.template_timeout_s)
+        except BaseException as exc:
+            if isinstance(exc, (_VmGone, ProcessLookupError)) or await _exits(pidfd, 1.0):
+                # qemu exited by itself: the snapshot did not load (a timeout on a
+                # busy host leaves it running, and the template alone).
+                log.warning("template %s: a clone died while restoring: discarded", tpl.key)
+                await asyncio.to_thread(_template.discard, tpl)
+            if pidfd >= 0:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.close(pidfd)
+            else:
+                self._kill_daemon(files)
+            await asyncio.to_thread(self._discard, files)
+            raise
+        return pid, pidfd, tpl.key
+
+    @staticmethod
+    async def _attach_network(spec: LaunchSpec) -> tuple[_net.PodNic | None, int]:
+        """The pod's veth bridged to a tap (and the tap's fd), if the pod has a network.
+
+        A namespace without an interface (a pod with only loopback) gives a
+        VM without a NIC; a namespace that cannot be entered is an error.
+        """
+        if not spec.netns:
+            return None, -1
+        try:
+            return await asyncio.to_thread(_net.attach, spec.netns)
+        except FailedPrecondition as exc:
+            log.warning("sandbox %s: no pod network: %s", spec.sandbox_id, exc)
+            return None, -1
 
     @staticmethod
     def _prepare(files: _cmdline.SandboxFiles) -> None:
@@ -115,13 +223,14 @@ class QemuBackend:
         for path in (*files.sockets(), files.pidfile, files.console, files.vmm_log):
             path.unlink(missing_ok=True)
 
-    async def _start(self, argv: list[str], files: _cmdline.SandboxFiles) -> int:
+    async def _start(self, argv: list[str], files: _cmdline.SandboxFiles,
+                     pass_fds: tuple[int, ...] = ()) -> int:
         """Run qemu -daemonize; its parent exits once the VM is set up.  Returns the VM's pid."""
         log_fd = os.open(files.vmm_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=log_fd, start_new_session=True)
+                stderr=log_fd, start_new_session=True, pass_fds=pass_fds)
         finally:
             os.close(log_fd)
         try:
@@ -139,7 +248,8 @@ class QemuBackend:
         try:
             return int(files.pidfile.read_text().strip())
         except (OSError, ValueError) as exc:
-            raise Unavailable(f"qemu started but wrote no pid file: {exc}") from exc
+            raise _VmGone(f"qemu started but wrote no pid file (it exits removing it): "
+                          f"{exc}; {_tail(files.vmm_log)}") from exc
 
     @staticmethod
     def _kill_daemon(files: _cmdline.SandboxFiles) -> None:

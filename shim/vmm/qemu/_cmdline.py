@@ -76,8 +76,21 @@ class SandboxFiles:
                 raise InvalidArgument(f"sandbox path too long for a unix socket: {sock}")
 
 
-def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str]) -> str:
-    """The guest kernel command line; InvalidArgument if the agent args cannot travel on it."""
+def shell_word(path: Path) -> str:
+    """*path* for a ``exec:`` migration URI (run by ``sh -c``); InvalidArgument if it needs quoting."""
+    if any(c.isspace() or c in "'\"\\$`;&|<>(){}*?[]~#!" for c in str(path)):
+        raise InvalidArgument(f"path unusable in a shell command: {path}")
+    return str(path)
+
+
+def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str],
+                   net: str = "", *, template: bool = False) -> str:
+    """The guest kernel command line; InvalidArgument if the agent args cannot travel on it.
+
+    *net* is the pod network for the guest init (``_net.PodNic.guest_config``).
+    A *template* VM waits for the host's ``go`` line (``_template``), which
+    carries the agent args and network instead.
+    """
     if any("\n" in a for a in agent_args):
         raise InvalidArgument("agent arguments must not contain newlines")
     words = ["console=ttyS0", "panic=-1", "quiet", "cryptomgr.notests", "rodata=off",
@@ -88,9 +101,13 @@ def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str]) 
         words.append("memhp_default_state=online")
     else:
         words.append("pci=off")  # microvm has no PCI bus: skip probing for one
+    if template:
+        words.append("keel.template=1")
     if agent_args:
         lines = "".join(f"{a}\n" for a in agent_args)
         words.append("keel.args=" + base64.b64encode(lines.encode()).decode())
+    if net:
+        words.append("keel.net=" + base64.b64encode(net.encode()).decode())
     words += config.kernel_args
     line = " ".join(words)
     if len(line) > _KERNEL_CMDLINE_MAX:
@@ -99,8 +116,13 @@ def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str]) 
 
 
 def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, kernel: Path,
-         initrd: Path, rootfs: Path, vcpus: int, memory_mib: int, cmdline: str) -> list[str]:
-    """The full qemu argv (absolute paths: qemu -daemonize changes to /)."""
+         initrd: Path, rootfs: Path, vcpus: int, memory_mib: int, cmdline: str,
+         tap: tuple[int, str] | None = None, incoming: Path | None = None) -> list[str]:
+    """The full qemu argv (absolute paths: qemu -daemonize changes to /).
+
+    *tap* is (an open tap fd qemu inherits, the guest NIC's MAC); *incoming*
+    a template snapshot to restore instead of booting (``_template``).
+    """
     if config.hotplug:
         bus = "pci"
         machine = ["-M", config.machine]
@@ -132,6 +154,12 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, ke
     for channel, port in PORTS.items():
         args += ["-chardev", f"socket,id=ch-{channel},path={files.channel(channel)},server=on,wait=off",
                  "-device", f"virtserialport,bus=vser0.0,chardev=ch-{channel},name={port}"]
+    if tap is not None:
+        fd, mac = tap
+        args += ["-netdev", f"tap,id=net0,fd={fd}",
+                 "-device", f"virtio-net-{bus},netdev=net0,mac={mac}"]
+    if incoming is not None:
+        args += ["-incoming", f"exec:cat {shell_word(incoming)}"]
     for value in (str(kernel), str(initrd), str(rootfs), str(files.root)):
         if "," in value:
             raise InvalidArgument(f"qemu option values cannot contain ',': {value}")

@@ -10,7 +10,12 @@ panics and, with ``panic=-1 -no-reboot``, qemu exits, so a dead agent is a
 dead sandbox the shim sees through its pidfd.
 
 Kernel command line words the init reads: ``keel.args=<base64>`` (extra
-agent arguments, one per line) and ``keel.debug=1`` (log each step).
+agent arguments, one per line), ``keel.net=<base64>`` (the pod network,
+``_net.PodNic.guest_config``: ``link MAC NAME MTU``, ``addr CIDR`` and
+``route DST [via GW] [scope link]`` lines, applied with busybox ``ip`` to
+the NIC with that MAC before the agent starts), ``keel.debug=1`` (log
+each step) and ``keel.template=1`` (a template VM: wait for the host's
+``go`` line on the ops port before any 9p mount, ``_template``).
 """
 
 from __future__ import annotations
@@ -37,15 +42,70 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 fail() { echo "keel-init: FATAL: $*"; poweroff -f; }
 say() { [ -n "$debug" ] && echo "keel-init: [$(cut -d' ' -f1 /proc/uptime)] $*"; }
-args= ; debug=
+args= ; net= ; debug= ; template= ; seed=
 for w in $(cat /proc/cmdline); do
   case "$w" in
     keel.args=*) args="${w#keel.args=}" ;;
+    keel.net=*) net="${w#keel.net=}" ;;
     keel.debug=1) debug=1 ;;
+    keel.template=1) template=1 ;;
   esac
 done
 while read -r m; do insmod "/lib/modules/$m.ko" || fail "insmod $m"; done < /lib/modules/order
 say "modules loaded"
+if [ -n "$template" ]; then
+  # A template VM (_template.py) is snapshotted here, before any 9p mount (a
+  # mounted share blocks migration); every clone resumes in this read.  The
+  # go line gives a clone what the command line gives a cold boot, plus its
+  # own entropy, hash seed, clock and hostname.
+  ops=
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = @OPS_PORT@ ] && ops="/dev/${p##*/}"
+  done
+  [ -n "$ops" ] || fail "template: no @OPS_PORT@ port"
+  exec 3<>"$ops" || fail "template: cannot open $ops"
+  echo ready >&3
+  # A read of a port whose host end is not connected returns EOF at once, and a
+  # clone resumes with its socket not yet connected: retry until the line comes.
+  go=
+  until read -r go <&3 && [ -n "$go" ]; do usleep 20000; done
+  now=
+  for w in $go; do
+    case "$w" in
+      seed=*) seed="${w#seed=}" ;;
+      hashseed=*) export PYTHONHASHSEED="${w#hashseed=}" ;;
+      time=*) now="${w#time=}" ;;
+      host=*) hostname "${w#host=}" ;;
+      args=*) args="${w#args=}" ;;
+      net=*) net="${w#net=}" ;;
+    esac
+  done
+  [ -n "$seed" ] && [ -n "$now" ] || fail "template: bad go line"
+  echo "$seed" > /dev/urandom
+  date -s "$now" > /dev/null || fail "template: cannot set the clock"
+  echo ok >&3
+  exec 3>&-
+  say "template clone resumed"
+fi
+ip link set lo up
+if [ -n "$net" ]; then
+  echo "$net" | base64 -d > /net.conf || fail "bad keel.net"
+  dev=
+  while read -r kind rest; do
+    case "$kind" in
+      link)
+        set -- $rest
+        for n in /sys/class/net/*; do [ "$(cat "$n/address")" = "$1" ] && dev="${n##*/}"; done
+        [ -n "$dev" ] || fail "no NIC with MAC $1"
+        [ "$dev" = "$2" ] || ip link set "$dev" name "$2" || fail "cannot rename $dev to $2"
+        dev=$2
+        ip link set "$dev" mtu "$3" up || fail "cannot bring $dev up" ;;
+      addr) ip addr add $rest dev "$dev" || fail "ip addr add $rest" ;;
+      route) ip route add $rest dev "$dev" || fail "ip route add $rest" ;;
+    esac
+  done < /net.conf
+  say "network: $(ip -4 -o addr show dev "$dev")"
+fi
 R=/newroot
 mkdir -p $R
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose @ROOT_TAG@ $R \
@@ -53,6 +113,8 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose @ROOT_T
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs $R/run
 mkdir -p $R@SHARED@ $R/run/keel/agent
 chmod 0700 $R/run/keel
+# The clone's entropy, for the agent to credit and reseed the kernel RNG with (_vmguest).
+[ -n "$seed" ] && (umask 077; echo "$seed" > $R/run/keel/seed)
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none @SHARE_TAG@ $R@SHARED@ \
   || fail "cannot mount the sandbox share (9p @SHARE_TAG@)"
 mount -t proc -o nosuid,nodev,noexec proc $R/proc
@@ -76,7 +138,7 @@ fi
 say "starting the agent $*"
 export HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PYTHONPATH=@PYTHONPATH@ PYTHONDONTWRITEBYTECODE=1
-exec switch_root $R @PYTHON@ -S -m agent --state-dir /run/keel/agent \
+exec switch_root $R @PYTHON@ -S -m agent._vmguest --state-dir /run/keel/agent \
   --listen agent=serial:@AGENT_PORT@ --listen ops=serial:@OPS_PORT@ "$@"
 """
 

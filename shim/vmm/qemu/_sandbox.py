@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import select
@@ -18,10 +19,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import Internal, InvalidArgument, Unavailable, Unimplemented
+from agent.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable, Unimplemented
 from shim.vmm._dialers import ExclusiveDialer, unix_dialer
+from shim.vmm._sizing import Workload
 from shim.vmm.api import Dialer, MountSpec
-from shim.vmm.qemu import _mounts
+from shim.vmm.qemu import _mounts, _net
 from shim.vmm.qemu import qmp as _qmp
 from shim.vmm.qemu._cmdline import SandboxFiles
 from shim.vmm.qemu._initramfs import GUEST_SHARED, PORTS
@@ -119,6 +121,52 @@ class QemuSandbox:
         self.info["memory_mib"] = int(self.info.get("memory_mib", 0)) + mib
         return dimm
 
+    # -- container specs ------------------------------------------------------------------
+
+    def guest_spec(self, spec_json: bytes) -> bytes:
+        """The OCI spec as the agent in this VM must see it.
+
+        A network namespace given by path is the pod's, on the host: its
+        veth was bridged into this VM (``_net``), so in the guest the
+        container shares the VM's own network (the VM is the pod's
+        boundary).  Without a path the container gets a namespace of its
+        own, as runc would give it.  Other fields pass unchanged.
+        """
+        spec = json.loads(spec_json)
+        namespaces = (spec.get("linux") or {}).get("namespaces")
+        if not namespaces or not any(ns.get("type") == "network" and ns.get("path")
+                                     for ns in namespaces):
+            return spec_json
+        spec["linux"]["namespaces"] = [ns for ns in namespaces
+                                       if not (ns.get("type") == "network" and ns.get("path"))]
+        return json.dumps(spec).encode()
+
+    async def grow_to(self, workload: Workload) -> None:
+        """Hotplug vCPUs and memory until the VM has its base plus *workload*.
+
+        Only grows (an unplug needs the guest's cooperation); a DIMM is
+        rounded up to 128 MiB.  On microvm, or past ``maxcpus``/``maxmem``,
+        it logs what is missing and returns: the container's cgroup limits
+        still change, the VM just stays smaller than asked.
+        """
+        want_cpus = int(self.info.get("base_vcpus", 1)) + workload.vcpus
+        want_mib = int(self.info.get("base_memory_mib", 0)) + workload.memory_mib
+        have_cpus, have_mib = int(self.info["vcpus"]), int(self.info["memory_mib"])
+        if want_cpus <= have_cpus and want_mib <= have_mib:
+            return
+        try:
+            while int(self.info["vcpus"]) < want_cpus:
+                await self.add_vcpu()
+            if want_mib > have_mib:
+                await self.add_memory(-(-(want_mib - have_mib) // 128) * 128)
+        except (Unimplemented, FailedPrecondition, Internal) as exc:
+            log.warning("sandbox %s: VM stays at %s vCPU / %s MiB (asked for %d / %d): %s",
+                        self.files.root.name, self.info["vcpus"], self.info["memory_mib"],
+                        want_cpus, want_mib, exc)
+            return
+        log.info("sandbox %s: VM grown to %s vCPU / %s MiB", self.files.root.name,
+                 self.info["vcpus"], self.info["memory_mib"])
+
     # -- root filesystems -----------------------------------------------------------------
 
     async def share_rootfs(self, container_id: str, mounts: Sequence[MountSpec],
@@ -169,7 +217,10 @@ class QemuSandbox:
             raise Internal(f"VM pid {self._pid} did not exit within 5s of SIGKILL") from None
 
     def cleanup_files(self) -> None:
-        """Remove what the VM used in the sandbox dir (the VM must be gone)."""
+        """Remove what the VM used in the sandbox dir and the pod network's
+        redirect (the VM must be gone)."""
+        if net := self.info.get("network"):
+            _net.teardown(net["netns"], net["veth"])
         _mounts.unshare_all(self.files.shared, self.files.rootfs_marks)
         for path in (*self.files.sockets(), self.files.pidfile):
             path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ the shim's ``[shim]`` table: ``$KEEL_CONFIG`` or ``/etc/keel/config.toml``)::
     vcpus = 1
     memory_mib = 512
     kernel_args = ["keel.debug=1"]
+    template = true          # start sandboxes from a snapshot (see _template)
 
 Sizing: a sandbox gets ``max(config, LaunchSpec)`` vCPUs and memory, so the
 config gives floors and a pod's request can raise them.
@@ -60,6 +61,14 @@ class QemuConfig:
     #: Seconds the KVM probe may take; its result is cached in *probe_cache*.
     kvm_probe_timeout_s: float = 5.0
     probe_cache: Path = Path("/run/keel/kvm-probe.json")
+    #: Start sandboxes by restoring a snapshot of a template VM (``_template``;
+    #: sandboxes with a pod network still cold-boot).  Any failure of the
+    #: template path falls back to a cold boot.
+    template: bool = False
+    #: Where templates are kept, one directory per template key.
+    template_dir: Path = Path("/var/cache/keel/templates")
+    #: Seconds building a template, or a clone's answer to ``go``, may take.
+    template_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.machine not in MACHINES:
@@ -74,7 +83,7 @@ class QemuConfig:
             raise InvalidArgument("qemu config: memory_slots must be within 0..256")
         if any(not a or any(c.isspace() for c in a) for a in self.kernel_args):
             raise InvalidArgument("qemu config: kernel_args must be non-empty words without spaces")
-        for name in ("start_timeout_s", "stop_timeout_s", "kvm_probe_timeout_s"):
+        for name in ("start_timeout_s", "stop_timeout_s", "kvm_probe_timeout_s", "template_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"qemu config: {name} must be positive")
 
@@ -99,7 +108,7 @@ class QemuConfig:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    if key in ("image", "kernel", "initrd", "rootfs", "probe_cache"):
+    if key in ("image", "kernel", "initrd", "rootfs", "probe_cache", "template_dir"):
         if not isinstance(value, str):
             raise InvalidArgument(f"qemu config: {key} must be a path string")
         return Path(value)
@@ -109,8 +118,9 @@ def _coerce(key: str, value: Any) -> Any:
         return tuple(value)
     if key.endswith("_s") and isinstance(value, int):
         return float(value)
-    expected = {"qemu": str, "machine": str, "accel": str}.get(key, int if not key.endswith("_s") else float)
-    if not isinstance(value, expected) or isinstance(value, bool):
+    expected = {"qemu": str, "machine": str, "accel": str, "template": bool}.get(
+        key, int if not key.endswith("_s") else float)
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise InvalidArgument(f"qemu config: {key} must be {expected.__name__}")
     return value
 

@@ -132,7 +132,7 @@ def _deb_extract(package: str, version: str, debs: Path, dest: Path) -> None:
 
 
 def _kernel_part(cache: Path, kernel: dict[str, str], say: Callable[[str], None]) -> Path:
-    part = cache / f"kernel-{kernel['version']}"
+    part = cache / f"kernel-{kernel['version']}-{_digest(kernel['modules'])[:8]}"
     if (part / ".complete").exists():
         return part
     say(f"kernel: extracting {kernel['package']} {kernel['version']}")

@@ -85,6 +85,10 @@ class StatusResponse(betterproto.Message):
     containers: List["ContainerInfo"] = betterproto.message_field(6)
     namespace: str = betterproto.string_field(7)
     state_schema: int = betterproto.uint32_field(8)
+    accel: str = betterproto.string_field(9)
+    """
+    The VM's accelerator (kvm, tcg) for a VM backend; empty for the process backend.
+    """
 
 
 @dataclass(eq=False, repr=False)

@@ -43,6 +43,11 @@ class Sandbox(betterproto.Message):
     error: str = betterproto.string_field(9)
     """Set when the sandbox's ops.sock did not answer; the rest is empty."""
 
+    accel: str = betterproto.string_field(10)
+    """
+    The VM's accelerator (kvm, tcg) for a VM backend; empty for the process backend.
+    """
+
 
 @dataclass(eq=False, repr=False)
 class ListSandboxesRequest(betterproto.Message):

@@ -1,0 +1,39 @@
+"""How big a VM a pod's OCI resources ask for (the Kata rule, DESIGN section 7).
+
+vCPUs: the sum of the containers' CPU fractions (CFS quota / period),
+rounded up once; memory: the sum of their limits in MiB (bytes >> 20).  A
+backend adds these to its base size (the guest's own needs), so a pod
+without limits gets the base and a limited one gets room for its limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Workload:
+    """Extra vCPUs and MiB a sandbox needs on top of its base."""
+
+    vcpus: int = 0
+    memory_mib: int = 0
+
+
+def _fraction(cpu: Mapping[str, Any]) -> float:
+    quota, period = cpu.get("quota") or 0, cpu.get("period") or 0
+    return quota / period if quota > 0 and period > 0 else 0.0
+
+
+def workload(specs: Iterable[Mapping[str, Any]]) -> Workload:
+    """The size the ``linux.resources`` of these OCI specs ask for; invalid values count 0."""
+    cpus, mem = 0.0, 0
+    for spec in specs:
+        res = (spec.get("linux") or {}).get("resources") or {}
+        cpus += _fraction(res.get("cpu") or {})
+        limit = (res.get("memory") or {}).get("limit") or 0
+        if isinstance(limit, int) and limit > 0:
+            mem += limit >> 20
+    return Workload(vcpus=math.ceil(round(cpus, 6)), memory_mib=mem)
