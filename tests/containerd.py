@@ -313,6 +313,16 @@ class Containerd:
 
     # --- logs ---------------------------------------------------------------
 
+    def task(self, cid: str) -> tuple[int, str] | None:
+        """(pid, status) of task *cid* from ``ctr task ls``, or None if it is not listed."""
+        res = self.ctr("tasks", "ls")
+        assert res.returncode == 0, res.stderr
+        for line in res.stdout.splitlines()[1:]:  # header: TASK PID STATUS
+            fields = line.split()
+            if fields and fields[0] == cid:
+                return int(fields[1]), fields[2]
+        return None
+
     def log_text(self, since_start: bool = False) -> str:
         """containerd's log (all starts, or only the latest with `since_start`)."""
         try:

@@ -36,15 +36,7 @@ CLEANUP_FAILED = ("failed to clean up after shim disconnected", "cleanup warning
 
 # --- helpers --------------------------------------------------------------
 
-def _task(ctd: Containerd, cid: str) -> tuple[int, str] | None:
-    """(pid, status) of task `cid` from `ctr task ls`, or None if it is not listed."""
-    res = ctd.ctr("tasks", "ls")
-    assert res.returncode == 0, res.stderr
-    for line in res.stdout.splitlines()[1:]:  # header: TASK PID STATUS
-        fields = line.split()
-        if fields and fields[0] == cid:
-            return int(fields[1]), fields[2]
-    return None
+_task = Containerd.task
 
 
 def _status(ctd: Containerd, cid: str) -> str | None:

@@ -243,14 +243,7 @@ def _drain(f: Any, into: bytearray) -> None:
         into += chunk
 
 
-def task_of(ctd: Containerd, cid: str) -> tuple[int, str] | None:
-    """(pid, status) of task *cid* from ``ctr task ls``."""
-    res = ctd.ctr("tasks", "ls")
-    for line in res.stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == cid:
-            return int(fields[1]), fields[2]
-    return None
+task_of = Containerd.task
 
 
 def disconnects(ctd: Containerd, cid: str) -> list[str]:

@@ -45,14 +45,7 @@ def _guest_kernel(img: image.Image) -> str:
     return package.removeprefix("linux-image-")
 
 
-def _task(ctd: Containerd, cid: str) -> tuple[int, str] | None:
-    res = ctd.ctr("tasks", "ls")
-    assert res.returncode == 0, res.stderr
-    for line in res.stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == cid:
-            return int(fields[1]), fields[2]
-    return None
+_task = Containerd.task
 
 
 def _sandbox_dir(ctd: Containerd, cid: str) -> Path:

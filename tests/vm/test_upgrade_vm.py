@@ -115,12 +115,7 @@ def _drain(f: Any, into: bytearray) -> None:
         into += chunk
 
 
-def _task(ctd: Containerd, cid: str) -> tuple[int, str] | None:
-    for line in ctd.ctr("tasks", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == cid:
-            return int(fields[1]), fields[2]
-    return None
+_task = Containerd.task
 
 
 def _disconnects(ctd: Containerd, cid: str) -> list[str]:
