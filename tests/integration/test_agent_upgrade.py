@@ -49,11 +49,11 @@ from tests.agent_harness import (
     stdio,
     upgrade_gaps_ms,
 )
+from tests.workloads import STOPPER, counter
 
 A, B = "9.1.0", "9.2.0"
-#: Prints 0, 1, 2... every ~2 ms until /tmp/stop exists, then "end"; exits 7.
-COUNTER = ("i=0; while [ ! -e /tmp/stop ]; do echo $i; i=$((i+1)); usleep 2000; done; "
-           "echo end; exit 7")
+#: Prints 0, 1, 2... every ~2 ms until STOPPER runs, then "end"; exits 7.
+COUNTER = counter(2000)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ class Counter:
 
     async def finish(self) -> int:
         """Stop it; check every number came exactly once, in order; returns the count."""
-        assert await _exec(self.c, self.cid, "stop", ["touch", "/tmp/stop"]) > 0
+        assert await _exec(self.c, self.cid, "stop", list(STOPPER)) > 0
         assert await _wait(self.c, self.cid, "stop") == 0
         out = (await self.reader).decode().splitlines()
         assert out[-1] == "end", out[-5:]

@@ -53,6 +53,7 @@ from agent.api import ops_pb
 from shim.dirs import SandboxDir
 from shim.state import SCHEMA_VERSION
 from tests.containerd import Containerd, wait_for
+from tests.workloads import STOPPER, counter
 from upgrade.releases import Release, ReleaseStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root, pytest.mark.slow]
@@ -67,9 +68,8 @@ PREVIOUS_VERSION = "0.0.9"
 PACKAGES = ("shim", "agent", "upgrade", "opsd", "observability")
 #: Shim and agent each switch this many times in the back-and-forth test.
 SWITCHES = 20
-#: Prints 0, 1, 2... every ~2 ms until /tmp/stop exists, then "end"; exits 7.
-COUNTER = ("i=0; while [ ! -e /tmp/stop ]; do echo $i; i=$((i+1)); usleep 2000; done; "
-           "echo end; exit 7")
+#: Prints 0, 1, 2... every ~2 ms until STOPPER runs, then "end"; exits 7.
+COUNTER = counter(2000)
 #: Reads one line from its stdin (kept pending across the upgrades) and answers it.
 READER = "read line; echo got:$line; exit 3"
 T = TypeVar("T")
@@ -211,8 +211,8 @@ class Workload:
         assert not disconnects(self.ctd, self.cid), disconnects(self.ctd, self.cid)
 
     def finish(self) -> int:
-        """Stop the counter (an exec touches /tmp/stop); ctr's exit code."""
-        res = self.ctd.ctr("tasks", "exec", "--exec-id", "stop", self.cid, "touch", "/tmp/stop")
+        """Stop the counter (an exec runs STOPPER); ctr's exit code."""
+        res = self.ctd.ctr("tasks", "exec", "--exec-id", "stop", self.cid, *STOPPER)
         assert res.returncode == 0, res
         rc = self.proc.wait(60)
         for t in self._readers:

@@ -35,6 +35,7 @@ from shim.vmm.qemu import image
 from tests.containerd import Containerd, wait_for
 from tests.integration.test_live_upgrade import make_release
 from tests.vm.conftest import REPO
+from tests.workloads import STOPPER, counter
 from upgrade.releases import Release, ReleaseStore
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.integration,
@@ -42,9 +43,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.integration,
 
 BUSYBOX = "localhost/keel/busybox:test"
 A, B = "0.1.1", "0.1.2"
-#: Prints 0, 1, 2... until /tmp/stop exists, then "end"; exits 7.
-COUNTER = ("i=0; while [ ! -e /tmp/stop ]; do echo $i; i=$((i+1)); usleep 5000; done; "
-           "echo end; exit 7")
+#: Prints 0, 1, 2... every ~5 ms until STOPPER runs, then "end"; exits 7.
+COUNTER = counter(5000)
 BOOT_TIMEOUT_S = 240.0
 T = TypeVar("T")
 
@@ -87,7 +87,7 @@ class Counter:
                  f"{more} more lines from {self.cid} (at {self.lines()})")
 
     def finish(self) -> int:
-        res = self.ctd.ctr("tasks", "exec", "--exec-id", "stop", self.cid, "touch", "/tmp/stop",
+        res = self.ctd.ctr("tasks", "exec", "--exec-id", "stop", self.cid, *STOPPER,
                            timeout=120)
         assert res.returncode == 0, res
         rc = self.proc.wait(120)
