@@ -1,6 +1,7 @@
 """VM templates: the first sandbox builds a template, sandboxes are clones of
-it (each reseeded: RNG, clock), and a corrupt template falls back to a cold
-boot and is discarded."""
+it (each reseeded: RNG, clock; its agent preloaded; its RAM a copy-on-write
+mapping of the template's memory file), and a corrupt template falls back
+to a cold boot and is discarded."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import tempfile
 import time
@@ -31,14 +34,22 @@ _PROBE = ["sh", "-c", "cat /proc/sys/kernel/random/boot_id; busybox date +%s; "
 
 @pytest.fixture
 def work() -> Iterator[Path]:
-    """Sandbox dirs, a busybox rootfs and the template dir of one test."""
+    """Sandbox dirs, a busybox rootfs and (``tpl``) the template dir of one test.
+
+    The template dir is on a tmpfs when the host has ``/dev/shm``, as in
+    production (the template's RAM is a file there).
+    """
     d = Path(tempfile.mkdtemp(prefix="ktpl-", dir="/tmp"))  # short: socket paths below it
+    shm = Path("/dev/shm")
+    tpl = Path(tempfile.mkdtemp(prefix="ktpl-", dir=shm)) if shm.is_dir() else d / "tpl-dir"
+    (d / "tpl").symlink_to(tpl)
     yield d
     for pid in [p for sub in d.glob("s*") for p in vms_of(sub)]:
         print(f"[vm] teardown: killing leaked VM pid {pid}")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     remove_tree(d)
+    shutil.rmtree(tpl, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
@@ -78,9 +89,27 @@ async def _probe(vm: QemuSandbox, conn: AgentConnection, rootfs: Path) -> tuple[
     return boot_id, random_hex.strip()
 
 
+def _random_check(vm: QemuSandbox) -> str:
+    """The agent's Python ``random`` sample its template clone logged on the console."""
+    found = re.findall(r"clone \S+ resumed, .* random check ([0-9a-f]{8})",
+                       vm.files.console.read_text(errors="replace"))
+    assert len(found) == 1, f"{vm.files.root.name}: no (single) clone line on the console"
+    return found[0]
+
+
+def _memory(pid: int) -> dict[str, int]:
+    """Rss and Pss (MiB) of process *pid*."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        fields[key] = int(value.split()[0]) >> 10
+    return {k: fields[k] for k in ("Rss", "Pss")}
+
+
 def test_template_clones(vm_image: image.Image, work: Path) -> None:
     rootfs = make_rootfs(work / "rootfs")
-    backend = QemuBackend(config(vm_image, template=True, template_dir=work / "tpl"))
+    backend = QemuBackend(config(vm_image, template=True, template_dir=work / "tpl",
+                                 memory_mib=256))
 
     async def scenario() -> None:
         # The first sandbox builds the template (boot to its snapshot point) and is a clone.
@@ -89,7 +118,11 @@ def test_template_clones(vm_image: image.Image, work: Path) -> None:
             assert [d.name for d in built] == [vm1.info.get("template")], built
             size = (built[0] / "snapshot").stat().st_size
             print(f"[vm] template built + first clone ready in {first:.2f}s "
-                  f"(snapshot {size >> 20} MiB)")
+                  f"(snapshot {size >> 10} KiB)")
+            # The RAM is not in the snapshot: clones map the template's memory file.
+            assert size < 16 << 20, f"snapshot of {size >> 20} MiB holds the guest RAM"
+            maps = Path(f"/proc/{vm1.pid}/maps").read_text()
+            assert str((built[0] / "memory").resolve()) in maps, "the clone does not map the template's RAM"
             # A second clone while the first one runs: same template, its own guest.
             created = json.loads((built[0] / "template.json").read_text())["created"]
             async with started(backend, work / "s2") as (vm2, conn2, second):
@@ -98,9 +131,17 @@ def test_template_clones(vm_image: image.Image, work: Path) -> None:
                 assert vm2.info.get("template") == vm1.info["template"]
                 id1, rand1 = await _probe(vm1, conn1, rootfs)
                 id2, rand2 = await _probe(vm2, conn2, rootfs)
-        print(f"[vm] clones: boot ids {id1} / {id2}, urandom {rand1} / {rand2}")
+                memory = {vm.pid: _memory(vm.pid) for vm in (vm1, vm2)}
+                print(f"[vm] idle clones (256 MiB guests), qemu MiB: {memory}; "
+                      f"load {os.getloadavg()[0]:.1f}")
+                agents = [c.hello.boot_id if c.hello else "" for c in (conn1, conn2)]
+                checks = [_random_check(vm) for vm in (vm1, vm2)]
+        print(f"[vm] clones: boot ids {id1} / {id2}, urandom {rand1} / {rand2}, agent boot ids "
+              f"{agents}, agent random checks {checks}")
         assert id1 != id2, "clones share the template's boot id"
         assert rand1 != rand2, "clones share the template's RNG output"
+        assert agents[0] != agents[1], "the clones' agents drew the same uuid"
+        assert checks[0] != checks[1], "the clones' agents share Python's random state"
 
     asyncio.run(scenario())
 

@@ -157,10 +157,11 @@ class QemuBackend:
         image_id, kernel, initrd, rootfs = image
         cmdline = _cmdline.kernel_cmdline(cfg, accel, (), template=True)
 
-        def argv_for(f: _cmdline.SandboxFiles, incoming: Path | None) -> list[str]:
-            return _cmdline.argv(cfg, accel, f, name=spec.sandbox_id[:32] if incoming else "template",
+        def argv_for(f: _cmdline.SandboxFiles, ram: Path, clone: bool) -> list[str]:
+            return _cmdline.argv(cfg, accel, f, name=spec.sandbox_id[:32] if clone else "template",
                                  kernel=kernel, initrd=initrd, rootfs=rootfs, vcpus=vcpus,
-                                 memory_mib=memory, cmdline=cmdline, incoming=incoming)
+                                 memory_mib=memory, cmdline=cmdline, memory=(ram, not clone),
+                                 incoming=clone)
 
         # Everything a clone must share with its template (paths of sockets and shares may differ).
         shape = {"image": image_id, "kernel": _template.file_id(kernel),
@@ -169,13 +170,14 @@ class QemuBackend:
                  "accel": accel.name, "vcpus": vcpus, "memory_mib": memory, "cmdline": cmdline,
                  "hotplug": [cfg.max_vcpus, cfg.max_memory_mib, cfg.memory_slots] if cfg.hotplug else None}
         tpl = await _template.ensure(cfg.template_dir, _template.key(shape), shape, argv_for,
-                                     self._start, cfg.template_timeout_s)
+                                     self._start, cfg.template_build_timeout_s)
         await asyncio.to_thread(self._prepare, files)
         pidfd = -1
         try:
-            pid = await self._start(argv_for(files, tpl.snapshot), files)
+            pid = await self._start(argv_for(files, tpl.memory, True), files)
             pidfd = os.pidfd_open(pid)
-            await _template.resume(files, spec.sandbox_id, spec.agent_args, cfg.template_timeout_s)
+            await _template.resume(files, tpl, spec.sandbox_id, spec.agent_args,
+                                   cfg.template_timeout_s)
         except BaseException as exc:
             if isinstance(exc, (_VmGone, ProcessLookupError)) or await _exits(pidfd, 1.0):
                 # qemu exited by itself: the snapshot did not load (a timeout on a

@@ -27,6 +27,8 @@ from shim.vmm.qemu.config import QemuConfig
 _SUN_PATH_MAX = 107
 #: x86 COMMAND_LINE_SIZE.
 _KERNEL_CMDLINE_MAX = 2047
+#: The RAM block of a file-backed guest: a clone's must be named as its template's.
+_RAM_ID = "keel-ram"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,6 +78,10 @@ class SandboxFiles:
                 raise InvalidArgument(f"sandbox path too long for a unix socket: {sock}")
 
 
+def _memory_backend(memory: tuple[Path, bool] | None) -> str:
+    return f",memory-backend={_RAM_ID}" if memory else ""
+
+
 def shell_word(path: Path) -> str:
     """*path* for a ``exec:`` migration URI (run by ``sh -c``); InvalidArgument if it needs quoting."""
     if any(c.isspace() or c in "'\"\\$`;&|<>(){}*?[]~#!" for c in str(path)):
@@ -117,20 +123,25 @@ def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str],
 
 def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, kernel: Path,
          initrd: Path, rootfs: Path, vcpus: int, memory_mib: int, cmdline: str,
-         tap: tuple[int, str] | None = None, incoming: Path | None = None) -> list[str]:
+         tap: tuple[int, str] | None = None, memory: tuple[Path, bool] | None = None,
+         incoming: bool = False) -> list[str]:
     """The full qemu argv (absolute paths: qemu -daemonize changes to /).
 
-    *tap* is (an open tap fd qemu inherits, the guest NIC's MAC); *incoming*
-    a template snapshot to restore instead of booting (``_template``).
+    *tap* is (an open tap fd qemu inherits, the guest NIC's MAC).  *memory*
+    is (a file, shared?) holding the guest RAM: a template VM's own file
+    (shared: the guest writes it), a clone's copy-on-write mapping of its
+    template's file (``_template``).  *incoming*: wait for QMP
+    ``migrate-incoming`` instead of booting (a clone).
     """
     if config.hotplug:
         bus = "pci"
-        machine = ["-M", config.machine]
+        machine = ["-M", config.machine + _memory_backend(memory)]
         smp = f"{vcpus},maxcpus={max(vcpus, config.max_vcpus)}"
         mem = f"size={memory_mib}M,slots={config.memory_slots},maxmem={max(memory_mib, config.max_memory_mib)}M"
     else:
         bus = "device"
-        machine = ["-M", "microvm,isa-serial=on", "-global", "virtio-mmio.force-legacy=false"]
+        machine = ["-M", "microvm,isa-serial=on" + _memory_backend(memory),
+                   "-global", "virtio-mmio.force-legacy=false"]
         smp, mem = str(vcpus), f"{memory_mib}M"
     args = [
         config.qemu, *machine, *accel.qemu_args(), "-smp", smp, "-m", mem,
@@ -158,9 +169,14 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, ke
         fd, mac = tap
         args += ["-netdev", f"tap,id=net0,fd={fd}",
                  "-device", f"virtio-net-{bus},netdev=net0,mac={mac}"]
-    if incoming is not None:
-        args += ["-incoming", f"exec:cat {shell_word(incoming)}"]
-    for value in (str(kernel), str(initrd), str(rootfs), str(files.root)):
+    if memory is not None:
+        path, shared = memory
+        args += ["-object", f"memory-backend-file,id={_RAM_ID},size={memory_mib}M,mem-path={path},"
+                            f"share={'on' if shared else 'off'}"]
+    if incoming:
+        args += ["-incoming", "defer"]
+    for value in (str(kernel), str(initrd), str(rootfs), str(files.root),
+                  *([str(memory[0])] if memory else [])):
         if "," in value:
             raise InvalidArgument(f"qemu option values cannot contain ',': {value}")
     return args

@@ -1,28 +1,41 @@
 """VM templates: boot once, snapshot, start sandboxes by restoring the snapshot.
 
-A template is a VM booted with ``keel.template=1``: its init loads the
-modules and stops before any 9p mount (a mounted 9p share blocks
-migration, research/qemu.md section 8), writes ``ready`` on the ops port
-and blocks reading a ``go`` line there.  The host then stops it and
-migrates its state into ``snapshot`` (``exec:cat > ...``).
+A template is a VM booted with ``keel.template=1``: its init mounts the
+guest root over 9p, unpacks the preload archive (``_preload``: the agent's
+interpreter, libraries and modules) into the initramfs, unmounts 9p (a
+mounted 9p share blocks migration, research/qemu.md section 8) and starts
+the agent from that copy (``agent._vmguest.template_main``), which imports
+everything, writes ``ready`` on the ops port and blocks reading a ``go``
+line there.  The host stops it and migrates its device state into
+``snapshot``.
+
+The guest RAM is a file, ``memory`` (``memory-backend-file``): the template
+maps it shared, so its RAM *is* the file, and the migration skips it
+(capability ``x-ignore-shared``).  A clone maps the same file private
+(``share=off``: copy-on-write), so clones share the template's pages in
+the host page cache and copy only what they write; restoring reads only
+the small device state.  Kata's VM templates work the same way.  The
+template directory should be on a tmpfs (``/dev/shm``): on a disk the
+template's writes would go through to it.
 
 A clone is a qemu with the same command line shape (the same devices,
 ``-m``, ``-smp``, kernel command line; socket and share paths may differ)
-plus ``-incoming exec:cat <snapshot>``.  Once ``query-status`` leaves
-``inmigrate`` the host sends ``cont`` and the ``go`` line::
+plus ``-incoming defer``; the host sets ``x-ignore-shared``, sends
+``migrate-incoming exec:cat <snapshot>``, waits until ``query-status``
+leaves ``inmigrate``, sends ``cont`` and the ``go`` line::
 
-    go seed=<64 hex> hashseed=<n> time=@<unix s> host=<name> [args=<b64>] [net=<b64>]
+    go seed=<64 hex> time=<unix s> host=<name> [args=<b64>]
 
-and waits for ``ok``.  Every clone resumes with the template's RNG state
-and a stale clock: the init sets the clock, mixes the seed into the kernel
-pool and hands it to the agent, which credits it and forces a reseed of the
-kernel CRNG (``agent._vmguest.reseed``); Python starts after ``go``, with
-the given hash seed.
+and waits for ``ok`` (or ``error <why>``).  The clone's agent sets the
+clock and hostname, credits the seed to the kernel RNG and forces a reseed,
+reseeds Python's ``random``, mounts the root and the sandbox share as a
+cold boot does, and serves.  A running Python cannot change its hash seed:
+clones of one template share the agent's (see ``agent._vmguest``).
 
-Templates live in ``<template_dir>/<key>/`` (``snapshot``,
-``template.json``), where the key hashes everything a clone must share with
-its template.  A template is built on first use under an exclusive lock,
-in a scratch directory renamed into place when complete.
+Templates live in ``<template_dir>/<key>/`` (``snapshot``, ``memory``,
+``template.json``), where the key hashes everything a clone must share
+with its template.  A template is built on first use under an exclusive
+lock, in a scratch directory renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -50,13 +63,15 @@ from shim.vmm.qemu._cmdline import SandboxFiles, shell_word
 
 log = logging.getLogger("keel.shim.qemu.template")
 
-#: Bumped when the go line or the snapshot point changes.
-FORMAT = 1
+#: Bumped when the go line, the snapshot point or the memory layout changes.
+FORMAT = 2
 #: Linux HOST_NAME_MAX.
 _HOSTNAME_MAX = 64
 
-#: (files, snapshot to restore or None) -> qemu argv.
-ArgvFor = Callable[[SandboxFiles, "Path | None"], list[str]]
+#: (files, guest RAM file, clone?) -> qemu argv.
+ArgvFor = Callable[[SandboxFiles, Path, bool], list[str]]
+#: The migration capability that leaves shared (file-backed) RAM out of the stream.
+_IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 #: (argv, files) -> pid of the daemonized qemu.
 Starter = Callable[[list[str], SandboxFiles], Awaitable[int]]
 
@@ -73,13 +88,19 @@ class Template:
         return self.dir / "snapshot"
 
     @property
+    def memory(self) -> Path:
+        """The guest RAM at the snapshot (clones map it copy-on-write)."""
+        return self.dir / "memory"
+
+    @property
     def meta(self) -> Path:
         return self.dir / "template.json"
 
     def usable(self) -> bool:
         try:
             doc = json.loads(self.meta.read_text())
-            return doc.get("format") == FORMAT and self.snapshot.stat().st_size > 0
+            return (doc.get("format") == FORMAT and self.snapshot.stat().st_size > 0
+                    and self.memory.stat().st_size > 0)
         except (OSError, ValueError, AttributeError):
             return False
 
@@ -143,24 +164,27 @@ async def _build(tpl: Template, shape: Mapping[str, Any], argv_for: ArgvFor, sta
     files.shared.mkdir(mode=0o700)  # the template never mounts it
     pid = 0
     try:
-        pid = await start(argv_for(files, None), files)
+        pid = await start(argv_for(files, scratch / "memory", False), files)
         async with asyncio.timeout(timeout):
             reader, writer = await _open_ops(files)
             try:
                 line = await reader.readline()
                 if line.strip() != b"ready":
-                    raise Internal(f"template VM said {line[:80]!r}, not ready")
+                    raise Internal(f"template VM said {line[:80]!r}, not ready; console: "
+                                   f"{_tail(files.console, 6000)}")
                 # Stay connected until it is stopped: with the host end gone, the
                 # guest's read would return EOF.
                 await _snapshot(files, scratch / "snapshot")
             finally:
                 writer.close()
+        _kill(pid)  # stopped: its RAM (the memory file) no longer changes
+        pid = 0
         (scratch / "template.json").write_text(json.dumps(
             {"format": FORMAT, "key": tpl.key, "shape": dict(shape), "created": time.time()}))
         await asyncio.to_thread(_finish, files, tpl.dir)
     except TimeoutError:
         raise Unavailable(f"template VM not snapshotted within {timeout}s; console: "
-                          f"{_tail(files.console)}") from None
+                          f"{_tail(files.console, 6000)}") from None
     finally:
         if pid:
             _kill(pid)
@@ -175,15 +199,21 @@ async def _open_ops(files: SandboxFiles) -> tuple[asyncio.StreamReader, asyncio.
 async def _snapshot(files: SandboxFiles, dest: Path) -> None:
     async with _qmp.QmpClient.connect(str(files.qmp)) as client:
         await client.execute("stop")
+        await client.execute("migrate-set-capabilities", _IGNORE_SHARED)
         await client.execute("migrate", {"uri": f"exec:cat > {shell_word(dest)}"})
-        while True:
-            state = await client.execute("query-migrate")
-            status = state.get("status") if isinstance(state, dict) else None
-            if status == "completed":
-                return
-            if status in ("failed", "cancelled"):
-                raise Internal(f"template snapshot {status}: {state.get('error-desc', '')}")
-            await asyncio.sleep(0.05)  # qemu has no blocking wait for migration
+        await _migrated(client, "template snapshot")
+
+
+async def _migrated(client: _qmp.QmpClient, what: str) -> None:
+    """Wait until the migration of *client*'s VM completes; Internal if it fails."""
+    while True:
+        state = await client.execute("query-migrate")
+        status = state.get("status") if isinstance(state, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise Internal(f"{what} {status}: {state.get('error-desc', '')}")
+        await asyncio.sleep(0.02)  # qemu has no blocking wait for migration
 
 
 def _clear(scratch: Path, final: Path) -> None:
@@ -195,9 +225,15 @@ def _clear(scratch: Path, final: Path) -> None:
 def _finish(files: SandboxFiles, final: Path) -> None:
     keep = files.root.with_name(files.root.name + ".done")
     keep.mkdir(mode=0o700)
-    for name in ("snapshot", "template.json"):
+    for name in ("snapshot", "memory", "template.json"):
         os.rename(files.root / name, keep / name)
-    os.sync()
+    with contextlib.suppress(OSError):  # the snapshot is small; the memory file is on tmpfs
+        for name in ("snapshot", "template.json"):
+            fd = os.open(keep / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     os.rename(keep, final)
 
 
@@ -229,32 +265,33 @@ def discard(tpl: Template) -> None:
 # -- clones -------------------------------------------------------------------------------
 
 
-def go_line(sandbox_id: str, agent_args: Sequence[str], net: str = "") -> bytes:
-    """The ``go`` line for a clone (fresh entropy, hash seed and the current time)."""
-    words = ["go", f"seed={secrets.token_hex(32)}",
-             f"hashseed={secrets.randbelow(2**32)}", f"time=@{round(time.time())}",
-             f"host={''.join(c for c in sandbox_id if c.isalnum() or c in '-.')[:_HOSTNAME_MAX - 1] or 'keel'}"]
+def go_line(sandbox_id: str, agent_args: Sequence[str]) -> bytes:
+    """The ``go`` line for a clone (fresh entropy and the current time)."""
+    host = "".join(c for c in sandbox_id if c.isalnum() or c in "-.")[:_HOSTNAME_MAX - 1]
+    words = ["go", f"seed={secrets.token_hex(32)}", f"time={time.time():.6f}",
+             f"host={host or 'keel'}"]
     if agent_args:
         words.append("args=" + base64.b64encode("".join(f"{a}\n" for a in agent_args).encode()).decode())
-    if net:
-        words.append("net=" + base64.b64encode(net.encode()).decode())
     return (" ".join(words) + "\n").encode()
 
 
-async def resume(files: SandboxFiles, sandbox_id: str, agent_args: Sequence[str],
+async def resume(files: SandboxFiles, tpl: Template, sandbox_id: str, agent_args: Sequence[str],
                  timeout: float) -> None:
-    """Bring a clone started with ``-incoming`` up: wait for the state, ``cont``, ``go``.
+    """Bring a clone started with ``-incoming defer`` up: load the state, ``cont``, ``go``.
 
     Raises Unavailable (qemu died, no answer within *timeout*) or Internal.
     """
     try:
         async with asyncio.timeout(timeout):
             async with _qmp.QmpClient.connect(str(files.qmp)) as client:
+                await client.execute("migrate-set-capabilities", _IGNORE_SHARED)
+                await client.execute("migrate-incoming",
+                                     {"uri": f"exec:cat {shell_word(tpl.snapshot)}"})
                 while True:
                     status = await _qmp.status(client)
                     if status != "inmigrate":
                         break
-                    await asyncio.sleep(0.02)  # poll: qemu has no blocking wait for it
+                    await asyncio.sleep(0.01)  # poll: qemu has no blocking wait for it
                 if status not in ("paused", "postmigrate", "running"):
                     raise Internal(f"template clone in state {status!r} after restore")
                 if status != "running":
@@ -269,4 +306,4 @@ async def resume(files: SandboxFiles, sandbox_id: str, agent_args: Sequence[str]
     except TimeoutError:
         raise Unavailable(f"template clone did not answer go within {timeout}s") from None
     if answer.strip() != b"ok":
-        raise Internal(f"template clone answered {answer[:80]!r} to go")
+        raise Internal(f"template clone answered {answer[:200]!r} to go")

@@ -65,9 +65,12 @@ class QemuConfig:
     #: sandboxes with a pod network still cold-boot).  Any failure of the
     #: template path falls back to a cold boot.
     template: bool = False
-    #: Where templates are kept, one directory per template key.
-    template_dir: Path = Path("/var/cache/keel/templates")
-    #: Seconds building a template, or a clone's answer to ``go``, may take.
+    #: Where templates are kept, one directory per template key.  A tmpfs: a
+    #: template's guest RAM is a file there, which clones map copy-on-write.
+    template_dir: Path = Path("/dev/shm/keel-templates")
+    #: Seconds building a template may take (a cold boot plus the agent's imports).
+    template_build_timeout_s: float = 120.0
+    #: Seconds a clone may take to answer ``go`` (restore, reseed, mounts).
     template_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -83,7 +86,8 @@ class QemuConfig:
             raise InvalidArgument("qemu config: memory_slots must be within 0..256")
         if any(not a or any(c.isspace() for c in a) for a in self.kernel_args):
             raise InvalidArgument("qemu config: kernel_args must be non-empty words without spaces")
-        for name in ("start_timeout_s", "stop_timeout_s", "kvm_probe_timeout_s", "template_timeout_s"):
+        for name in ("start_timeout_s", "stop_timeout_s", "kvm_probe_timeout_s", "template_timeout_s",
+                     "template_build_timeout_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"qemu config: {name} must be positive")
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent.errors import Internal, NotFound
-from shim.vmm.qemu import _initramfs, _kernel, _rootfs
+from shim.vmm.qemu import _initramfs, _kernel, _preload, _rootfs
 
 DEFAULT_DIR = Path("/var/cache/keel/image")
 REPO = Path(__file__).resolve().parents[3]
@@ -106,6 +106,7 @@ def _inputs(repo: Path) -> dict[str, object]:
                  "python": _rootfs.py_pins()},
         "keel_tree": _rootfs.keel_tree_hash(repo),
         "init": hashlib.sha256(_initramfs._INIT.encode()).hexdigest(),
+        "preload": hashlib.sha256(Path(_preload.__file__).read_bytes()).hexdigest(),
     }
 
 
@@ -200,7 +201,10 @@ def build(out: Path | None = None, *, repo: Path = REPO, force: bool = False,
         busybox = _busybox_part(cache, str(inputs["busybox"]))
         root = _base_part(cache, inputs["base"], say)  # type: ignore[arg-type]
         agent_dir = _rootfs.install_agent(root, repo, str(inputs["keel_tree"]))
-        init = _initramfs.init_script(_rootfs.GUEST_PYTHON, f"{agent_dir}:{_rootfs.DEPS_DIR}")
+        pythonpath = f"{agent_dir}:{_rootfs.DEPS_DIR}"
+        say("preload archive: listing what the agent's Python loads")
+        preload = _preload.build(root, agent_dir, pythonpath)
+        init = _initramfs.init_script(_rootfs.GUEST_PYTHON, pythonpath, preload)
         order = (kernel / "order").read_text().split()
         cpio = _initramfs.build(busybox, [(n, kernel / "modules" / f"{n}.ko") for n in order],
                                 init, (kernel / "modules.dep").read_text())
@@ -208,11 +212,12 @@ def build(out: Path | None = None, *, repo: Path = REPO, force: bool = False,
         (image_dir / "initramfs.cpio").write_bytes(cpio)
         elapsed = time.monotonic() - started
         sizes = {"vmlinux": (kernel / "vmlinux").stat().st_size, "initramfs": len(cpio),
+                 "preload": (root / preload.lstrip("/")).stat().st_size,
                  "rootfs": _rootfs.size_bytes(root)}
         manifest = {
             "id": image_dir.name[4:], "format": FORMAT, "inputs": inputs,
             "kernel": str(kernel / "vmlinux"), "initrd": str(image_dir / "initramfs.cpio"),
-            "rootfs": str(root), "agent_dir": agent_dir, "python": _rootfs.GUEST_PYTHON,
+            "rootfs": str(root), "agent_dir": agent_dir, "preload": preload, "python": _rootfs.GUEST_PYTHON,
             "packages": _rootfs.dpkg_versions(root, [*_rootfs.PACKAGES, "libc6"]),
             "sizes": sizes, "build_seconds": round(elapsed, 1), "built_at": time.time(),
         }
