@@ -129,8 +129,8 @@ def build(root: Path, agent_dir: str, pythonpath: str) -> str:
     for dirpath, _dirs, names in os.walk(root / agent_dir.lstrip("/")):
         wanted += [f"/{Path(dirpath, n).relative_to(root)}" for n in names if n.endswith(".pyc")]
     for entry in pythonpath.split(":"):
-        for info in (root / entry.lstrip("/")).glob("*.dist-info/*"):
-            wanted.append(f"/{info.relative_to(root)}")
+        for meta in (root / entry.lstrip("/")).glob("*.dist-info/*"):
+            wanted.append(f"/{meta.relative_to(root)}")
     entries: dict[str, os.stat_result] = {}
     for path in wanted:
         try:
