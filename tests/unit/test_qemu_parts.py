@@ -94,13 +94,18 @@ def test_initramfs_layout(tmp_path: Path) -> None:
     busybox.write_bytes(b"\x7fELF-busybox")
     ko = tmp_path / "virtio.ko"
     ko.write_bytes(b"module")
-    init = _initramfs.init_script("/usr/bin/python3", "/opt/keel/agent-x:/opt/keel/deps")
+    init = _initramfs.init_script("/usr/bin/python3", "/opt/keel/agent-x:/opt/keel/deps",
+                                  "/var/lib/keel/preload.tar")
     assert "@" not in init.replace("$@", "")
+    assert "/newroot/var/lib/keel/preload.tar" in init
     data = _initramfs.build(busybox, [("virtio", ko)], init, "virtio.ko:\n")
     assert len(data) % 512 == 0
     entries = _parse_cpio(data)
     assert stat.S_ISCHR(entries["dev/console"][0]) and entries["init"][0] & 0o111
-    assert entries["lib/modules/order"][1] == b"virtio\n"
+    # Modules live under /keel: a template unpacks the guest's lib -> usr/lib over /.
+    assert entries["keel/modules/order"][1] == b"virtio\n"
+    assert entries["keel/modules/virtio.ko"][1] == b"module"
+    assert not any(name.startswith("lib/") for name in entries)
     assert entries["bin/sh"] == (stat.S_IFLNK | 0o777, b"busybox")
     assert b"--listen agent=serial:keel.agent" in entries["init"][1]
 
