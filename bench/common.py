@@ -132,6 +132,17 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def pss_kib(pid: int) -> int:
+    """Pss of one process in KiB (its share of every page it maps); 0 if it vanished."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def tree_rss_kib(roots: int | Iterable[int]) -> int:
     """Sum of VmRSS over `pid_tree(roots)`, in KiB.
 

@@ -24,7 +24,7 @@ TCG = Accel("tcg", "test")
 def test_config_validation_and_toml(tmp_path: Path) -> None:
     assert config.QemuConfig().machine == "microvm" and not config.QemuConfig().hotplug
     for bad in ({"machine": "isapc"}, {"accel": "hvf"}, {"vcpus": 0}, {"vcpus": 8, "max_vcpus": 4},
-                {"memory_mib": 64}, {"kernel_args": ("two words",)}):
+                {"memory_mib": 64}, {"kernel_args": ("two words",)}, {"tcg_tb_mib": -1}):
         with pytest.raises(InvalidArgument):
             config.QemuConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="unknown key"):
@@ -65,6 +65,10 @@ def test_qemu_argv_per_machine() -> None:
     assert "-daemonize" in micro and "-pidfile /run/s1/vmm.pid" in micro
     assert "path=/run/s1/agent.chan,server=on,wait=off" in micro and "name=keel.agent" in micro
     assert "maxcpus" not in micro and "slots=" not in micro
+    # TCG's translation cache is capped (an idle guest kept ~70 MiB of qemu's default resident).
+    assert "-accel tcg,tb-size=32 " in micro
+    assert "-accel tcg -cpu" in " ".join(_argv(config.QemuConfig(tcg_tb_mib=0), Path("/run/s1")))
+    assert Accel("kvm", "").qemu_args(32) == ["-accel", "kvm", "-cpu", "host"]
     q35 = " ".join(_argv(config.QemuConfig(machine="q35", max_vcpus=4), Path("/run/s1")))
     assert "-M q35" in q35 and "virtio-9p-pci" in q35 and "-smp 1,maxcpus=4" in q35
     assert "size=512M,slots=8,maxmem=4096M" in q35

@@ -40,11 +40,13 @@ class Accel:
     name: str  # "kvm" or "tcg"
     reason: str
 
-    def qemu_args(self) -> list[str]:
+    def qemu_args(self, tcg_tb_mib: int = 0) -> list[str]:
+        """*tcg_tb_mib*: TCG's translation cache in MiB (0: qemu's default, up to 1 GiB)."""
         if self.name == "kvm":
             return ["-accel", "kvm", "-cpu", "host"]
         # -cpu max: python starts 3x faster than with qemu64 (research/qemu.md 7.3).
-        return ["-accel", "tcg", "-cpu", "max"]
+        tb = f",tb-size={tcg_tb_mib}" if tcg_tb_mib else ""
+        return ["-accel", f"tcg{tb}", "-cpu", "max"]
 
 
 def tsc_khz() -> int | None:

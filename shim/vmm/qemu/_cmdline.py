@@ -144,7 +144,7 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, ke
                    "-global", "virtio-mmio.force-legacy=false"]
         smp, mem = str(vcpus), f"{memory_mib}M"
     args = [
-        config.qemu, *machine, *accel.qemu_args(), "-smp", smp, "-m", mem,
+        config.qemu, *machine, *accel.qemu_args(config.tcg_tb_mib), "-smp", smp, "-m", mem,
         "-name", f"keel-{name}", "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot", "-daemonize", "-pidfile", str(files.pidfile),
         "-chardev", f"file,id=console,path={files.console},append=on", "-serial", "chardev:console",
