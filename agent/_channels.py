@@ -20,6 +20,7 @@ from typing import Any
 from grpclib.server import Server
 
 from agent._fds import FdTable
+from agent.api import NO_STATUS_DETAILS
 from agent.config import Listen
 from agent.errors import InvalidArgument
 
@@ -94,7 +95,7 @@ class Channels:
     async def start(self, listeners: dict[str, socket.socket],
                     handlers: dict[str, Collection[Any]]) -> None:
         for channel, sock in listeners.items():
-            server = Server(handlers[channel])
+            server = Server(handlers[channel], status_details_codec=NO_STATUS_DETAILS)
             await server.start(sock=sock)
             self._fds.add(sock.fileno(), f"listener:{channel}")
             self._servers.append((channel, server, sock))

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Row, format_table
+from bench.releases import REPO
 from bench.stage import Stage, progress
 
 
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    _byte_compile()
     print(f"host: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
           f"{platform.release()}; load average {_load()}; "
           f"{'QUICK smoke run, figures not meaningful' if args.quick else 'full run'}\n",
@@ -145,6 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         progress(f"figures written to {args.json}")
     return 1 if failed else 0
+
+
+def _byte_compile() -> None:
+    """Compile this checkout's modules, as installing a wheel does: a source
+    tree run with PYTHONDONTWRITEBYTECODE set (or read-only) never gets .pyc
+    files, and every shim and agent would compile its modules at start-up."""
+    import compileall
+
+    for pkg in ("shim", "agent", "upgrade", "observability", "opsd"):
+        compileall.compile_dir(str(REPO / pkg), quiet=1)
 
 
 def _load() -> str:

@@ -21,7 +21,15 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
 
-from agent.api import API_VERSION, MIN_API_VERSION, FailedPrecondition, Unavailable, from_code, pb
+from agent.api import (
+    API_VERSION,
+    MIN_API_VERSION,
+    NO_STATUS_DETAILS,
+    FailedPrecondition,
+    Unavailable,
+    from_code,
+    pb,
+)
 from shim.vmm.api import Dialer
 
 log = logging.getLogger("keel.shim.agent")
@@ -43,7 +51,7 @@ class _DialChannel(Channel):
     """
 
     def __init__(self, dialer: Dialer) -> None:
-        super().__init__(path="<keel-channel>")
+        super().__init__(path="<keel-channel>", status_details_codec=NO_STATUS_DETAILS)
         self._dialer = dialer
         self.generation = 0
 

@@ -9,7 +9,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from agent.api import KeelError, ops_pb
+from agent.api import NO_STATUS_DETAILS, KeelError, ops_pb
 from shim import version
 from shim.state import SCHEMA_VERSION
 
@@ -70,7 +70,7 @@ async def serve_ops(daemon: Daemon) -> Server:
     path = daemon.sandbox.dir.ops_socket
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    server = Server([ShimOps(daemon)])
+    server = Server([ShimOps(daemon)], status_details_codec=NO_STATUS_DETAILS)
     old = os.umask(0o177)
     try:
         await server.start(path=str(tmp))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from shim._bundle import sandbox_id, socket_path
 from shim._flags import Flags
+from shim.config import ShimConfig
 
 #: glibc malloc settings for the daemon and what it starts (the process
 #: backend's agent inherits them).  The output path allocates buffers of up to
@@ -25,6 +26,9 @@ from shim._flags import Flags
 #: heap trimmed after every free, so each chunk pays ~256 page faults and
 #: zeroing.  Serving them from a heap kept up to 8 MiB cut the CPU per byte of
 #: both shim and agent by ~30%.  Set in the environment wins.
+#: Seconds ``start`` waits for the launcher before it execs the daemon itself.
+LAUNCHER_TIMEOUT_S = 3.0
+
 _MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20), "MALLOC_TRIM_THRESHOLD_": str(8 << 20)}
 
 
@@ -75,6 +79,31 @@ def _write_address(bundle: Path, address: str) -> None:
     os.replace(tmp, bundle / "address")
 
 
+def _spawn_daemon(cfg: ShimConfig, argv: list[str], env: dict[str, str], bundle: Path,
+                  listener: socket.socket) -> None:
+    """Fork the daemon from this release's launcher; without one, exec it
+    (and start a launcher for the next pods)."""
+    if cfg.launcher_idle_s:
+        from shim import _launcher
+
+        sock = _launcher.socket_path(cfg.state_root)
+        try:
+            env["KEEL_LAUNCHER"] = str(sock)
+            _launcher.request(sock, {"op": "shim", "argv": argv, "env": env, "cwd": str(bundle)},
+                              [listener.fileno()], timeout=LAUNCHER_TIMEOUT_S)
+            return
+        except (_launcher.LauncherError, OSError) as exc:
+            env.pop("KEEL_LAUNCHER", None)
+            if _launcher.needs_spawn(sock):
+                _launcher.spawn(sock, cfg.launcher_idle_s, {**_MALLOC_TUNING, **os.environ})
+            elif not isinstance(exc, _launcher.NotRunning):
+                print(f"keel shim start: {exc}; starting the daemon without it", file=sys.stderr)
+    env["KEEL_LISTEN_FD"] = str(listener.fileno())
+    subprocess.Popen([sys.executable, "-m", "shim", *argv], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     pass_fds=(listener.fileno(),), cwd=bundle, env=env, process_group=0)
+
+
 def start(flags: Flags) -> int:
     from shim import config as config_mod
 
@@ -94,15 +123,12 @@ def start(flags: Flags) -> int:
             env = {**_MALLOC_TUNING, **os.environ}
             if config_path:
                 env["KEEL_CONFIG"] = config_path
-            argv = [sys.executable, "-m", "shim", "-namespace", flags.namespace,
-                    "-address", flags.address, "-publish-binary", flags.publish_binary,
-                    "-id", flags.id, "-sandbox-id", sandbox, "-socket", str(path)]
+            flags_argv = ["-namespace", flags.namespace, "-address", flags.address,
+                          "-publish-binary", flags.publish_binary, "-id", flags.id,
+                          "-sandbox-id", sandbox, "-socket", str(path)]
             if flags.debug:
-                argv.append("-debug")
-            env["KEEL_LISTEN_FD"] = str(listener.fileno())
-            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, pass_fds=(listener.fileno(),), cwd=bundle,
-                             env=env, process_group=0)
+                flags_argv.append("-debug")
+            _spawn_daemon(cfg, flags_argv, env, bundle, listener)
             listener.close()
         _write_address(bundle, address)
     except Exception as exc:  # containerd shows this text in its error

@@ -50,12 +50,18 @@ class ShimConfig:
     agent_timeout_s: float = 0.0
     #: Log level of the shim daemon.
     log_level: str = "info"
+    #: Seconds the launcher (shim/_launcher.py: forks shim daemons and
+    #: process agents from a warm interpreter) stays up without a request;
+    #: 0: no launcher, every shim and agent is a fresh interpreter.
+    launcher_idle_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.backend not in ("process", "qemu"):
             raise InvalidArgument(f"config: backend must be 'process' or 'qemu', not {self.backend!r}")
         if self.output_buffer_bytes < 4096:
             raise InvalidArgument("config: output_buffer_bytes must be at least 4096")
+        if self.launcher_idle_s < 0:
+            raise InvalidArgument("config: launcher_idle_s must be 0 (off) or positive")
         if self.agent_timeout_s < 0:
             raise InvalidArgument("config: agent_timeout_s must be positive")
         if not self.agent_timeout_s:

@@ -143,6 +143,36 @@ def install_shim_wrapper(bin_dir: Path | str, venv_python: Path | str, *,
     return target
 
 
+def keel_launchers(state_root: Path) -> dict[int, Path]:
+    """The Keel launchers (shim/_launcher.py) serving under `state_root`:
+    pid -> socket.  Each writes its pid into ``launcher/<key>.lock``; the pid
+    counts only if its command line names that socket."""
+    found = {}
+    for lock in sorted((state_root / "launcher").glob("*.lock")):
+        sock = lock.with_suffix(".sock")
+        try:
+            pid = int(lock.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"shim._launcher" in cmdline and os.fsencode(sock) in cmdline:
+            found[pid] = sock
+    return found
+
+
+def stop_keel_launchers(state_root: Path, timeout: float = 10.0) -> list[int]:
+    """SIGTERM the Keel launchers under `state_root` and wait until they are
+    gone (they idle out on their own after minutes; a test's leftover scan
+    must not wait for that).  Returns their pids."""
+    pids = list(keel_launchers(state_root))
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pids
+
+
 class Containerd:
     """One private containerd process; see the module docstring for the layout.
 
@@ -220,6 +250,8 @@ class Containerd:
         (after SIGKILLing it) if containerd outlives `timeout`.
         """
         self._stop(timeout)
+        if root := self._extra_env.get("KEEL_STATE_ROOT"):
+            stop_keel_launchers(Path(root))
         return wait_no_leftovers(self.paths.tmp_root, leftover_grace)
 
     def restart(self, timeout: float = 30.0) -> None:
@@ -302,14 +334,18 @@ class Containerd:
         return env
 
     def leftovers(self, grace: float = 0.0) -> Leftovers:
-        """`leftovers()` of the temp root minus containerd itself and its two sockets.
+        """`leftovers()` of the temp root minus containerd itself, its two
+        sockets, and Keel's launchers with theirs.
 
         With everything deleted this should be empty while containerd runs;
         polls for up to `grace` seconds for it to become empty.
         """
+        # Keel's launchers outlive their pods on purpose, like containerd.
+        launchers = keel_launchers(Path(root)) if (root := self._extra_env.get("KEEL_STATE_ROOT")) else {}
         return wait_no_leftovers(self.paths.tmp_root, grace,
-                                 exclude_pids=[self.pid] if self.pid else [],
-                                 exclude_paths=[self.paths.grpc_socket, self.paths.ttrpc_socket])
+                                 exclude_pids=[*([self.pid] if self.pid else []), *launchers],
+                                 exclude_paths=[self.paths.grpc_socket, self.paths.ttrpc_socket,
+                                                *launchers.values()])
 
     # --- logs ---------------------------------------------------------------
 

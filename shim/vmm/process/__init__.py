@@ -12,6 +12,7 @@ on.  Root filesystems are mounted inside the sandbox's mount namespace
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import signal
@@ -25,6 +26,8 @@ from typing import Any
 
 from agent.errors import Internal, NotFound, Unavailable
 from shim.vmm.api import Dialer, LaunchSpec, MountSpec
+
+_log = logging.getLogger("keel.shim.process")
 
 
 def _start_time(pid: int) -> int:
@@ -142,6 +145,28 @@ class ProcessSandbox:
             self._pidfd = -1
 
 
+async def _launch_forked(spec: LaunchSpec, argv: list[str], env: dict[str, str], hostname: str,
+                         log: str) -> int | None:
+    """The agent forked by the launcher that forked this shim (its modules
+    are imported there already); None when there is none or it cannot, and
+    the caller starts a fresh interpreter.  Only for this release's own agent."""
+    sock = os.environ.get("KEEL_LAUNCHER")
+    if not sock or tuple(spec.agent_command) != (sys.executable, "-m", "agent"):
+        return None
+    from shim import _launcher
+
+    args = argv[len(spec.agent_command):]
+    try:
+        reply = await asyncio.to_thread(
+            _launcher.request, Path(sock),
+            {"op": "agent", "argv": args, "env": env, "cwd": os.getcwd(), "hostname": hostname,
+             "log": log}, timeout=10.0)
+    except _launcher.LauncherError as exc:
+        _log.info("launcher did not start the agent (%s); starting it fresh", exc)
+        return None
+    return int(reply["pid"])
+
+
 class ProcessBackend:
     name = "process"
 
@@ -156,17 +181,19 @@ class ProcessBackend:
             "--listen", f"ops=unix:{root / 'ops.chan'}",
             *spec.agent_args,
         ]
-        cmd = [sys.executable, "-m", "shim.vmm.process._nsinit", spec.sandbox_id[:63],
-               str(root / "agent.log"), "--", *argv]
         env = {**os.environ, **spec.env}
-        res = await asyncio.to_thread(
-            subprocess.run, cmd, capture_output=True, timeout=30, env=env, check=False
-        )
-        if res.returncode != 0 or not res.stdout.strip().isdigit():
-            raise Unavailable(
-                f"cannot start process sandbox: {res.stderr.decode(errors='replace').strip()}"
+        hostname, log = spec.sandbox_id[:63], str(root / "agent.log")
+        pid = await _launch_forked(spec, argv, env, hostname, log)
+        if pid is None:
+            cmd = [sys.executable, "-m", "shim.vmm.process._nsinit", hostname, log, "--", *argv]
+            res = await asyncio.to_thread(
+                subprocess.run, cmd, capture_output=True, timeout=30, env=env, check=False
             )
-        pid = int(res.stdout)
+            if res.returncode != 0 or not res.stdout.strip().isdigit():
+                raise Unavailable(
+                    f"cannot start process sandbox: {res.stderr.decode(errors='replace').strip()}"
+                )
+            pid = int(res.stdout)
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:

@@ -6,7 +6,9 @@ is PID 1 of the new pid namespace), and prints the child's host pid on
 stdout before exiting, so the agent is owned by no shim: it outlives shim
 handoffs, and the shim watches it through a pidfd.
 
-Kept free of heavy imports: it runs on every sandbox start.
+Kept free of heavy imports: it runs on every sandbox start that the
+launcher (shim/_launcher.py) does not serve; the launcher calls
+:func:`enter_namespaces` and :func:`become_init` itself.
 """
 
 from __future__ import annotations
@@ -39,29 +41,43 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> N
     _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, None), f"mount {target}")
 
 
+def enter_namespaces() -> None:
+    """Unshare the sandbox's namespaces and make the mount tree private; the
+    next child forked is PID 1 of the new pid namespace."""
+    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET
+    _check(_libc.unshare(flags), "unshare")
+    # Nothing we mount in the sandbox may propagate back to the host.
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def become_init(hostname: str, log: str) -> None:
+    """In that child: own session, /proc of the new pid namespace, hostname,
+    stdin from /dev/null, stdout and stderr to *log*."""
+    os.setsid()
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    name = hostname.encode()
+    _check(_libc.sethostname(name, len(name)), "sethostname")
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(null)
+    os.close(fd)
+
+
 def main() -> int:
     hostname, log, sep, *argv = sys.argv[1:]
     if sep != "--" or not argv:
         print("usage: _nsinit HOSTNAME LOG -- AGENT_ARGV...", file=sys.stderr)
         return 2
-    flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET
-    _check(_libc.unshare(flags), "unshare")
-    # Nothing we mount in the sandbox may propagate back to the host.
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    enter_namespaces()
     pid = os.fork()
     if pid:
         print(pid, flush=True)
         return 0
     try:
-        os.setsid()
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        name = hostname.encode()
-        _check(_libc.sethostname(name, len(name)), "sethostname")
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
+        become_init(hostname, log)
         os.execvp(argv[0], argv)
     except BaseException as exc:  # the child must never return into Python's caller
         os.write(2, f"keel nsinit: {exc}\n".encode())
