@@ -116,6 +116,7 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
         _check_hello(hello)
         t0 = time.monotonic()
         frozen, record = await daemon.freeze()
+        t_frozen = time.monotonic()
         state = {
             "type": "state",
             "sandbox": daemon.sandbox_doc(record),
@@ -127,7 +128,8 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
         if ready["type"] != "ready":
             raise HandoffError(f"new shim refused: {ready.get('reason', ready)}")
         await ch.send({"type": "commit"})
-        freeze_ms = (time.monotonic() - t0) * 1000
+        t_commit = time.monotonic()
+        freeze_ms = (t_commit - t0) * 1000
     except BaseException as exc:
         log.error("handoff to %s failed, thawing: %s", shim_path, exc)
         _reap(child)
@@ -140,8 +142,9 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
         ch.close()
         errors.close()
     serving = await _wait_serving(ops_sock, ops_before, child)
-    log.info("handed sandbox %s to %s (pid %d); freeze %.1f ms",
-             daemon.sandbox.id, ready.get("version"), child.pid, freeze_ms)
+    log.info("handed sandbox %s to %s (pid %d); freeze %.1f ms (quiesce %.1f ms, new shim "
+             "restore %.1f ms: %s)", daemon.sandbox.id, ready.get("version"), child.pid, freeze_ms,
+             (t_frozen - t0) * 1000, (t_commit - t_frozen) * 1000, ready.get("phases", "-"))
     return Result(version(), str(ready.get("version", "")), child.pid, freeze_ms, serving)
 
 
@@ -227,9 +230,10 @@ async def adopt(daemon: Any, fd: int) -> None:
         if msg["type"] != "state":
             raise HandoffError(f"expected state, got {msg['type']!r}")
         failpoint(sdir, "after-state")
-        await daemon.restore(msg["sandbox"])
+        phases = await daemon.restore(msg["sandbox"])
         failpoint(sdir, "after-restore")
-        await ch.send({"type": "ready", "version": version(), "pid": os.getpid()})
+        await ch.send({"type": "ready", "version": version(), "pid": os.getpid(),
+                       "phases": phases})
         commit, more = await ch.recv(TIMEOUT_S)
         _close_fds(more)
         if commit["type"] != "commit":
