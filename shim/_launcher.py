@@ -340,9 +340,11 @@ class _Launcher:
         try:
             pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            # Read first, refuse after: a refusal sent while the caller still
+            # writes would reach it as a broken pipe instead of the reason.
+            req, fds = _recv(conn)
             if uid != os.getuid():
                 raise LauncherError(f"peer uid {uid} is not {os.getuid()}")
-            req, fds = _recv(conn)
             reply = self._fork(req, fds, pid, conn)
             log.debug("%s for pid %d: %s", req.get("op"), pid, reply)
         except Exception as exc:  # noqa: BLE001 - every failure is an answer, never a crash
@@ -462,8 +464,12 @@ def _child(op: str, req: dict[str, Any], fds: list[int]) -> None:
 
         import setproctitle
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        # What a fresh interpreter starts with (SIGPIPE ignored: a write to
+        # a closed socket raises instead of killing), not the launcher's.
+        for sig, handler in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGCHLD, signal.SIG_DFL),
+                             (signal.SIGINT, signal.default_int_handler),
+                             (signal.SIGPIPE, signal.SIG_IGN), (signal.SIGXFSZ, signal.SIG_IGN)):
+            signal.signal(sig, handler)
         root = logging.getLogger()
         for h in list(root.handlers):
             root.removeHandler(h)

@@ -76,6 +76,10 @@ def test_forked_daemon_and_agent_look_execd(containerd: Containerd, busybox: str
     assert _argv(agent)[:3] == [sys.executable, "-m", "agent"]
     assert "KEEL_LAUNCHER" in _env(agent)
     assert _status_field(agent, "NSpid").split()[-1] == "1"  # PID 1 of its own pid namespace
+    # A fresh interpreter's signal dispositions, not the launcher's: SIGPIPE
+    # ignored (a write to a closed socket raises instead of killing).
+    for pid in (shim, agent):
+        assert int(_status_field(pid, "SigIgn"), 16) & (1 << (signal.SIGPIPE - 1)), pid
 
     res = containerd.ctr("tasks", "exec", "--exec-id", "e1", cid, "echo", "from-exec")
     assert (res.returncode, res.stdout) == (0, "from-exec\n"), res.stderr
