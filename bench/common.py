@@ -121,26 +121,25 @@ def pids_where(match: Callable[[list[str]], bool]) -> list[int]:
     return sorted(found)
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of one process in KiB; 0 for kernel threads, zombies and vanished pids."""
+def _proc_kib(pid: int, file: str, field: str) -> int:
+    """The KiB figure after `field:` in /proc/<pid>/<file>; 0 if absent or vanished."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
         pass
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of one process in KiB; 0 for kernel threads, zombies and vanished pids."""
+    return _proc_kib(pid, "status", "VmRSS")
 
 
 def pss_kib(pid: int) -> int:
     """Pss of one process in KiB (its share of every page it maps); 0 if it vanished."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+    return _proc_kib(pid, "smaps_rollup", "Pss")
 
 
 def tree_rss_kib(roots: int | Iterable[int]) -> int:

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.containerd import Containerd, keel_launchers, wait_for
-from tests.integration.test_keel_ctr import KEEL, _alive, _run_detached, _shim_pid
+from tests.integration.test_keel_ctr import (
+    KEEL,
+    _alive,
+    _kill_and_remove,
+    _run_detached,
+    _shim_pid,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root]
 
@@ -83,11 +89,7 @@ def test_forked_daemon_and_agent_look_execd(containerd: Containerd, busybox: str
 
     res = containerd.ctr("tasks", "exec", "--exec-id", "e1", cid, "echo", "from-exec")
     assert (res.returncode, res.stdout) == (0, "from-exec\n"), res.stderr
-    containerd.ctr("tasks", "kill", "-s", "SIGKILL", cid)
-    wait_for(lambda: containerd.task(cid) is None or containerd.task(cid)[1] == "STOPPED", 30,  # type: ignore[index]
-             f"{cid} to stop")
-    assert containerd.ctr("tasks", "rm", cid).returncode == 0
-    assert containerd.ctr("containers", "rm", cid).returncode == 0
+    _kill_and_remove(containerd, cid)
 
 
 def test_launcher_off_starts_the_plain_way(containerd: Containerd, busybox: str,
@@ -102,11 +104,7 @@ def test_launcher_off_starts_the_plain_way(containerd: Containerd, busybox: str,
     assert "KEEL_LAUNCHER" not in _env(shim)
     assert _argv(shim)[:3] == [sys.executable, "-m", "shim"]
     assert "KEEL_LAUNCHER" not in _env(_agent_pid(containerd, cid))
-    containerd.ctr("tasks", "kill", "-s", "SIGKILL", cid)
-    wait_for(lambda: containerd.task(cid) is None or containerd.task(cid)[1] == "STOPPED", 30,  # type: ignore[index]
-             f"{cid} to stop")
-    assert containerd.ctr("tasks", "rm", cid).returncode == 0
-    assert containerd.ctr("containers", "rm", cid).returncode == 0
+    _kill_and_remove(containerd, cid)
 
 
 def test_a_killed_launcher_is_replaced(containerd: Containerd, busybox: str,
