@@ -58,6 +58,13 @@ def _shim_log(ctd: Containerd, cid: str) -> str:
                      if "runtime=keel" in line and cid in line)
 
 
+def _rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) >> 10
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def _no_leftovers(ctd: Containerd, what: str) -> None:
     found = ctd.leftovers(grace=20.0)
     assert not found, f"left behind by {what}:\n{found}"
@@ -104,6 +111,24 @@ def test_detached_exec_rootfs_write_kill_delete(vm_containerd: Containerd) -> No
     snapshots = ctd.paths.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
     on_host = [p.read_text() for p in snapshots.glob("*/fs/data.txt")]
     assert on_host == ["written-in-the-vm\n"], on_host
+
+    # Free page reporting (virtio-balloon): 60 MiB the container writes to
+    # its /dev/shm (a 64 MiB tmpfs) and removes again go back to the host.
+    [qemu] = vms_of(sandbox)
+    before = _rss_mib(qemu)
+    res = ctd.ctr("tasks", "exec", "--exec-id", "e3", cid, "sh", "-c",
+                  "dd if=/dev/zero of=/dev/shm/big bs=1M count=60 2>/dev/null && "
+                  "echo $(($(wc -c < /dev/shm/big) >> 20))", timeout=CTR_TIMEOUT_S)
+    assert (res.returncode, res.stdout) == (0, "60\n"), res
+    used = _rss_mib(qemu)
+    assert used >= before + 40, (before, used)  # the guest touched new pages for it
+    res = ctd.ctr("tasks", "exec", "--exec-id", "e4", cid, "rm", "/dev/shm/big",
+                  timeout=CTR_TIMEOUT_S)
+    assert res.returncode == 0, res
+    wait_for(lambda: _rss_mib(qemu) < used - 40, 30,
+             f"qemu's RSS to drop from {used} MiB (it is {_rss_mib(qemu)} MiB)")
+    print(f"[vm] qemu RSS: {before} MiB idle, {used} MiB with 60 MiB in the guest's tmpfs, "
+          f"{_rss_mib(qemu)} MiB after it was removed")
 
     res = ctd.ctr("tasks", "kill", "-s", "SIGKILL", cid)
     assert res.returncode == 0, res.stderr

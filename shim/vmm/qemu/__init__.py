@@ -168,6 +168,7 @@ class QemuBackend:
                  "initrd": _template.file_id(initrd), "rootfs": str(rootfs),
                  "qemu": [qemu, *_template.file_id(Path(qemu))], "machine": cfg.machine,
                  "accel": accel.name, "vcpus": vcpus, "memory_mib": memory, "cmdline": cmdline,
+                 "balloon": cfg.free_page_reporting,
                  "hotplug": [cfg.max_vcpus, cfg.max_memory_mib, cfg.memory_slots] if cfg.hotplug else None}
         tpl = await _template.ensure(cfg.template_dir, _template.key(shape), shape, argv_for,
                                      self._start, cfg.template_build_timeout_s)

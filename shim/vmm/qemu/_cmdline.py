@@ -165,6 +165,8 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, ke
     for channel, port in PORTS.items():
         args += ["-chardev", f"socket,id=ch-{channel},path={files.channel(channel)},server=on,wait=off",
                  "-device", f"virtserialport,bus=vser0.0,chardev=ch-{channel},name={port}"]
+    if config.free_page_reporting:
+        args += ["-device", f"virtio-balloon-{bus},free-page-reporting=on"]
     if tap is not None:
         fd, mac = tap
         args += ["-netdev", f"tap,id=net0,fd={fd}",

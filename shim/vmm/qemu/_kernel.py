@@ -24,7 +24,8 @@ _ELF_MAGIC = b"\x7fELF"
 #: Modules the guest needs (dependencies are added): virtio transports for
 #: microvm (mmio) and q35/pc (pci), virtio-serial ports, 9p over virtio, and
 #: virtio-net for a pod network.
-GUEST_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "virtio_net")
+GUEST_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "virtio_net",
+                 "virtio_balloon")
 
 
 def extract_vmlinux(bzimage: Path, out: Path) -> None:

@@ -56,6 +56,10 @@ class QemuConfig:
     #: guest keeps ~70 MiB of it resident; a smaller cache is retranslated more
     #: often.  0: qemu's default.  Ignored under KVM.
     tcg_tb_mib: int = 32
+    #: A virtio-balloon device with free page reporting: memory a workload
+    #: used and freed in the guest goes back to the host (qemu discards the
+    #: reported pages) instead of staying resident in qemu for good.
+    free_page_reporting: bool = True
     #: Appended to the kernel command line.
     kernel_args: tuple[str, ...] = ()
     #: Seconds qemu may take to start (not the guest boot: the shim's agent timeout).
@@ -128,7 +132,8 @@ def _coerce(key: str, value: Any) -> Any:
         return tuple(value)
     if key.endswith("_s") and isinstance(value, int):
         return float(value)
-    expected = {"qemu": str, "machine": str, "accel": str, "template": bool}.get(
+    expected = {"qemu": str, "machine": str, "accel": str, "template": bool,
+                "free_page_reporting": bool}.get(
         key, int if not key.endswith("_s") else float)
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise InvalidArgument(f"qemu config: {key} must be {expected.__name__}")
