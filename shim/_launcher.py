@@ -70,6 +70,8 @@ MAX_MESSAGE = 1 << 20
 MAX_FDS = 4
 #: Seconds the launcher waits for a forked child to report its pid.
 FORK_TIMEOUT_S = 10.0
+#: The caller's acknowledgement of a pid reply.
+ACK = b"\x01"
 #: Packages whose modules make up a release (their mtimes go into the key).
 PACKAGES = ("shim", "agent", "upgrade", "observability")
 #: What the launcher imports before it serves: the daemon's and the
@@ -196,9 +198,11 @@ def request(path: Path, doc: Mapping[str, Any], fds: Sequence[int] = (),
         try:
             _send(sock, doc, fds)
             reply, extra = _recv(sock)
+            _close(extra)
+            if "error" not in reply:
+                sock.sendall(ACK)  # only now may the child go on (see _Launcher._handle)
         except OSError as exc:
             raise LauncherError(f"launcher {path}: {exc}") from None
-        _close(extra)
     finally:
         sock.close()
     if "error" in reply:
@@ -214,6 +218,15 @@ def _interpreter_flags() -> list[str]:
     return [flag for flag, on in (("-I", f.isolated), ("-E", f.ignore_environment and not f.isolated),
                                   ("-s", f.no_user_site and not f.isolated), ("-S", f.no_site),
                                   ("-P", True)) if on]
+
+
+def note(path: Path, line: str) -> None:
+    """Append *line* to the launcher's log (for callers whose stderr is not theirs)."""
+    try:
+        with open(path.with_suffix(".log"), "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    except OSError:
+        pass
 
 
 def needs_spawn(path: Path) -> bool:
@@ -335,8 +348,13 @@ class _Launcher:
         return 0
 
     def _handle(self, conn: socket.socket, log: Any) -> None:
+        """One request.  A forked child waits on a pipe until the caller has
+        acknowledged its pid: a caller that gave up (timed out, died) and
+        starts the daemon or agent itself must not get a twin of it, so
+        without the acknowledgement the pipe closes and the child exits."""
         conn.settimeout(5.0)
         fds: list[int] = []
+        go = -1
         try:
             pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
@@ -345,7 +363,7 @@ class _Launcher:
             req, fds = _recv(conn)
             if uid != os.getuid():
                 raise LauncherError(f"peer uid {uid} is not {os.getuid()}")
-            reply = self._fork(req, fds, pid, conn)
+            reply, go = self._fork(req, fds, pid, conn)
             log.debug("%s for pid %d: %s", req.get("op"), pid, reply)
         except Exception as exc:  # noqa: BLE001 - every failure is an answer, never a crash
             log.warning("request refused: %s", exc)
@@ -354,11 +372,22 @@ class _Launcher:
             _close(fds)
         try:
             _send(conn, reply)
-        except OSError:
-            pass
+            if go >= 0:
+                if conn.recv(1) == ACK:
+                    os.write(go, b"g")
+                else:
+                    log.warning("caller pid %d left before it took %s: child stopped", pid, reply)
+        except OSError as exc:
+            if go >= 0:
+                log.warning("caller pid %d left before it took %s (%s): child stopped",
+                            pid, reply, exc)
+        finally:
+            if go >= 0:
+                os.close(go)
 
     def _fork(self, req: dict[str, Any], fds: list[int], peer: int,
-              conn: socket.socket) -> dict[str, Any]:
+              conn: socket.socket) -> tuple[dict[str, Any], int]:
+        """Validate, fork; the reply and the write end of the child's go pipe."""
         op = req.get("op")
         argv, env, cwd = req.get("argv"), req.get("env"), req.get("cwd")
         if op not in ("shim", "agent"):
@@ -379,11 +408,12 @@ class _Launcher:
                                   and isinstance(req.get("log"), str)):
             raise LauncherError("agent needs hostname and log")
         r, w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
         child = os.fork()
         if child == 0:  # the intermediate: never returns
-            os.close(r)
-            _intermediate(op, req, fds, peer, w, [*self.own_fds, conn.fileno()])
+            _intermediate(op, req, fds, peer, w, go_r, [*self.own_fds, conn.fileno(), r, go_w])
         os.close(w)
+        os.close(go_r)
         try:
             data = b""
             deadline = time.monotonic() + FORK_TIMEOUT_S
@@ -392,6 +422,7 @@ class _Launcher:
                     chunk = _read_until(r, deadline)
                 except LauncherError:
                     os.kill(child, signal.SIGKILL)
+                    os.close(go_w)  # a grandchild, if any, exits on EOF
                     raise
                 if not chunk:
                     break
@@ -401,8 +432,9 @@ class _Launcher:
             os.waitpid(child, 0)
         text = data.decode(errors="replace")
         if not text.isdigit():
+            os.close(go_w)
             raise LauncherError(text or "child died before it could start")
-        return {"pid": int(text)}
+        return {"pid": int(text)}, go_w
 
 
 def _inode(path: Path) -> int:
@@ -412,10 +444,10 @@ def _inode(path: Path) -> int:
         return 0
 
 
-def _intermediate(op: str, req: dict[str, Any], fds: list[int], peer: int, w: int,
+def _intermediate(op: str, req: dict[str, Any], fds: list[int], peer: int, w: int, go: int,
                   close: list[int]) -> None:
-    """Forked from the launcher: set up, fork the real child, report its pid
-    (or what went wrong) on *w*, exit."""
+    """Forked from the launcher: set up, fork the real child (which waits for
+    a byte on *go*), report its pid (or what went wrong) on *w*, exit."""
     try:
         for fd in close:
             os.close(fd)
@@ -431,6 +463,9 @@ def _intermediate(op: str, req: dict[str, Any], fds: list[int], peer: int, w: in
             os.write(w, str(pid).encode())
             os._exit(0)
         os.close(w)
+        if os.read(go, 1) != b"g":  # the caller never took our pid: it starts its own
+            os._exit(0)
+        os.close(go)
         _child(op, req, fds)  # never returns
     except BaseException as exc:  # noqa: BLE001 - the launcher reads this as the error
         try:

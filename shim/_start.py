@@ -97,7 +97,8 @@ def _spawn_daemon(cfg: ShimConfig, argv: list[str], env: dict[str, str], bundle:
             if _launcher.needs_spawn(sock):
                 _launcher.spawn(sock, cfg.launcher_idle_s, {**_MALLOC_TUNING, **os.environ})
             elif not isinstance(exc, _launcher.NotRunning):
-                print(f"keel shim start: {exc}; starting the daemon without it", file=sys.stderr)
+                # Not on stderr: containerd reads it with stdout as our address.
+                _launcher.note(sock, f"start (pid {os.getpid()}): {exc}; exec'd the daemon")
     env["KEEL_LISTEN_FD"] = str(listener.fileno())
     subprocess.Popen([sys.executable, "-m", "shim", *argv], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

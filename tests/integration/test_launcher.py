@@ -121,3 +121,44 @@ def test_a_killed_launcher_is_replaced(containerd: Containerd, busybox: str,
              "a new launcher")
     res = containerd.ctr("run", "--rm", "--runtime", KEEL, busybox, container_ids(), "echo", "again")
     assert (res.returncode, res.stdout) == (0, "again\n"), res.stderr
+
+
+def test_a_stuck_launcher_costs_a_timeout_not_the_pod(containerd: Containerd, busybox: str,
+                                                      container_ids: Callable[[], str]) -> None:
+    """SIGSTOP the launcher: start gives up on it after its timeout and
+    execs the daemon (saying so in the launcher's log, not on stderr, which
+    containerd reads as the address).  Resumed, the launcher finds the
+    abandoned request unacknowledged: the daemon it forked for it exits
+    instead of serving a socket that another daemon serves."""
+    launchers = _warm(containerd, busybox, container_ids())
+    for pid in launchers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        res = containerd.ctr("run", "--rm", "--runtime", KEEL, busybox, container_ids(), "echo", "hi")
+        assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
+        cid = container_ids()
+        _run_detached(containerd, busybox, cid, "sleep", "1000")
+        shim = _shim_pid(containerd, cid)
+        assert "KEEL_LAUNCHER" not in _env(shim)  # exec'd
+    finally:
+        for pid in launchers:
+            os.kill(pid, signal.SIGCONT)
+    logs = "".join(sock.with_suffix(".log").read_text() for sock in launchers.values())
+    assert "exec'd the daemon" in logs, logs
+    # The launcher gets to the two queued requests now; nothing it forks for
+    # them may serve: one daemon per socket.  (Their callers are gone, so it
+    # refuses them; a caller that is alive but gave up never acknowledges
+    # the pid, and the child exits.)
+
+    def dropped() -> int:
+        text = "".join(sock.with_suffix(".log").read_text() for sock in launchers.values())
+        return text.count("request refused") + text.count("left before it took")
+
+    wait_for(lambda: dropped() >= 2, 30, "the launcher to drop the two abandoned requests")
+    serving = [pid for pid, _ in containerd.leftovers().processes
+               if _alive(pid) and _argv(pid)[:3] == [sys.executable, "-m", "shim"]
+               and cid in _argv(pid)]
+    assert serving == [shim], serving
+    res = containerd.ctr("tasks", "exec", "--exec-id", "e1", cid, "echo", "still-one")
+    assert (res.returncode, res.stdout) == (0, "still-one\n"), res.stderr
+    _kill_and_remove(containerd, cid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -188,3 +189,37 @@ def test_release_key_ignores_the_working_directory_only(tmp_path: Path) -> None:
     assert key(tmp_path / "a") == key(tmp_path / "b")
     # Another module path (another release's) is another launcher.
     assert key(tmp_path / "a") != key(tmp_path / "a", PYTHONPATH=f"{tmp_path}:{REPO}")
+
+
+def test_a_pid_the_caller_never_took_does_not_run(
+        launcher: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """A caller that gave up waiting (and starts the daemon itself) never
+    acknowledges the pid: the launcher's child must exit, not serve."""
+    sock, proc = launcher
+    proc.send_signal(signal.SIGSTOP)
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        with pytest.raises(_launcher.LauncherError, match="timed out"):
+            _launcher.request(sock, {"op": "shim", **GOOD}, [listener.fileno()], timeout=1.0)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        listener.close()
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    seen = b""
+
+    def logged() -> re.Match[bytes] | None:
+        nonlocal seen
+        seen += proc.stdout.read() or b""  # type: ignore[union-attr]
+        return re.search(rb"left before it took \{'pid': (\d+)\}", seen)
+
+    _wait(logged, 30, "the launcher to drop the request")
+    child = int(logged().group(1))  # type: ignore[union-attr]
+    _wait(lambda: not _alive(child), 10, f"its child {child} to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
