@@ -69,11 +69,12 @@ def test_qemu_argv_per_machine() -> None:
     assert "-accel tcg,tb-size=32 " in micro
     assert "-accel tcg -cpu" in " ".join(_argv(config.QemuConfig(tcg_tb_mib=0), Path("/run/s1")))
     assert Accel("kvm", "").qemu_args(32) == ["-accel", "kvm", "-cpu", "host"]
-    # Free page reporting: the guest hands freed pages back (virtio-balloon).
-    assert "-device virtio-balloon-device,free-page-reporting=on" in micro
-    assert "balloon" not in " ".join(_argv(config.QemuConfig(free_page_reporting=False),
-                                           Path("/run/s1")))
-    q35 = " ".join(_argv(config.QemuConfig(machine="q35", max_vcpus=4), Path("/run/s1")))
+    # Free page reporting (opt-in): the guest hands freed pages back (virtio-balloon).
+    assert "balloon" not in micro
+    fpr = " ".join(_argv(config.QemuConfig(free_page_reporting=True), Path("/run/s1")))
+    assert "-device virtio-balloon-device,free-page-reporting=on" in fpr
+    q35 = " ".join(_argv(config.QemuConfig(machine="q35", max_vcpus=4, free_page_reporting=True),
+                         Path("/run/s1")))
     assert "-device virtio-balloon-pci,free-page-reporting=on" in q35
     assert "-M q35" in q35 and "virtio-9p-pci" in q35 and "-smp 1,maxcpus=4" in q35
     assert "size=512M,slots=8,maxmem=4096M" in q35

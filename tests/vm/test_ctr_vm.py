@@ -87,9 +87,13 @@ def test_run_rm_output_and_exit_code(vm_containerd: Containerd, vm_image: image.
     _no_leftovers(ctd, "ctr run --rm")
 
 
-def test_detached_exec_rootfs_write_kill_delete(vm_containerd: Containerd) -> None:
+def test_detached_exec_rootfs_write_kill_delete(vm_containerd: Containerd, vm_image: image.Image,
+                                                tmp_path: Path) -> None:
     ctd, cid = vm_containerd, _cid("d")
-    res = ctd.ctr("run", "-d", "--runtime", KEEL_RUNTIME, BUSYBOX, cid, "sh", "-c",
+    # Free page reporting is opt-in; this sandbox has it (checked below).
+    config = write_keel_config(tmp_path / "fpr.toml", vm_image, free_page_reporting=True)
+    res = ctd.ctr("run", "-d", "--runtime", KEEL_RUNTIME, "--runtime-config-path", str(config),
+                  BUSYBOX, cid, "sh", "-c",
                   "echo written-in-the-vm > /data.txt; exec sleep 1000", timeout=CTR_TIMEOUT_S)
     assert res.returncode == 0, (res, _shim_log(ctd, cid)[-3000:])
     task = wait_for(lambda: _task(ctd, cid), 30, f"{cid} to be listed")
@@ -112,8 +116,9 @@ def test_detached_exec_rootfs_write_kill_delete(vm_containerd: Containerd) -> No
     on_host = [p.read_text() for p in snapshots.glob("*/fs/data.txt")]
     assert on_host == ["written-in-the-vm\n"], on_host
 
-    # Free page reporting (virtio-balloon): 60 MiB the container writes to
-    # its /dev/shm (a 64 MiB tmpfs) and removes again go back to the host.
+    # Free page reporting (virtio-balloon, on for this sandbox): 60 MiB the
+    # container writes to its /dev/shm (a 64 MiB tmpfs) and removes again go
+    # back to the host.
     [qemu] = vms_of(sandbox)
     before = _rss_mib(qemu)
     res = ctd.ctr("tasks", "exec", "--exec-id", "e3", cid, "sh", "-c",

@@ -58,8 +58,11 @@ class QemuConfig:
     tcg_tb_mib: int = 32
     #: A virtio-balloon device with free page reporting: memory a workload
     #: used and freed in the guest goes back to the host (qemu discards the
-    #: reported pages) instead of staying resident in qemu for good.
-    free_page_reporting: bool = True
+    #: reported pages) instead of staying resident in qemu for good.  Opt-in,
+    #: as in Kata: the guest's reports cost VMM work, and under TCG here one
+    #: 2-vCPU/768 MiB guest once stalled for minutes with it on (not
+    #: reproduced since, cause unknown).
+    free_page_reporting: bool = False
     #: Appended to the kernel command line.
     kernel_args: tuple[str, ...] = ()
     #: Seconds qemu may take to start (not the guest boot: the shim's agent timeout).
