@@ -52,7 +52,6 @@ library: ``start`` runs it.
 
 from __future__ import annotations
 
-import array
 import hashlib
 import json
 import os
@@ -64,6 +63,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from upgrade.scm import close_all, fds_of, rights
 
 #: Most bytes a request or reply may have (an environment fits many times).
 MAX_MESSAGE = 1 << 20
@@ -135,8 +136,7 @@ def _send(sock: socket.socket, doc: Mapping[str, Any], fds: Sequence[int] = ()) 
     if len(body) > MAX_MESSAGE:
         raise LauncherError(f"message of {len(body)} bytes is over {MAX_MESSAGE}")
     data = struct.pack(">I", len(body)) + body
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sent = sock.sendmsg([data], anc)
+    sent = sock.sendmsg([data], rights(fds))
     if sent < len(data):
         sock.sendall(data[sent:])
 
@@ -147,39 +147,27 @@ def _recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     buf = b""
     while len(buf) < 4 or len(buf) < 4 + struct.unpack(">I", buf[:4])[0]:
         if len(buf) >= 4 and struct.unpack(">I", buf[:4])[0] > MAX_MESSAGE:
-            _close(fds)
+            close_all(fds)
             raise LauncherError("message over the size limit")
         data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-                fds.extend(a)
+        fds.extend(fds_of(anc))
         if flags & socket.MSG_CTRUNC:
-            _close(fds)
+            close_all(fds)
             raise LauncherError(f"more than {MAX_FDS} fds")
         if not data:
-            _close(fds)
+            close_all(fds)
             raise LauncherError("connection closed mid-message" if buf else "no message")
         buf += data
     (n,) = struct.unpack(">I", buf[:4])
     try:
         doc = json.loads(buf[4 : 4 + n])
     except ValueError as exc:
-        _close(fds)
+        close_all(fds)
         raise LauncherError(f"malformed message: {exc}") from None
     if not isinstance(doc, dict):
-        _close(fds)
+        close_all(fds)
         raise LauncherError("malformed message: not an object")
     return doc, fds
-
-
-def _close(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def request(path: Path, doc: Mapping[str, Any], fds: Sequence[int] = (),
@@ -198,7 +186,7 @@ def request(path: Path, doc: Mapping[str, Any], fds: Sequence[int] = (),
         try:
             _send(sock, doc, fds)
             reply, extra = _recv(sock)
-            _close(extra)
+            close_all(extra)
             if "error" not in reply:
                 sock.sendall(ACK)  # only now may the child go on (see _Launcher._handle)
         except OSError as exc:
@@ -369,7 +357,7 @@ class _Launcher:
             log.warning("request refused: %s", exc)
             reply = {"error": f"launcher: {exc}"}
         finally:
-            _close(fds)
+            close_all(fds)
         try:
             _send(conn, reply)
             if go >= 0:

@@ -11,15 +11,14 @@ truncated ancillary data (MSG_TRUNC / MSG_CTRUNC) is a protocol error.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import json
-import os
 import socket
 from typing import Any
 
 from agent.errors import FailedPrecondition, InvalidArgument
 from upgrade.aio import wait_readable, wait_writable
+from upgrade.scm import close_all, fds_of, rights
 
 MAGIC = b"KH"
 MORE = 0x01
@@ -57,7 +56,7 @@ class HandoffChannel:
         chunks = [data[i : i + RECORD_MAX] for i in range(0, len(data), RECORD_MAX)] or [b""]
         for i, chunk in enumerate(chunks):
             record = MAGIC + bytes([MORE if i < len(chunks) - 1 else 0]) + chunk
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if i == 0 and fds else []
+            anc = rights(fds) if i == 0 else []
             while True:
                 try:
                     self.sock.sendmsg([record], anc)
@@ -86,9 +85,9 @@ class HandoffChannel:
             while True:
                 record, anc, flags = await self._recv_record()
                 if first:
-                    fds = _fds_of(anc)
+                    fds = fds_of(anc)
                 elif anc:
-                    _close_all(_fds_of(anc))
+                    close_all(fds_of(anc))
                     raise HandoffError("handoff: fds on a continuation record")
                 first = False
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
@@ -110,7 +109,7 @@ class HandoffChannel:
                 raise HandoffError("handoff: message without a type")
             return msg, fds
         except BaseException:
-            _close_all(fds)
+            close_all(fds)
             raise
 
     async def _recv_record(self) -> tuple[bytes, list[Any], int]:
@@ -126,21 +125,3 @@ class HandoffChannel:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def _fds_of(anc: list[Any]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
