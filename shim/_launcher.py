@@ -485,8 +485,6 @@ def _child(op: str, req: dict[str, Any], fds: list[int]) -> None:
         import logging
         import random
 
-        import setproctitle
-
         # What a fresh interpreter starts with (SIGPIPE ignored: a write to
         # a closed socket raises instead of killing), not the launcher's.
         for sig, handler in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGCHLD, signal.SIG_DFL),
@@ -505,7 +503,9 @@ def _child(op: str, req: dict[str, Any], fds: list[int]) -> None:
             from shim.vmm.process import _nsinit
 
             _nsinit.become_init(req["hostname"], req["log"])
-            title = [sys.executable, "-m", "agent", *argv]
+            from shim.vmm.api import AGENT_COMMAND
+
+            title = [*AGENT_COMMAND, *argv]
         else:
             os.environ["KEEL_LISTEN_FD"] = str(fds[0])
             null = os.open(os.devnull, os.O_RDWR)
@@ -517,6 +517,8 @@ def _child(op: str, req: dict[str, Any], fds: list[int]) -> None:
         sys.argv = [sys.executable, *argv]
         sys.orig_argv = title
         if not _set_cmdline(title, req["env"]):
+            import setproctitle
+
             setproctitle.setproctitle(" ".join(title))
         if op == "agent":
             from agent.__main__ import main as agent_main
@@ -551,8 +553,8 @@ def _set_cmdline(argv: Sequence[str], env: Mapping[str, str]) -> bool:
     setproctitle title stands in).
 
     PR_SET_MM_MAP sets every field of the memory map at once, so the others
-    are read back from /proc/self/stat and brk just before the call; this
-    runs right after fork, before the child allocates much.
+    are read back from /proc/self/stat, and brk with sbrk(0) as the last
+    step before the call (nothing in between allocates from the heap).
     """
     import ctypes
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from shim.config import ShimConfig
 from shim.dirs import SandboxDir
 from shim.vmm import _sizing
 from shim.vmm import backend as get_backend
-from shim.vmm.api import Backend, LaunchSpec
+from shim.vmm.api import AGENT_COMMAND, Backend, LaunchSpec
 from shim.vmm.api import Sandbox as VmmSandbox
 
 log = logging.getLogger("keel.shim.prelaunch")
@@ -36,7 +35,7 @@ def launch_spec(sandbox_id: str, config: ShimConfig, root: Path,
                 spec: dict[str, Any] | None = None) -> LaunchSpec:
     """What the backend gets; *spec* (the first container's OCI spec) gives
     the pod's network namespace and size."""
-    cmd = config.agent_command or (sys.executable, "-m", "agent")
+    cmd = config.agent_command or AGENT_COMMAND
     size = _sizing.workload([spec] if spec else [])
     return LaunchSpec(sandbox_id=sandbox_id, root=root, agent_command=cmd,
                       agent_args=("--runtime", config.runtime),

@@ -26,10 +26,10 @@ from shim.config import ShimConfig
 #: heap trimmed after every free, so each chunk pays ~256 page faults and
 #: zeroing.  Serving them from a heap kept up to 8 MiB cut the CPU per byte of
 #: both shim and agent by ~30%.  Set in the environment wins.
+_MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20), "MALLOC_TRIM_THRESHOLD_": str(8 << 20)}
+
 #: Seconds ``start`` waits for the launcher before it execs the daemon itself.
 LAUNCHER_TIMEOUT_S = 3.0
-
-_MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20), "MALLOC_TRIM_THRESHOLD_": str(8 << 20)}
 
 
 def _read_options() -> str:

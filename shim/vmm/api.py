@@ -14,6 +14,7 @@ previous shim persisted.
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Any, Protocol
 
 #: Connects a new stream socket to one channel of a sandbox.
 Dialer = Callable[[], Awaitable[socket.socket]]
+
+#: This release's own agent (``LaunchSpec.agent_command`` unless configured).
+AGENT_COMMAND = (sys.executable, "-m", "agent")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import Internal, NotFound, Unavailable
-from shim.vmm.api import Dialer, LaunchSpec, MountSpec
+from shim.vmm.api import AGENT_COMMAND, Dialer, LaunchSpec, MountSpec
 
 _log = logging.getLogger("keel.shim.process")
 
@@ -151,7 +151,7 @@ async def _launch_forked(spec: LaunchSpec, argv: list[str], env: dict[str, str],
     are imported there already); None when there is none or it cannot, and
     the caller starts a fresh interpreter.  Only for this release's own agent."""
     sock = os.environ.get("KEEL_LAUNCHER")
-    if not sock or tuple(spec.agent_command) != (sys.executable, "-m", "agent"):
+    if not sock or tuple(spec.agent_command) != AGENT_COMMAND:
         return None
     from shim import _launcher
 
