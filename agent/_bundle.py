@@ -11,27 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.errors import FailedPrecondition, InvalidArgument
+from keel.errors import FailedPrecondition, InvalidArgument
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
 #: Largest spec, process or resources document accepted.
 MAX_JSON_BYTES = 1 << 20
-
-
-def check_id(value: object, what: str, *, allow_empty: bool = False) -> str:
-    """*value* if it is a valid container or exec id; InvalidArgument otherwise."""
-    if allow_empty and value == "":
-        return ""
-    if not isinstance(value, str) or not ID_RE.match(value):
-        raise InvalidArgument(
-            f"invalid {what} {value!r}: must match {ID_RE.pattern}"
-        )
-    return value
 
 
 def parse_object(raw: object, what: str) -> dict[str, Any]:

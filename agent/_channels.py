@@ -20,9 +20,9 @@ from typing import Any
 from grpclib.server import Server
 
 from agent._fds import FdTable
-from agent.api import NO_STATUS_DETAILS
 from agent.config import Listen
-from agent.errors import InvalidArgument
+from keel.errors import InvalidArgument
+from keel.grpc import NO_STATUS_DETAILS, quiet_h2_frames
 
 log = logging.getLogger("keel.agent.channels")
 
@@ -94,6 +94,7 @@ class Channels:
 
     async def start(self, listeners: dict[str, socket.socket],
                     handlers: dict[str, Collection[Any]]) -> None:
+        quiet_h2_frames()
         for channel, sock in listeners.items():
             server = Server(handlers[channel], status_details_codec=NO_STATUS_DETAILS)
             await server.start(sock=sock)

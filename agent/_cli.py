@@ -28,7 +28,7 @@ from pathlib import Path
 from agent import _daemon, config, state
 from agent._ops import agent_version
 from agent.api import API_VERSION, MIN_API_VERSION
-from agent.errors import KeelError
+from keel.errors import KeelError
 
 
 def _setup_logging(level: str) -> None:

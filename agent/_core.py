@@ -29,13 +29,14 @@ from pathlib import Path
 from agent import _bundle, state
 from agent._fds import FdTable
 from agent._ops import Activity
-from agent._processes import ChildPipes, Container, ExitInfo, Process, State, Stdio
+from agent._processes import ChildPipes, Container, ExitInfo, Process, Stdio
 from agent._reaper import Exit, Reaper
 from agent._runc import Runc, StdioFds, console_socket, receive_console_nowait
 from agent._stats import CgroupStats, from_runc_events
 from agent._tasks import KeyedLocks, Operations
 from agent.config import AgentConfig
-from agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KeelError, NotFound
+from keel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, KeelError, NotFound
+from keel.lifecycle import State
 
 log = logging.getLogger("keel.agent.core")
 
@@ -216,7 +217,7 @@ class AgentCore:
                 await self._runc.run(["start", cid])
             proc.started = True
             if proc.state is State.CREATED:  # it may have exited already
-                proc.transition(State.RUNNING, "start")
+                proc.to(State.RUNNING, "start")
             self.persist()
             return proc.pid
 
@@ -324,7 +325,7 @@ class AgentCore:
             init.require(action, before)
             await self._runc.run([action, cid])
             if init.state is before:
-                init.transition(after, action)
+                init.to(after, action)
             self.persist()
 
     async def update(self, cid: str, resources_json: bytes) -> None:

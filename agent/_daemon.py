@@ -31,8 +31,8 @@ from agent._runc import Runc, RuntimeMissing
 from agent._tasks import Operations
 from agent._upgrade import Upgrader
 from agent.config import AgentConfig
-from agent.errors import KeelError
 from agent.service import AgentService, OpsService
+from keel.errors import KeelError
 
 log = logging.getLogger("keel.agent")
 

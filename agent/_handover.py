@@ -26,10 +26,11 @@ from pathlib import Path
 from agent import state
 from agent._fds import FdTable
 from agent._output import OutputBuffer, OutputPump
-from agent._processes import Container, ExitInfo, Process, State, Stdio
+from agent._processes import Container, ExitInfo, Process, Stdio
 from agent._reaper import Exit
 from agent._stdin import StdinWriter
 from agent.config import AgentConfig
+from keel.lifecycle import State
 from upgrade.errors import CorruptState
 
 log = logging.getLogger("keel.agent.handover")

@@ -13,10 +13,10 @@ import importlib.metadata
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from agent import state
 from agent.api import API_VERSION
+from keel import procfs
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,15 +39,6 @@ def agent_version() -> str:
         return "0+unknown"
 
 
-def process_uptime_s(pid: int | None = None) -> float:
-    """Seconds since the process started (survives execve, unlike time.monotonic deltas)."""
-    stat = Path(f"/proc/{pid or 'self'}/stat").read_text()
-    # Field 22 (starttime, clock ticks since boot); fields counted after the ")" of comm.
-    start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
-    boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return max(0.0, boot_uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-
-
 def health(boot_id: str, containers: int) -> Health:
     return Health(
         ok=True,
@@ -56,7 +47,7 @@ def health(boot_id: str, containers: int) -> Health:
         agent_pid=os.getpid(),
         boot_id=boot_id,
         containers=containers,
-        uptime_s=process_uptime_s(),
+        uptime_s=procfs.uptime_s(),
         state_schema=state.SCHEMA_VERSION,
     )
 

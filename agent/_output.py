@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from agent.errors import InvalidArgument
+from keel.errors import InvalidArgument
 
 log = logging.getLogger("keel.agent.output")
 

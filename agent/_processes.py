@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import logging
 import os
 from pathlib import Path
@@ -19,25 +18,10 @@ from agent import state
 from agent._fds import FdTable
 from agent._output import OutputBuffer, OutputPump, enlarge_pipe
 from agent._stdin import StdinWriter
-from agent.errors import FailedPrecondition, NotFound
+from keel.errors import NotFound
+from keel.lifecycle import Lifecycle, State
 
 log = logging.getLogger("keel.agent.processes")
-
-
-class State(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-
-
-#: Legal transitions.  CREATED -> STOPPED: killed (or runc delete) before start.
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.CREATED: frozenset({State.RUNNING, State.STOPPED}),
-    State.RUNNING: frozenset({State.PAUSED, State.STOPPED}),
-    State.PAUSED: frozenset({State.RUNNING, State.STOPPED}),
-    State.STOPPED: frozenset(),
-}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,8 +40,10 @@ class ExitInfo:
     exited_at_ns: int
 
 
-class Process:
+class Process(Lifecycle):
     """One process.  Its fields are owned by the agent core, on the event loop."""
+
+    log_moves = True
 
     def __init__(self, container_id: str, exec_id: str, stdio: Stdio, fingerprint: str,
                  output_limit: int) -> None:
@@ -91,21 +77,10 @@ class Process:
         kind = f"exec {self.exec_id} of container" if self.exec_id else "container"
         return f"{kind} {self.container_id}"
 
-    def transition(self, new: State, action: str) -> None:
-        """Move to *new*; FailedPrecondition naming the current state if illegal."""
-        if new not in TRANSITIONS[self.state]:
-            raise FailedPrecondition(f"cannot {action} {self.what}: it is {self.state.value}")
-        log.info("%s: %s -> %s", self.name, self.state.value, new.value)
-        self.state = new
-
-    def require(self, action: str, *states: State) -> None:
-        if self.state not in states:
-            raise FailedPrecondition(f"cannot {action} {self.what}: it is {self.state.value}")
-
     def on_exit(self, status: int, exited_at_ns: int) -> None:
         """Called once by the reaper: record the status and wake every waiter."""
         self.exit = ExitInfo(status, exited_at_ns)
-        self.transition(State.STOPPED, "record the exit of")
+        self.to(State.STOPPED, "record the exit of")
         self._done.set()
 
     async def wait_exit(self) -> ExitInfo:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent._reaper import Reaper
-from agent.errors import FailedPrecondition, NotFound
+from keel.errors import FailedPrecondition, NotFound
 
 log = logging.getLogger("keel.agent.runc")
 

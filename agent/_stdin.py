@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from agent.errors import FailedPrecondition, InvalidArgument
+from keel.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger("keel.agent.stdin")
 

@@ -21,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
-from agent.errors import Unavailable
+from keel.errors import Unavailable
 
 log = logging.getLogger("keel.agent.tasks")
 T = TypeVar("T")

@@ -50,7 +50,7 @@ from agent._fds import FdTable
 from agent._ops import agent_version
 from agent._reaper import Reaper
 from agent.config import CHANNELS, AgentConfig, Listen
-from agent.errors import FailedPrecondition, InvalidArgument
+from keel.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
     from agent import _serial

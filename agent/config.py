@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import InvalidArgument
+from keel.errors import InvalidArgument
 
 #: Channel names the agent serves; each needs exactly one listener.
 CHANNELS = ("agent", "ops")

@@ -31,10 +31,12 @@ from grpclib.server import Stream
 
 from agent import _bundle, _ops
 from agent._core import AgentCore
-from agent._processes import State, Stdio
+from agent._processes import Stdio
 from agent._upgrade import Upgrader
 from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
-from agent.errors import FailedPrecondition, InvalidArgument, KeelError
+from keel import ids
+from keel.errors import FailedPrecondition, InvalidArgument, KeelError
+from keel.lifecycle import State
 
 log = logging.getLogger("keel.agent.service")
 
@@ -95,8 +97,8 @@ def _bytes(value: object, what: str, limit: int) -> bytes:
 
 def _ids(request: Any) -> tuple[str, str]:
     """Validated (container_id, exec_id); exec_id "" names the init process."""
-    return (_bundle.check_id(request.container_id, "container_id"),
-            _bundle.check_id(request.exec_id, "exec_id", allow_empty=True))
+    return (ids.check(request.container_id, "container_id"),
+            ids.check(request.exec_id, "exec_id", optional=True))
 
 
 def _stdio(msg: object) -> Stdio:
@@ -137,7 +139,7 @@ class AgentService(pb.AgentServiceBase):
 
     @rpc
     async def create_container(self, req: pb.CreateContainerRequest) -> pb.CreateContainerResponse:
-        cid = _bundle.check_id(req.container_id, "container_id")
+        cid = ids.check(req.container_id, "container_id")
         spec = _bytes(req.spec_json, "spec_json", _bundle.MAX_JSON_BYTES)
         if not isinstance(req.rootfs, str):
             raise InvalidArgument("rootfs must be a string")
@@ -205,31 +207,31 @@ class AgentService(pb.AgentServiceBase):
 
     @rpc
     async def pause_container(self, req: pb.ContainerRequest) -> pb.Empty:
-        await self._core.pause(_bundle.check_id(req.container_id, "container_id"), resume=False)
+        await self._core.pause(ids.check(req.container_id, "container_id"), resume=False)
         return pb.Empty()
 
     @rpc
     async def resume_container(self, req: pb.ContainerRequest) -> pb.Empty:
-        await self._core.pause(_bundle.check_id(req.container_id, "container_id"), resume=True)
+        await self._core.pause(ids.check(req.container_id, "container_id"), resume=True)
         return pb.Empty()
 
     @rpc
     async def update_container(self, req: pb.UpdateContainerRequest) -> pb.Empty:
-        cid = _bundle.check_id(req.container_id, "container_id")
+        cid = ids.check(req.container_id, "container_id")
         resources = _bytes(req.resources_json, "resources_json", _bundle.MAX_JSON_BYTES)
         await self._core.update(cid, resources)
         return pb.Empty()
 
     @rpc
     async def stats_container(self, req: pb.ContainerRequest) -> pb.StatsContainerResponse:
-        stats = await self._core.stats(_bundle.check_id(req.container_id, "container_id"))
+        stats = await self._core.stats(ids.check(req.container_id, "container_id"))
         fields = {f: getattr(stats, f) for f in stats.__slots__}  # same names as the message
         fields["cpu_per_cpu_ns"] = list(stats.cpu_per_cpu_ns)
         return pb.StatsContainerResponse(stats=pb.CgroupStats(**fields))
 
     @rpc
     async def list_processes(self, req: pb.ContainerRequest) -> pb.ListProcessesResponse:
-        found = await self._core.list_processes(_bundle.check_id(req.container_id, "container_id"))
+        found = await self._core.list_processes(ids.check(req.container_id, "container_id"))
         return pb.ListProcessesResponse(
             processes=[pb.ProcessEntry(pid=pid, exec_id=eid) for pid, eid in found]
         )

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from grpclib.server import Server
 
-from agent.errors import FailedPrecondition, KeelError
+from keel.errors import FailedPrecondition, KeelError
 from opsd._auth import require_uids
 from opsd._discovery import ShimClient
 from opsd._manager import Manager, status_line

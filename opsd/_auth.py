@@ -15,38 +15,23 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 from collections.abc import Collection
-from dataclasses import dataclass
 
 from grpclib.const import Status
 from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
+from keel import peercred
+from keel.peercred import PeerCred
+
 log = logging.getLogger("opsd.auth")
-_UCRED = struct.Struct("3i")
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCred:
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_cred(sock: socket.socket) -> PeerCred:
-    """The credentials the kernel recorded when the peer connected."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return PeerCred(*_UCRED.unpack(raw))
-
-
 def _cred_of(event: RecvRequest) -> PeerCred | None:
     transport = getattr(event.peer, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
         return None
-    return peer_cred(sock)
+    return peercred.of(sock)
 
 
 def require_uids(server: Server, allowed: Collection[int]) -> None:

@@ -15,11 +15,12 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from keel.errors import KeelError
 from opsd._client import CliError, call
 from opsd._discovery import ShimClient, scan
 from opsd._pb.keel.opsd import v1 as pb
 from opsd.api import default_state_root
-from shim.dirs import SandboxDir
+from shim.api import SandboxDir, load_record
 from upgrade.releases import DEFAULT_ROOT, ReleaseStore
 
 
@@ -32,9 +33,9 @@ def in_use(args: argparse.Namespace) -> dict[str, set[str]]:
         users[v.agent_version].add(f"sandbox {v.id}")
     for d in dead:
         try:
-            doc = json.loads(SandboxDir.of(args.state_root, d.id).state.read_text())
-            users[str(doc["shim_version"])].add(f"sandbox {d.id} (not answering)")
-        except (OSError, ValueError, KeyError, TypeError):
+            rec = load_record(SandboxDir.of(args.state_root, d.id))
+            users[rec.shim_version].add(f"sandbox {d.id} (not answering)")
+        except (OSError, KeelError):
             print(f"warning: sandbox {d.id} does not answer and its state is unreadable")
     try:
         st = asyncio.run(call(args.socket, lambda s: s.upgrade_status(pb.UpgradeStatusRequest())))

@@ -13,7 +13,6 @@ socket that refuses or is missing is Unavailable).
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ from typing import Protocol
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from agent.api import InvalidArgument, Unavailable, from_code, ops_pb
-from agent.errors import DeadlineExceeded
-from shim.dirs import SandboxDir
+from agent.api import ops_pb
+from keel import ids
+from keel.errors import DeadlineExceeded, Unavailable, from_code
+from shim.api import SandboxDir
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _FANOUT = 16
 
 
@@ -93,9 +92,8 @@ class Shims(Protocol):
 
 
 def check_id(sandbox_id: str) -> str:
-    if not _ID.match(sandbox_id):
-        raise InvalidArgument(f"{sandbox_id!r} is not a sandbox id")
-    return sandbox_id
+    """*sandbox_id* if it follows the id rule (it becomes a path under the state root)."""
+    return ids.check(sandbox_id, "sandbox id")
 
 
 class ShimClient:
@@ -111,7 +109,7 @@ class ShimClient:
         base = self.state_root / "sandboxes"
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and _ID.match(p.name))
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and ids.valid(p.name))
 
     async def status(self, sandbox_id: str) -> SandboxView:
         async with self._stub(sandbox_id) as stub:

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
-from agent.errors import FailedPrecondition, NotFound
+from keel.errors import FailedPrecondition, NotFound
 from opsd._discovery import Shims
 from opsd._preflight import UpgradeRequest, build_plan
 from opsd._rollout import Rollout, RolloutConfig

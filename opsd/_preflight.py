@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from keel.errors import FailedPrecondition, InvalidArgument, NotFound
 from opsd._discovery import SandboxView, Shims, check_id, scan
 from opsd.state import COMPONENTS, Plan, PlanState, make_plan
 from upgrade.releases import Release, ReleaseStore, check_version, incompatibility

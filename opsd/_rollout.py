@@ -28,13 +28,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import Unavailable
+from keel import retry
+from keel.errors import Unavailable
 from opsd._discovery import SandboxView, Shims
 from opsd.state import Plan, PlanState, Target, TargetState
 from upgrade.releases import ReleaseStore
 
 log = logging.getLogger("opsd.rollout")
 _T = TargetState
+
+
+class _NotYet(Exception):
+    """A sandbox answered but is not where the poll wants it yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,21 +224,23 @@ class Rollout:
     async def _poll(self, sid: str, problem: Callable[[SandboxView], str | None],
                     within: float) -> SandboxView:
         """Status of *sid* until *problem* says None; Unavailable with the last reason."""
-        delay, reason = self._config.poll_s, "no answer"
+        reason = "no answer"
         try:
             async with asyncio.timeout(within):
-                while True:
-                    try:
-                        view = await self._shims.status(sid)
-                        if (reason_now := problem(view)) is None:
-                            return view
-                        reason = reason_now
-                    except Exception as exc:  # retried until the deadline
-                        reason = str(exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                async for attempt in retry.retrying(first=self._config.poll_s, cap=2.0):
+                    with attempt:
+                        try:
+                            view = await self._shims.status(sid)
+                        except Exception as exc:  # retried until the deadline
+                            reason = str(exc)
+                            raise
+                        if (reason_now := problem(view)) is not None:
+                            reason = reason_now
+                            raise _NotYet(reason)
+                        return view
         except TimeoutError:
             raise Unavailable(f"after {within:.0f} s: {reason}") from None
+        raise AssertionError("unreachable: retrying never stops by itself")
 
     async def _rollback(self, batch: int) -> None:
         todo = [t for t in self._plan.batch_targets(batch)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import betterproto
 
-from agent.errors import KeelError
+from keel.errors import KeelError
 from opsd import _cli_release
 from opsd._client import CliError, call
 from opsd._pb.keel.opsd import v1 as pb

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from agent.errors import KeelError
+from keel.errors import KeelError
 from opsd._discovery import SandboxView, Shims, Unreachable, scan
 from opsd._manager import Manager
 from opsd._pb.keel.opsd import v1 as pb

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import FailedPrecondition
+from keel.errors import FailedPrecondition
 from upgrade.store import Doc, StateStore
 
 SCHEMA_VERSION = 1

@@ -15,21 +15,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import tenacity
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
 
-from agent.api import (
-    API_VERSION,
-    MIN_API_VERSION,
-    NO_STATUS_DETAILS,
-    FailedPrecondition,
-    Unavailable,
-    from_code,
-    pb,
-)
+from agent.api import API_VERSION, MIN_API_VERSION, pb
+from keel import retry
+from keel.errors import FailedPrecondition, Unavailable, from_code
+from keel.grpc import NO_STATUS_DETAILS, quiet_h2_frames
 from shim.vmm.api import Dialer
 
 log = logging.getLogger("keel.shim.agent")
@@ -42,7 +36,7 @@ MAX_FRAME_BYTES = 1 << 20
 _TRANSIENT = (OSError, StreamTerminatedError, ProtocolError, ConnectionError, EOFError)
 
 
-class _DialChannel(Channel):
+class DialChannel(Channel):
     """A grpclib Channel whose connections come from a Dialer.
 
     grpclib has no public API for a caller-supplied socket; overriding the
@@ -51,6 +45,7 @@ class _DialChannel(Channel):
     """
 
     def __init__(self, dialer: Dialer) -> None:
+        quiet_h2_frames()
         super().__init__(path="<keel-channel>", status_details_codec=NO_STATUS_DETAILS)
         self._dialer = dialer
         self.generation = 0
@@ -72,7 +67,7 @@ class AgentConnection:
     """Calls on the agent API with reconnect, Hello and error mapping."""
 
     def __init__(self, dialer: Dialer, *, client_version: str, session: str, timeout: float) -> None:
-        self._channel = _DialChannel(dialer)
+        self._channel = DialChannel(dialer)
         self.stub = pb.AgentServiceStub(self._channel)
         self._client_version = client_version
         self._session = session
@@ -106,12 +101,8 @@ class AgentConnection:
         Raises our error classes for gRPC errors, Unavailable when the agent
         stays unreachable.
         """
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_delay(self._timeout if retry_for is None else retry_for),
-            wait=tenacity.wait_exponential(multiplier=0.01, max=0.25),
-            retry=tenacity.retry_if_exception_type(_TRANSIENT),
-            reraise=True,
-        )
+        retrying = retry.retrying(first=0.01, cap=0.25, on=_TRANSIENT,
+                                  within=self._timeout if retry_for is None else retry_for)
         try:
             async for attempt in retrying:
                 with attempt:
@@ -134,26 +125,29 @@ class AgentConnection:
         self._hello_generation = -1
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline_s
-        delay = 0.005
-        while True:
-            try:
-                # A Hello sent before the guest opened its port waits unanswered:
-                # never past the deadline.
-                left = max(end - loop.time(), 0.01)
-                await self._ensure_hello(left if attempt_s is None else min(left, attempt_s))
-                assert self.hello is not None
-                return self.hello
-            except GRPCError as exc:
-                raise from_code(exc.status.value, exc.message or exc.status.name) from exc
-            except _TRANSIENT as exc:
-                if isinstance(exc, TimeoutError) and attempt_s is not None:
-                    self._channel.close()  # the next attempt dials a new connection
-                if not alive():
-                    raise Unavailable("sandbox exited before its agent answered") from exc
-                if loop.time() > end:
-                    raise Unavailable(f"agent did not answer within {deadline_s}s: {exc!r}") from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.025)  # a start-up wait: each poll is a failed dial
+
+        def redial(exc: BaseException) -> None:
+            if isinstance(exc, TimeoutError) and attempt_s is not None:
+                self._channel.close()  # the next attempt dials a new connection
+
+        # A start-up wait: each poll is a failed dial, so the backoff stays short.
+        retrying = retry.retrying(first=0.005, cap=0.025, on=_TRANSIENT, within=deadline_s,
+                                  give_up=lambda: not alive(), before_sleep=redial)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    # A Hello sent before the guest opened its port waits
+                    # unanswered: never past the deadline.
+                    left = max(end - loop.time(), 0.01)
+                    await self._ensure_hello(left if attempt_s is None else min(left, attempt_s))
+        except GRPCError as exc:
+            raise from_code(exc.status.value, exc.message or exc.status.name) from exc
+        except _TRANSIENT as exc:
+            if not alive():
+                raise Unavailable("sandbox exited before its agent answered") from exc
+            raise Unavailable(f"agent did not answer within {deadline_s}s: {exc!r}") from exc
+        assert self.hello is not None
+        return self.hello
 
     def close(self) -> None:
         self._channel.close()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
-from agent.errors import InvalidArgument
+from keel import ids
+from keel.errors import InvalidArgument
 
 #: Annotations that put a container into an existing sandbox, first wins.
 GROUP_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id", "io.containerd.runc.v2.group")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def sandbox_id(bundle: Path, task_id: str) -> str:
@@ -27,7 +26,7 @@ def sandbox_id(bundle: Path, task_id: str) -> str:
     for key in GROUP_ANNOTATIONS:
         value = annotations.get(key)
         if value:
-            if not _ID.match(value):
+            if not ids.valid(value):
                 raise InvalidArgument(f"annotation {key}={value!r} is not a valid sandbox id")
             return str(value)
     return task_id

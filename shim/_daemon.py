@@ -152,9 +152,9 @@ class Daemon:
         self.server.thaw_all()
 
     def sandbox_doc(self, record: Any) -> dict[str, Any]:
-        from shim.state import KIND, SCHEMA_VERSION, _encode
+        from shim.state import KIND, SCHEMA_VERSION, encode
 
-        return {"schema_version": SCHEMA_VERSION, "kind": KIND, **_encode(record)}
+        return {"schema_version": SCHEMA_VERSION, "kind": KIND, **encode(record)}
 
     async def restore(self, doc: dict[str, Any]) -> str:
         """Take the sandbox over from a handoff's state; what took how long."""
@@ -182,7 +182,7 @@ class Daemon:
         self.sandbox.go_live()
 
     async def upgrade_shim(self, shim_path: str) -> Any:
-        from agent.errors import Unavailable
+        from keel.errors import Unavailable
         from shim._handoff import hand_off
 
         result = await hand_off(self, shim_path)

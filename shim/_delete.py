@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from keel import procfs
 from shim._flags import Flags
 
 if TYPE_CHECKING:
@@ -122,7 +123,8 @@ async def _lock(fd: int) -> None:
 
 async def _cleanup_locked(flags: Flags, bundle: Path, sid: str, sdir: SandboxDir,
                           shim_socket: Path) -> None:
-    from agent.api import NotFound, pb
+    from agent.api import pb
+    from keel.errors import NotFound
     from shim import version
     from shim._agentconn import AgentConnection
     from shim.state import store
@@ -168,7 +170,7 @@ async def _cleanup_locked(flags: Flags, bundle: Path, sid: str, sdir: SandboxDir
 
 
 async def _remove_container(conn, pb, cid: str) -> None:  # type: ignore[no-untyped-def]
-    from agent.api import FailedPrecondition, NotFound
+    from keel.errors import FailedPrecondition, NotFound
 
     try:
         await conn.call(conn.stub.signal_process, pb.SignalProcessRequest(
@@ -220,9 +222,6 @@ def _shim_alive(info: dict | None) -> bool:
     if not info:
         return False
     try:
-        pid = int(info["pid"])
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[0] not in (b"Z", b"X") and int(fields[19]) == int(info["start_time"])
-    except (OSError, KeyError, ValueError, IndexError):
+        return procfs.is_running(int(info["pid"]), int(info["start_time"]))
+    except (KeyError, ValueError, TypeError):
         return False

@@ -20,6 +20,7 @@ import betterproto
 from betterproto.lib.google.protobuf import Any as PbAny
 from betterproto.lib.google.protobuf import Empty
 
+from keel import retry
 from shim._pb.containerd.services.events.ttrpc import v1 as events_pb
 
 log = logging.getLogger("keel.shim.events")
@@ -58,16 +59,16 @@ class EventPublisher:
         """Send queued events forever (until cancelled)."""
         while True:
             topic, event = await self._queue.get()
-            for attempt in range(RETRIES + 1):
-                try:
-                    await self._forward(topic, event)
-                    break
-                except Exception as exc:  # any failure: drop the connection, retry
-                    await self._reset()
-                    if attempt == RETRIES:
-                        log.warning("dropping event %s after %d attempts: %s", topic, attempt + 1, exc)
-                    else:
-                        await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+            try:
+                async for attempt in retry.retrying(first=0.05, cap=1.0, attempts=RETRIES + 1):
+                    with attempt:
+                        try:
+                            await self._forward(topic, event)
+                        except Exception:  # any failure: drop the connection, retry
+                            await self._reset()
+                            raise
+            except Exception as exc:
+                log.warning("dropping event %s after %d attempts: %s", topic, RETRIES + 1, exc)
             self._queue.task_done()
 
     async def drain(self, timeout: float) -> None:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import FailedPrecondition
+from keel.errors import FailedPrecondition
 from shim import version
 from shim.state import KIND, SCHEMA_VERSION
 from upgrade.handoff import PROTOCOL_VERSION, HandoffChannel, HandoffError, pair

@@ -64,6 +64,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from keel import peercred
 from upgrade.scm import close_all, fds_of, rights
 
 #: Most bytes a request or reply may have (an environment fits many times).
@@ -344,8 +345,8 @@ class _Launcher:
         fds: list[int] = []
         go = -1
         try:
-            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            cred = peercred.of(conn)
+            pid, uid = cred.pid, cred.uid
             # Read first, refuse after: a refusal sent while the caller still
             # writes would reach it as a broken pipe instead of the reason.
             req, fds = _recv(conn)

@@ -9,7 +9,9 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from agent.api import NO_STATUS_DETAILS, KeelError, ops_pb
+from agent.api import ops_pb
+from keel.errors import KeelError
+from keel.grpc import NO_STATUS_DETAILS
 from shim import version
 from shim.state import SCHEMA_VERSION
 

@@ -9,28 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import time
 from typing import Any
 
-from agent.errors import FailedPrecondition
+from keel.errors import NotFound
+from keel.lifecycle import Lifecycle, State
 from shim._pumps import InputPump, OutputPump
 from shim.vmm.api import MountSpec
-
-
-class State(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-
-
-_LEGAL: dict[State, frozenset[State]] = {
-    State.CREATED: frozenset({State.RUNNING, State.STOPPED}),
-    State.RUNNING: frozenset({State.PAUSED, State.STOPPED}),
-    State.PAUSED: frozenset({State.RUNNING, State.STOPPED}),
-    State.STOPPED: frozenset(),
-}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -51,7 +36,7 @@ class Stdio:
     terminal: bool = False
 
 
-class Process:
+class Process(Lifecycle):
     """One process (init: ``exec_id == ""``) of a container."""
 
     def __init__(self, cid: str, eid: str, stdio: Stdio, *, pid: int = 0,
@@ -79,16 +64,9 @@ class Process:
     def name(self) -> str:
         return f"{self.cid}/{self.eid}" if self.eid else self.cid
 
-    def to(self, new: State) -> None:
-        if new is self.state:
-            return
-        if new not in _LEGAL[self.state]:
-            raise FailedPrecondition(f"process {self.name} is {self.state.value}, cannot become {new.value}")
-        self.state = new
-
-    def require(self, *states: State, action: str) -> None:
-        if self.state not in states:
-            raise FailedPrecondition(f"cannot {action} {self.name}: it is {self.state.value}")
+    @property
+    def what(self) -> str:
+        return f"exec {self.eid} of container {self.cid}" if self.eid else f"container {self.cid}"
 
     def offsets(self) -> dict[str, Any]:
         """Where each stdio stream stands, for a shim that resumes."""
@@ -128,8 +106,6 @@ class Container:
         self.execs: dict[str, Process] = {}
 
     def process(self, eid: str) -> Process:
-        from agent.errors import NotFound
-
         if not eid:
             return self.init
         try:

@@ -14,7 +14,7 @@ import os
 import stat
 from urllib.parse import urlparse
 
-from agent.errors import InvalidArgument, Unimplemented
+from keel.errors import InvalidArgument, Unimplemented
 from upgrade.aio import wait_readable, wait_writable
 
 

@@ -22,7 +22,7 @@ import os
 import tomllib
 from pathlib import Path
 
-from agent.errors import InvalidArgument
+from keel.errors import InvalidArgument
 
 DEFAULT_PATH = Path("/etc/keel/config.toml")
 #: Seconds to wait for the agent by backend, when the file does not say:

@@ -20,7 +20,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent.api import AlreadyExists, FailedPrecondition, KeelError, NotFound, Unavailable, pb
+from agent.api import pb
+from keel import clock, procfs
+from keel.errors import AlreadyExists, FailedPrecondition, KeelError, NotFound, Unavailable
+from keel.logs import tail
 from shim import events_pb, version
 from shim._agentconn import AgentConnection
 from shim._events import EventPublisher
@@ -80,9 +83,9 @@ class Sandbox:
         try:
             hello = await self.agent.wait_ready(self.config.agent_timeout_s, self.vm.alive)
         except KeelError as exc:
-            tail = _tail(self.dir.agent_log)
+            agent_log = tail(self.dir.agent_log, 600)
             await self._stop_vm()
-            raise Unavailable(f"{exc}; agent log: {tail}") from exc
+            raise Unavailable(f"{exc}; agent log: {agent_log}") from exc
         log.info("agent %s ready (API %d, pid %d)", hello.agent_version, hello.api_version, hello.agent_pid)
         self._sandbox_watch = self._tasks.create_task(self._watch_sandbox(),
                                                       name=f"sandbox-watch-{self.id}")
@@ -227,11 +230,11 @@ class Sandbox:
         pumps resume at their offsets.  Returns the ops UpgradeAgentResponse.
         """
         from agent.api import ops_pb
-        from shim._agentconn import _DialChannel
+        from shim._agentconn import DialChannel
 
         if self.vm is None or self.agent is None:
             raise FailedPrecondition(f"sandbox {self.id} has no running agent")
-        channel = _DialChannel(self.vm.dialer("ops"))
+        channel = DialChannel(self.vm.dialer("ops"))
         try:
             stub = ops_pb.OpsServiceStub(channel)
             resp = await self.agent.call(
@@ -276,7 +279,7 @@ class Sandbox:
             except FileNotFoundError:
                 raise NotFound(f"{spec_path} does not exist") from None
             except (ValueError, UnicodeDecodeError) as exc:
-                from agent.errors import InvalidArgument
+                from keel.errors import InvalidArgument
 
                 raise InvalidArgument(f"{spec_path}: not a valid OCI spec: {exc}") from exc
             if stdio.terminal:
@@ -342,12 +345,12 @@ class Sandbox:
         p = c.process(eid)
         if p.state is State.RUNNING:
             return p.pid
-        p.require(State.CREATED, action="start")
+        p.require("start", State.CREATED)
         assert self.agent is not None
         resp = await self.agent.call(self.agent.stub.start_process,
                                      pb.StartProcessRequest(container_id=cid, exec_id=eid))
         p.pid = resp.pid
-        p.to(State.RUNNING)
+        p.to(State.RUNNING, "start")
         if p.input is not None:
             p.input.started.set()  # the agent takes the exec's stdin now
         if eid:
@@ -377,10 +380,10 @@ class Sandbox:
         if p.exit is not None and not force:
             return
         p.exit = exit
-        p.state = State.STOPPED
+        p.to(State.STOPPED, "record the exit of")
         self._events.publish_nowait("/tasks/exit", events_pb.TaskExit(
             container_id=p.cid, id=p.eid or p.cid, pid=p.pid, exit_status=exit.status,
-            exited_at=_ts(exit.at_ns)))
+            exited_at=clock.utc_of_ns(exit.at_ns)))
         p.exit_published = True
         p.exited.set()
         log.info("%s exited with status %d", p.name, exit.status)
@@ -407,7 +410,7 @@ class Sandbox:
         c = self.container(cid)
         if eid in c.execs:
             raise AlreadyExists(f"exec {eid} already exists in container {cid}")
-        c.init.require(State.RUNNING, State.PAUSED, action="exec in")
+        c.init.require("exec in", State.RUNNING, State.PAUSED)
         if stdio.terminal:
             stdio = Stdio(stdio.stdin, stdio.stdout, "", True)
         sinks = {"stdout": Sink.open(stdio.stdout), "stderr": Sink.open(stdio.stderr)}
@@ -430,7 +433,7 @@ class Sandbox:
         async with self._lock:
             c = self.container(cid)
             p = c.process(eid)
-            p.require(State.CREATED, State.STOPPED, action="delete")
+            p.require("delete", State.CREATED, State.STOPPED)
             if eid:
                 # Execs have no ordering constraints with init, but the
                 # container must still exist in the agent.
@@ -451,7 +454,7 @@ class Sandbox:
                 await self.vm.unshare_rootfs(cid, Path(c.bundle) / "rootfs")
                 del self.containers[cid]
                 self._events.publish_nowait("/tasks/delete", events_pb.TaskDelete(
-                    container_id=cid, pid=p.pid, exit_status=exit.status, exited_at=_ts(exit.at_ns)))
+                    container_id=cid, pid=p.pid, exit_status=exit.status, exited_at=clock.utc_of_ns(exit.at_ns)))
             self._persist()
             log.info("deleted %s", p.name)
             return p.pid, exit
@@ -474,24 +477,24 @@ class Sandbox:
 
     async def pause(self, cid: str) -> None:
         c = self.container(cid)
-        c.init.require(State.RUNNING, action="pause")
+        c.init.require("pause", State.RUNNING)
         assert self.agent is not None
         await self.agent.call(self.agent.stub.pause_container, pb.ContainerRequest(container_id=cid))
-        c.init.to(State.PAUSED)
+        c.init.to(State.PAUSED, "pause")
         self._events.publish_nowait("/tasks/paused", events_pb.TaskPaused(container_id=cid))
         self._persist()
 
     async def resume(self, cid: str) -> None:
         c = self.container(cid)
-        c.init.require(State.PAUSED, action="resume")
+        c.init.require("resume", State.PAUSED)
         assert self.agent is not None
         await self.agent.call(self.agent.stub.resume_container, pb.ContainerRequest(container_id=cid))
-        c.init.to(State.RUNNING)
+        c.init.to(State.RUNNING, "resume")
         self._events.publish_nowait("/tasks/resumed", events_pb.TaskResumed(container_id=cid))
         self._persist()
 
     async def update(self, cid: str, resources_json: bytes) -> None:
-        self.container(cid).init.require(State.CREATED, State.RUNNING, State.PAUSED, action="update")
+        self.container(cid).init.require("update", State.CREATED, State.RUNNING, State.PAUSED)
         assert self.agent is not None
         # A VM grows first (QemuSandbox.grow_to: vCPU/DIMM hotplug), so the
         # new limits have room; sized by this container's resources alone.
@@ -588,23 +591,8 @@ def _pb_mount(m: MountSpec) -> Any:
     return types_pb.Mount(type=m.type, source=m.source, options=list(m.options))
 
 
-def _ts(ns: int) -> Any:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
-
-
-def _tail(path: Path, n: int = 600) -> str:
-    try:
-        return path.read_bytes()[-n:].decode(errors="replace").strip() or "(empty)"
-    except OSError:
-        return "(none)"
-
-
 def _shim_identity() -> dict[str, int]:
-    from shim.vmm.process import _start_time
-
-    return {"pid": os.getpid(), "start_time": _start_time(os.getpid())}
+    return {"pid": os.getpid(), "start_time": procfs.start_time(os.getpid())}
 
 
 def _remove_tree(root: Path) -> None:

@@ -7,10 +7,8 @@ server maps to status codes in one table.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,7 +16,9 @@ import betterproto
 from betterproto.lib.google.protobuf import Any as PbAny
 from betterproto.lib.google.protobuf import Empty
 
-from agent.api import InvalidArgument, NotFound, Unimplemented, pb
+from agent.api import pb
+from keel import clock, ids
+from keel.errors import InvalidArgument, NotFound, Unimplemented
 from shim import version
 from shim._pb.containerd.task import v2 as task_pb
 from shim._pb.containerd.v1 import types as ctypes_pb
@@ -28,7 +28,6 @@ from shim.sandbox import Sandbox
 from shim.vmm.api import MountSpec
 
 SERVICE = "containerd.task.v2.Task"
-_ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
 _STATUS = {
     State.CREATED: ctypes_pb.Status(1),
     State.RUNNING: ctypes_pb.Status(2),
@@ -36,18 +35,6 @@ _STATUS = {
     State.PAUSED: ctypes_pb.Status(4),
 }
 MAX_JSON = 1 << 20
-
-
-def check_id(value: str, what: str = "id", *, optional: bool = False) -> str:
-    if optional and not value:
-        return value
-    if not value or len(value) > 76 or not _ID.match(value):
-        raise InvalidArgument(f"invalid {what} {value!r}")
-    return value
-
-
-def _ts(ns: int) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
 
 
 def _json_any(any_: PbAny | None, what: str) -> bytes:
@@ -93,7 +80,7 @@ class TaskService:
         }
 
     async def state(self, req: task_pb.StateRequest, ctx: Any = None) -> task_pb.StateResponse:
-        check_id(req.id)
+        ids.check(req.id)
         c = self._sb.container(req.id)
         p = c.process(req.exec_id)
         resp = task_pb.StateResponse(
@@ -102,11 +89,11 @@ class TaskService:
             terminal=p.stdio.terminal)
         if p.exit is not None:
             resp.exit_status = p.exit.status
-            resp.exited_at = _ts(p.exit.at_ns)
+            resp.exited_at = clock.utc_of_ns(p.exit.at_ns)
         return resp
 
     async def create(self, req: task_pb.CreateTaskRequest, ctx: Any = None) -> task_pb.CreateTaskResponse:
-        check_id(req.id)
+        ids.check(req.id)
         if req.checkpoint or req.parent_checkpoint:
             raise Unimplemented("keel does not support checkpoint/restore")
         if not req.bundle or not os.path.isabs(req.bundle):
@@ -117,74 +104,74 @@ class TaskService:
         return task_pb.CreateTaskResponse(pid=pid)
 
     async def start(self, req: task_pb.StartRequest, ctx: Any = None) -> task_pb.StartResponse:
-        check_id(req.id)
-        check_id(req.exec_id, "exec id", optional=True)
+        ids.check(req.id)
+        ids.check(req.exec_id, "exec id", optional=True)
         return task_pb.StartResponse(pid=await self._sb.start(req.id, req.exec_id))
 
     async def delete(self, req: task_pb.DeleteRequest, ctx: Any = None) -> task_pb.DeleteResponse:
-        check_id(req.id)
-        check_id(req.exec_id, "exec id", optional=True)
+        ids.check(req.id)
+        ids.check(req.exec_id, "exec id", optional=True)
         pid, exit = await self._sb.delete(req.id, req.exec_id)
-        return task_pb.DeleteResponse(pid=pid, exit_status=exit.status, exited_at=_ts(exit.at_ns))
+        return task_pb.DeleteResponse(pid=pid, exit_status=exit.status, exited_at=clock.utc_of_ns(exit.at_ns))
 
     async def pids(self, req: task_pb.PidsRequest, ctx: Any = None) -> task_pb.PidsResponse:
-        check_id(req.id)
+        ids.check(req.id)
         procs = await self._sb.pids(req.id)
         return task_pb.PidsResponse(processes=[ctypes_pb.ProcessInfo(pid=p.pid) for p in procs])
 
     async def pause(self, req: task_pb.PauseRequest, ctx: Any = None) -> Empty:
-        await self._sb.pause(check_id(req.id))
+        await self._sb.pause(ids.check(req.id))
         return Empty()
 
     async def resume(self, req: task_pb.ResumeRequest, ctx: Any = None) -> Empty:
-        await self._sb.resume(check_id(req.id))
+        await self._sb.resume(ids.check(req.id))
         return Empty()
 
     async def checkpoint(self, req: task_pb.CheckpointTaskRequest, ctx: Any = None) -> Empty:
         raise Unimplemented("keel does not support checkpoint")
 
     async def kill(self, req: task_pb.KillRequest, ctx: Any = None) -> Empty:
-        check_id(req.id)
-        check_id(req.exec_id, "exec id", optional=True)
+        ids.check(req.id)
+        ids.check(req.exec_id, "exec id", optional=True)
         if not 0 < req.signal < 65:
             raise InvalidArgument(f"invalid signal {req.signal}")
         await self._sb.kill(req.id, req.exec_id, req.signal, req.all)
         return Empty()
 
     async def exec(self, req: task_pb.ExecProcessRequest, ctx: Any = None) -> Empty:
-        check_id(req.id)
-        check_id(req.exec_id, "exec id")
+        ids.check(req.id)
+        ids.check(req.exec_id, "exec id")
         spec = _json_any(req.spec, "exec process spec")
         stdio = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         await self._sb.exec(req.id, req.exec_id, spec, stdio)
         return Empty()
 
     async def resize_pty(self, req: task_pb.ResizePtyRequest, ctx: Any = None) -> Empty:
-        check_id(req.id)
-        check_id(req.exec_id, "exec id", optional=True)
+        ids.check(req.id)
+        ids.check(req.exec_id, "exec id", optional=True)
         await self._sb.resize(req.id, req.exec_id, req.width, req.height)
         return Empty()
 
     async def close_io(self, req: task_pb.CloseIoRequest, ctx: Any = None) -> Empty:
-        check_id(req.id)
-        check_id(req.exec_id, "exec id", optional=True)
+        ids.check(req.id)
+        ids.check(req.exec_id, "exec id", optional=True)
         if req.stdin:
             await self._sb.close_io(req.id, req.exec_id)
         return Empty()
 
     async def update(self, req: task_pb.UpdateTaskRequest, ctx: Any = None) -> Empty:
-        check_id(req.id)
+        ids.check(req.id)
         await self._sb.update(req.id, _json_any(req.resources, "resources"))
         return Empty()
 
     async def wait(self, req: task_pb.WaitRequest, ctx: Any = None) -> task_pb.WaitResponse:
-        check_id(req.id)
-        check_id(req.exec_id, "exec id", optional=True)
+        ids.check(req.id)
+        ids.check(req.exec_id, "exec id", optional=True)
         exit: Exit = await self._sb.wait(req.id, req.exec_id)
-        return task_pb.WaitResponse(exit_status=exit.status, exited_at=_ts(exit.at_ns))
+        return task_pb.WaitResponse(exit_status=exit.status, exited_at=clock.utc_of_ns(exit.at_ns))
 
     async def stats(self, req: task_pb.StatsRequest, ctx: Any = None) -> task_pb.StatsResponse:
-        check_id(req.id)
+        ids.check(req.id)
         s = await self._sb.stats(req.id)
         metrics = _metrics(s)
         return task_pb.StatsResponse(stats=PbAny(type_url="io.containerd.cgroups.v1.Metrics",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from keel.errors import NotFound
 from shim.dirs import SandboxDir
 from upgrade.store import Doc, StateStore
 
@@ -33,7 +34,7 @@ class SandboxRecord:
     containers: tuple[dict[str, Any], ...] = ()
 
 
-def _encode(rec: SandboxRecord) -> Doc:
+def encode(rec: SandboxRecord) -> Doc:
     doc = dataclasses.asdict(rec)
     doc["containers"] = list(rec.containers)
     return doc
@@ -54,6 +55,15 @@ def _decode(doc: Doc) -> SandboxRecord:
 MIGRATIONS: dict[int, Any] = {}
 
 
+def load_record(sdir: SandboxDir) -> SandboxRecord:
+    """The sandbox's record.  Raises NotFound without a state file,
+    CorruptState or UnsupportedSchema for one this release cannot read."""
+    rec = store(sdir).load()
+    if rec is None:
+        raise NotFound(f"sandbox {sdir.id} has no state file ({sdir.state})")
+    return rec
+
+
 def store(sdir: SandboxDir) -> StateStore[SandboxRecord]:
     return StateStore(sdir.state, kind=KIND, version=SCHEMA_VERSION,
-                      encode=_encode, decode=_decode, migrations=MIGRATIONS)
+                      encode=encode, decode=_decode, migrations=MIGRATIONS)

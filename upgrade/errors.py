@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.errors import FailedPrecondition
+from keel.errors import FailedPrecondition
 
 
 class CorruptState(FailedPrecondition):

@@ -16,7 +16,7 @@ import json
 import socket
 from typing import Any
 
-from agent.errors import FailedPrecondition, InvalidArgument
+from keel.errors import FailedPrecondition, InvalidArgument
 from upgrade.aio import wait_readable, wait_writable
 from upgrade.scm import close_all, fds_of, rights
 

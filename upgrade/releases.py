@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from keel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from upgrade import _install as _build
 from upgrade.store import StateStore, locked
 

@@ -24,11 +24,12 @@ import itertools
 import logging
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple
 
-from agent.errors import Code, FailedPrecondition, Unavailable
+from keel import peercred
+from keel.errors import Code, FailedPrecondition, Unavailable
+from keel.peercred import PeerCred
 from shim.ttrpc._frames import MAX_BODY, FrameDecoder, FrameType, Oversized, encode_frame
 from shim.ttrpc._frames import oversized_message as _oversized
 from shim.ttrpc._messages import Request, error_body
@@ -36,25 +37,7 @@ from shim.ttrpc._wire import parse_strict
 
 log = logging.getLogger("keel.shim.ttrpc")
 
-_UCRED = struct.Struct("3i")
 EVEN_STREAM_ID = "StreamID must be odd for client initiated streams"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PeerCred:
-    """SO_PEERCRED of a unix socket peer (as of connect time)."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_cred_of(sock: socket.socket) -> PeerCred | None:
-    """The peer's credentials, or None if the socket has none (not AF_UNIX)."""
-    try:
-        return PeerCred(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
-    except OSError:
-        return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,7 +95,7 @@ class ServerConnection(asyncio.Protocol):
     def __init__(self, sock: socket.socket, dispatch: Dispatch, *, unparsed: bytes = b"",
                  pending: Iterable[tuple[int, bytes]] = ()) -> None:
         self.name = f"conn-{next(self._ids)}"
-        self.peer_cred = peer_cred_of(sock)
+        self.peer_cred = peercred.of_or_none(sock)
         self.closed_by_peer = False
         self._sock = sock
         self._dispatch = dispatch

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import betterproto
 
-from agent.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable, from_code
+from keel.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable, from_code
 from shim.ttrpc._frames import (
     MAX_BODY,
     STREAM_ID_MAX,
@@ -128,7 +128,7 @@ class TtrpcClient:
         """Call ``service/method`` and return the parsed response.
 
         Raises the KeelError class of a non-OK status
-        (``agent.errors.from_code``), DeadlineExceeded when *timeout*
+        (``keel.errors.from_code``), DeadlineExceeded when *timeout*
         (seconds, also sent as timeout_nano) passes, Unavailable("ttrpc:
         closed") if the connection is or gets closed, ResourceExhausted for
         a request over 4 MiB, and Internal for an undecodable response.

@@ -31,7 +31,7 @@ from typing import Any
 
 import betterproto
 
-from agent.errors import AlreadyExists, Code, FailedPrecondition, KeelError, Unavailable, code_of
+from keel.errors import AlreadyExists, Code, FailedPrecondition, KeelError, Unavailable, code_of
 from shim.ttrpc._connection import (
     CallContext,
     FrozenConnection,
@@ -76,7 +76,7 @@ def same_user(cred: PeerCred) -> bool:
 def error_status(exc: BaseException) -> tuple[Code, str]:
     """The one place a handler's exception becomes a ttrpc status.
 
-    Classified by type (``agent.errors.code_of``); foreign errors are
+    Classified by type (``keel.errors.code_of``); foreign errors are
     Unknown (2) and logged with their traceback, which never goes on the wire.
     """
     code = code_of(exc)

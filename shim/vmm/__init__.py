@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.errors import InvalidArgument
+from keel.errors import InvalidArgument
 from shim.vmm.api import Backend, BackendFactory
 
 

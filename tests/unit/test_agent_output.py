@@ -17,7 +17,7 @@ from agent._fds import FdTable
 from agent._output import OutputBuffer, OutputPump
 from agent._reaper import exit_status
 from agent._stdin import StdinLedger, StdinWriter
-from agent.errors import FailedPrecondition, InvalidArgument
+from keel.errors import FailedPrecondition, InvalidArgument
 
 
 def test_reads_are_offset_addressed_and_ack_what_is_below() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.errors import FailedPrecondition, InvalidArgument, Unavailable
+from keel.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shim.vmm.qemu import _cmdline, _initramfs, config, qmp
 from shim.vmm.qemu._accel import Accel
 

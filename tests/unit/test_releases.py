@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from keel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from upgrade.releases import (
     AGENT_ENTRY,
     SHIM_ENTRY,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from keel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from opsd._discovery import ContainerView, SandboxView, Switched
 from opsd._manager import Manager
 from opsd._preflight import UpgradeRequest

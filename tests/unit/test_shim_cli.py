@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import InvalidArgument, Unimplemented
+from keel.errors import InvalidArgument, Unimplemented
 from shim import _flags, _stdio, config
 from shim._bundle import sandbox_id, socket_path
 

@@ -14,8 +14,8 @@ import pytest
 from betterproto.lib.google.protobuf import Any as PbAny
 from betterproto.lib.google.protobuf import Empty, StringValue
 
-from agent import errors
-from agent.errors import Code
+from keel import errors
+from keel.errors import Code
 from shim.ttrpc import CallContext, Method, TtrpcClient, TtrpcServer
 from shim.ttrpc._frames import HEADER_SIZE, MAX_BODY, Header, decode_header, encode_frame
 from shim.ttrpc._messages import Request, Response, Status, error_body

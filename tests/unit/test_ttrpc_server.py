@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from betterproto.lib.google.protobuf import BytesValue, Empty, Int64Value, StringValue
 
-from agent import errors
+from keel import errors
 from shim.ttrpc import CallContext, Method, PeerCred, Phase, TtrpcClient, TtrpcServer
 from shim.ttrpc._frames import (
     HEADER_SIZE,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent import _vmguest
-from agent.errors import InvalidArgument
+from keel.errors import InvalidArgument
 from shim import config
 from shim.sandbox import _netns_path
 from shim.vmm import _sizing

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.api import Unavailable
+from keel.errors import Unavailable
 from shim.vmm.qemu import QemuBackend, QemuSandbox, image
 from tests.vm.conftest import config, connect, spec, vms_of
 from tests.vm.helpers import leftovers, process_gone

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.api import FailedPrecondition
+from keel.errors import FailedPrecondition
 from shim.vmm.qemu import image
 from tests.vm.conftest import booted, remove_tree
 from tests.vm.helpers import make_rootfs, run_container

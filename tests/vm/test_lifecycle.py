@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from agent.api import Unimplemented, pb
+from agent.api import pb
+from keel.errors import Unimplemented
 from shim._agentconn import AgentConnection
 from shim.vmm.api import MountSpec
 from shim.vmm.qemu import QemuBackend, QemuSandbox, image

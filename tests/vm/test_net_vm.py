@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import FailedPrecondition, Internal
+from keel.errors import FailedPrecondition, Internal
 from shim.vmm.qemu import _net
 from tests.containerd import Containerd, wait_for
 from tests.vm.conftest import KEEL_RUNTIME

@@ -24,17 +24,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import Internal, NotFound, Unavailable
+from keel import procfs
+from keel.errors import Internal, NotFound, Unavailable
 from shim.vmm.api import AGENT_COMMAND, Dialer, LaunchSpec, MountSpec
 
 _log = logging.getLogger("keel.shim.process")
-
-
-def _start_time(pid: int) -> int:
-    """Process start time (clock ticks since boot): tells a reused pid apart."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
 class ProcessSandbox:
@@ -50,7 +44,7 @@ class ProcessSandbox:
         return self._pid
 
     def record(self) -> dict[str, Any]:
-        return {"pid": self._pid, "start_time": _start_time(self._pid) if self.alive() else 0}
+        return {"pid": self._pid, "start_time": procfs.start_time(self._pid) if self.alive() else 0}
 
     def _socket_path(self, channel: str) -> Path:
         return self._spec.root / f"{channel}.chan"
@@ -203,10 +197,7 @@ class ProcessBackend:
     def restore(self, spec: LaunchSpec, record: Mapping[str, Any]) -> ProcessSandbox:
         pid = int(record["pid"])
         try:
-            pidfd = os.pidfd_open(pid)
-            if _start_time(pid) != int(record["start_time"]):
-                os.close(pidfd)
-                raise ProcessLookupError
+            pidfd = procfs.open_pidfd(pid, int(record["start_time"]))
         except (ProcessLookupError, FileNotFoundError):
             raise NotFound(f"sandbox {spec.sandbox_id}: agent pid {pid} is gone") from None
         return ProcessSandbox(spec, pid, pidfd)

@@ -24,25 +24,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.errors import FailedPrecondition, KeelError, NotFound, Unavailable
+from keel import procfs
+from keel.errors import FailedPrecondition, NotFound, Unavailable
+from keel.logs import tail
 from shim.vmm.api import LaunchSpec
 from shim.vmm.qemu import _accel, _cmdline, _mounts, _net, _template
-from shim.vmm.qemu._sandbox import QemuSandbox, start_time
+from shim.vmm.qemu._sandbox import QemuSandbox
 from shim.vmm.qemu.config import QemuConfig, load
 from upgrade.aio import wait_readable
 
 __all__ = ["QemuBackend", "QemuConfig", "QemuSandbox"]
 
 log = logging.getLogger("keel.shim.qemu")
-
-
-def _tail(path: Path, limit: int = 1500) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
-            return f.read().decode(errors="replace").strip() or "(empty)"
-    except OSError:
-        return "(none)"
 
 
 async def _exits(pidfd: int, timeout: float) -> bool:
@@ -134,7 +127,7 @@ class QemuBackend:
             if nic is not None:
                 await asyncio.to_thread(_net.teardown, nic.netns, nic.veth)
             if isinstance(exc, ProcessLookupError):
-                raise Unavailable(f"qemu exited at once; console: {_tail(files.console)}") from None
+                raise Unavailable(f"qemu exited at once; console: {tail(files.console, 1500)}") from None
             raise
         finally:
             if nic is not None:
@@ -245,14 +238,14 @@ class QemuBackend:
             await proc.wait()
             self._kill_daemon(files)
             raise Unavailable(f"qemu did not start within {self.config.start_timeout_s}s: "
-                              f"{_tail(files.vmm_log)}") from None
+                              f"{tail(files.vmm_log, 1500)}") from None
         if rc != 0:
-            raise Unavailable(f"qemu failed to start (exit {rc}): {_tail(files.vmm_log)}")
+            raise Unavailable(f"qemu failed to start (exit {rc}): {tail(files.vmm_log, 1500)}")
         try:
             return int(files.pidfile.read_text().strip())
         except (OSError, ValueError) as exc:
             raise _VmGone(f"qemu started but wrote no pid file (it exits removing it): "
-                          f"{exc}; {_tail(files.vmm_log)}") from exc
+                          f"{exc}; {tail(files.vmm_log, 1500)}") from exc
 
     @staticmethod
     def _kill_daemon(files: _cmdline.SandboxFiles) -> None:
@@ -270,14 +263,8 @@ class QemuBackend:
         """Re-attach to the VM of *record*; NotFound when it is gone."""
         pid = int(record["pid"])
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = procfs.open_pidfd(pid, int(record["start_time"]))
         except (ProcessLookupError, FileNotFoundError):
-            raise NotFound(f"sandbox {spec.sandbox_id}: VM pid {pid} is gone") from None
-        try:
-            if start_time(pid) != int(record["start_time"]):
-                raise ProcessLookupError
-        except (ProcessLookupError, FileNotFoundError, KeelError):
-            os.close(pidfd)
             raise NotFound(f"sandbox {spec.sandbox_id}: VM pid {pid} is gone") from None
         info = {k: v for k, v in record.items() if k not in ("pid", "start_time", "shim")}
         return QemuSandbox(_cmdline.SandboxFiles(spec.root), pid, pidfd, info)

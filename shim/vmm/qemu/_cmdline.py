@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import InvalidArgument
+from keel.errors import InvalidArgument
 from shim.vmm.qemu._accel import Accel, tsc_khz
 from shim.vmm.qemu._initramfs import PORTS, ROOT_TAG, SHARE_TAG
 from shim.vmm.qemu.config import QemuConfig

@@ -26,7 +26,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import Internal
+from keel.errors import Internal
 from shim.vmm.api import MountSpec
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x2, 0x4, 0x8, 0x20

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
-from agent.errors import FailedPrecondition, Internal, KeelError
+from keel.errors import FailedPrecondition, Internal, KeelError
 
 log = logging.getLogger("keel.shim.qemu")
 T = TypeVar("T")

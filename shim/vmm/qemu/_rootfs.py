@@ -6,7 +6,7 @@ is untrusted): the root is a separate tree built by ``debootstrap`` from
 Debian packages.  The agent's dependencies (grpclib, betterproto,
 tenacity and theirs) come from PyPI as wheels for the guest's CPython 3.11,
 installed with ``pip --target`` into ``/opt/keel/deps``; the agent code
-(packages ``agent`` and ``upgrade``) is copied to ``/opt/keel/agent-<hash>``
+(packages ``keel``, ``agent`` and ``upgrade``) is copied to ``/opt/keel/agent-<hash>``
 so that image versions share one base root.  Everything is byte-compiled
 with the guest's interpreter, because the guest cannot write ``.pyc`` files
 to a read-only root.
@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import Internal
+from keel.errors import Internal
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -32,7 +32,7 @@ PACKAGES = ("python3", "runc")
 PY_DEPS = ("grpclib", "betterproto", "tenacity")
 _PY_DEFAULT_PINS = {"grpclib": "0.4.9", "betterproto": "2.0.0b7", "tenacity": "9.2.1"}
 #: The Keel packages the agent needs at run time.
-KEEL_PACKAGES = ("agent", "upgrade")
+KEEL_PACKAGES = ("keel", "agent", "upgrade")
 GUEST_PYTHON = "/usr/bin/python3"
 DEPS_DIR = "/opt/keel/deps"
 
@@ -109,6 +109,11 @@ def install_agent(target: Path, repo: Path, tree_hash: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     for pkg in KEEL_PACKAGES:
         shutil.copytree(repo / pkg, tmp / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if keel_tree_hash(tmp) != tree_hash:
+        # The tree changed between hashing and copying (an edit, a checkout):
+        # caching this copy under the old hash would serve the wrong code.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Internal(f"the agent tree under {repo} changed while it was copied; try again")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     compile_in_guest(target, guest)

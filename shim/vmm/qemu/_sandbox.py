@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable, Unimplemented
+from keel import procfs
+from keel.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable, Unimplemented
 from shim.vmm._dialers import ExclusiveDialer, unix_dialer
 from shim.vmm._sizing import Workload
 from shim.vmm.api import Dialer, MountSpec
@@ -30,13 +31,6 @@ from shim.vmm.qemu._initramfs import GUEST_SHARED, PORTS
 from upgrade.aio import wait_readable
 
 log = logging.getLogger("keel.shim.qemu")
-
-
-def start_time(pid: int) -> int:
-    """Process start time (clock ticks since boot): tells a reused pid apart."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
 
 
 class QemuSandbox:
@@ -67,7 +61,7 @@ class QemuSandbox:
 
     def record(self) -> dict[str, Any]:
         alive = self.alive()
-        return {**self.info, "pid": self._pid, "start_time": start_time(self._pid) if alive else 0}
+        return {**self.info, "pid": self._pid, "start_time": procfs.start_time(self._pid) if alive else 0}
 
     def dialer(self, channel: str) -> Dialer:
         """The channel's virtio-serial port; one connection at a time (the dialer

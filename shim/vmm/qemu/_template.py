@@ -57,7 +57,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import Internal, Unavailable
+from keel.errors import Internal, Unavailable
+from keel.logs import tail
 from shim.vmm.qemu import qmp as _qmp
 from shim.vmm.qemu._cmdline import SandboxFiles, shell_word
 
@@ -171,7 +172,7 @@ async def _build(tpl: Template, shape: Mapping[str, Any], argv_for: ArgvFor, sta
                 line = await reader.readline()
                 if line.strip() != b"ready":
                     raise Internal(f"template VM said {line[:80]!r}, not ready; console: "
-                                   f"{_tail(files.console, 6000)}")
+                                   f"{tail(files.console, 6000)}")
                 # Stay connected until it is stopped: with the host end gone, the
                 # guest's read would return EOF.
                 await _snapshot(files, scratch / "snapshot")
@@ -184,7 +185,7 @@ async def _build(tpl: Template, shape: Mapping[str, Any], argv_for: ArgvFor, sta
         await asyncio.to_thread(_finish, files, tpl.dir)
     except TimeoutError:
         raise Unavailable(f"template VM not snapshotted within {timeout}s; console: "
-                          f"{_tail(files.console, 6000)}") from None
+                          f"{tail(files.console, 6000)}") from None
     finally:
         if pid:
             _kill(pid)
@@ -245,13 +246,6 @@ def _kill(pid: int) -> None:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         finally:
             os.close(fd)
-
-
-def _tail(path: Path, limit: int = 800) -> str:
-    try:
-        return path.read_bytes()[-limit:].decode(errors="replace").strip() or "(empty)"
-    except OSError:
-        return "(none)"
 
 
 def discard(tpl: Template) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.errors import InvalidArgument
+from keel.errors import InvalidArgument
 
 MACHINES = ("microvm", "q35", "pc")
 ACCELS = ("auto", "kvm", "tcg")

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agent.errors import Internal, NotFound
+from keel.errors import Internal, NotFound
 from shim.vmm.qemu import _initramfs, _kernel, _preload, _rootfs
 
 DEFAULT_DIR = Path("/var/cache/keel/image")

@@ -20,7 +20,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from agent.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from keel.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 
 #: Longest line accepted from qemu (query results are small).
 LINE_LIMIT = 1 << 20

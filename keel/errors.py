@@ -1,10 +1,10 @@
 """The error vocabulary of Keel.
 
 A handful of classes, mapped once to google.rpc codes, which both ttrpc
-(shim <-> containerd) and gRPC (shim <-> agent, opsd) carry.  Classify
-errors by type, never by message text.  These classes live with the agent
-because they are part of the agent API that crosses the VM boundary; other
-packages import them through :mod:`agent.api`.
+(shim <-> containerd) and gRPC (shim <-> agent, opsctl <-> opsd <-> shim)
+carry.  Classify errors by type, never by message text.  Every package
+raises these; subclasses that only one package raises (``upgrade.errors``)
+stay with it.
 """
 
 from __future__ import annotations

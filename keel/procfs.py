@@ -1,0 +1,55 @@
+"""What /proc says about a process, and pidfds that cannot name another one.
+
+A pid alone is not an identity: pids are reused.  Keel records a process
+as (pid, start time) and opens its pidfd only after checking that pair,
+so a recorded VMM or shim that died long ago is never mistaken for the
+unrelated process that now has its pid.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _stat_fields(pid: int | None) -> list[bytes]:
+    """Fields of /proc/<pid>/stat after ``comm`` (which may hold spaces and
+    parentheses): index 0 is the state, 19 the start time."""
+    with open(f"/proc/{pid or 'self'}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> int:
+    """Start time of *pid* in clock ticks since boot.  Raises OSError if gone."""
+    return int(_stat_fields(pid)[19])
+
+
+def is_running(pid: int, started: int) -> bool:
+    """True if *pid* runs and started at *started* (a zombie has exited)."""
+    try:
+        fields = _stat_fields(pid)
+        return fields[0] not in (b"Z", b"X") and int(fields[19]) == started
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def uptime_s(pid: int | None = None) -> float:
+    """Seconds since the process started; survives ``execve`` (same start time)."""
+    ticks = int(_stat_fields(pid)[19])
+    boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return max(0.0, boot_uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def open_pidfd(pid: int, started: int | None = None) -> int:
+    """A pidfd for *pid*; with *started*, only if it is still that process.
+
+    The pidfd is opened first and the start time checked after, so the
+    identity cannot change between check and open.  Raises
+    ProcessLookupError when the process is gone or is another one.
+    """
+    fd = os.pidfd_open(pid)
+    if started is not None and not is_running(pid, started):
+        os.close(fd)
+        raise ProcessLookupError(f"pid {pid} is no longer the recorded process")
+    return fd
