@@ -155,7 +155,7 @@ def _byte_compile() -> None:
     files, and every shim and agent would compile its modules at start-up."""
     import compileall
 
-    for pkg in ("shim", "agent", "upgrade", "observability", "opsd"):
+    for pkg in ("keel", "shim", "agent", "upgrade", "observability", "opsd"):
         compileall.compile_dir(str(REPO / pkg), quiet=1)
 
 

@@ -90,6 +90,7 @@ class Daemon:
         from shim import version
         from shim._events import EventPublisher
         from shim._opsserver import serve_ops
+        from shim._resume import SandboxHandoff
         from shim.sandbox import Sandbox
         from shim.service import SERVICE, TaskService
         from shim.ttrpc import Method, TtrpcServer
@@ -104,6 +105,7 @@ class Daemon:
                 self.tg = tg
                 self.sandbox = Sandbox(sandbox_id, self.flags.namespace, self.cfg, self.events, tg)
                 self.sandbox.prelaunch = prelaunch
+                self.handoff = SandboxHandoff(self.sandbox)
                 task = TaskService(self.sandbox, on_shutdown=self.stop.set)
                 self.server = TtrpcServer()
                 self.server.register(SERVICE, {n: Method(r, f) for n, (r, f) in task.methods().items()})
@@ -143,18 +145,22 @@ class Daemon:
 
     async def freeze(self) -> tuple[list[Any], Any]:
         frozen = await self.server.freeze_all()
-        await self.events.drain(timeout=2.0)
-        record = await self.sandbox.freeze()
+        try:
+            await self.events.drain(timeout=2.0)
+            record = await self.handoff.freeze()
+        except BaseException:
+            self.server.thaw_all()  # the sandbox thawed itself; serve containerd again
+            raise
         return frozen, record
 
     def thaw(self) -> None:
-        self.sandbox.thaw()
+        self.handoff.thaw()
         self.server.thaw_all()
 
     def sandbox_doc(self, record: Any) -> dict[str, Any]:
-        from shim.state import KIND, SCHEMA_VERSION, encode
+        from shim.state import document
 
-        return {"schema_version": SCHEMA_VERSION, "kind": KIND, **encode(record)}
+        return document(record)
 
     async def restore(self, doc: dict[str, Any]) -> str:
         """Take the sandbox over from a handoff's state; what took how long."""
@@ -165,11 +171,11 @@ class Daemon:
         t = [time.monotonic()]
         st = store(self.sandbox.dir)
         record = st.decode_checked(st.migrate(st.parse_doc(doc)))
-        await self.sandbox.restore(record)
+        await self.handoff.restore(record)
         t.append(time.monotonic())
-        await self.sandbox.check_health()
+        await self.handoff.check_health()
         t.append(time.monotonic())
-        self.sandbox.claim()
+        self.handoff.claim()
         t.append(time.monotonic())
         ms = [f"{(b - a) * 1000:.1f}" for a, b in zip(t, t[1:], strict=False)]
         return f"state {ms[0]} ms, agent dial+check {ms[1]} ms, claim {ms[2]} ms"
@@ -179,7 +185,7 @@ class Daemon:
         self._serve(listener)
         for sock, unparsed, pending in conns:
             self.server.adopt_connection(sock, unparsed, pending)
-        self.sandbox.go_live()
+        self.handoff.go_live()
 
     async def upgrade_shim(self, shim_path: str) -> Any:
         from keel.errors import Unavailable

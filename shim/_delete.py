@@ -29,6 +29,7 @@ from shim._flags import Flags
 
 if TYPE_CHECKING:
     from shim.dirs import SandboxDir
+    from shim.state import ShimIdentity
 
 DEADLINE_S = 4.0
 
@@ -136,7 +137,7 @@ async def _cleanup_locked(flags: Flags, bundle: Path, sid: str, sdir: SandboxDir
     if rec is None:
         _unlink_stale(shim_socket)  # a normal delete already cleaned up the rest
         return
-    if _shim_alive(rec.vmm.get("shim")):
+    if _shim_alive(rec.shim):
         return  # a live shim owns this sandbox and its state
     backend = get_backend(rec.backend)
     spec = LaunchSpec(sandbox_id=sid, root=sdir.root, agent_command=())
@@ -144,7 +145,7 @@ async def _cleanup_locked(flags: Flags, bundle: Path, sid: str, sdir: SandboxDir
         vm = backend.restore(spec, rec.vmm)
     except NotFound:
         vm = None
-    others = [c for c in rec.containers if c["id"] != flags.id]
+    others = [c for c in rec.containers if c.id != flags.id]
     if vm is not None:
         conn = AgentConnection(vm.dialer("agent"), client_version=version(),
                                session="shim-delete", timeout=1.0)
@@ -213,15 +214,10 @@ def _unlink_stale(path: Path) -> None:
         os.close(lock)
 
 
-def _shim_alive(info: dict | None) -> bool:
+def _shim_alive(shim: ShimIdentity | None) -> bool:
     """True when the shim recorded in state still runs (pid + start time).
 
     A killed shim can linger as a zombie of containerd (a child subreaper)
     while this runs; a zombie has exited and counts as gone.
     """
-    if not info:
-        return False
-    try:
-        return procfs.is_running(int(info["pid"]), int(info["start_time"]))
-    except (KeyError, ValueError, TypeError):
-        return False
+    return shim is not None and procfs.is_running(shim.pid, shim.start_time)

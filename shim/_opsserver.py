@@ -13,6 +13,7 @@ from agent.api import ops_pb
 from keel.errors import KeelError
 from keel.grpc import NO_STATUS_DETAILS
 from shim import version
+from shim._agent_upgrade import upgrade_agent
 from shim.state import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class ShimOps(ops_pb.ShimOpsBase):
         if not req.agent_path:
             raise GRPCError(Status.INVALID_ARGUMENT, "agent_path is required")
         try:
-            resp: ops_pb.UpgradeAgentResponse = await self._sb.upgrade_agent(req.agent_path, req.to_version)
+            resp = await upgrade_agent(self._sb, req.agent_path, req.to_version)
         except KeelError as exc:
             raise GRPCError(Status(exc.code.value), str(exc)) from exc
         return resp

@@ -12,12 +12,20 @@ being delivered is delivered first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import logging
+from typing import TYPE_CHECKING
 
 from agent.api import pb
+from keel.lifecycle import State
 from shim._agentconn import AgentConnection
+from shim._background import spawn
 from shim._stdio import Sink, Source
+from shim.state import Offsets, Stdio
+
+if TYPE_CHECKING:
+    from shim._process import Process
 
 log = logging.getLogger("keel.shim.pumps")
 #: fcntl.F_SETPIPE_SZ (Linux; the constant is missing from older Pythons).
@@ -156,3 +164,78 @@ class InputPump(_Pump):
         req = pb.CloseStdinRequest(container_id=self._cid, exec_id=self._eid, offset=self.offset)
         await self._conn.call(self._conn.stub.close_stdin, req)
         self.source.close()
+
+
+@dataclasses.dataclass(slots=True)
+class Endpoints:
+    """A process's open stdio endpoints (containerd's fifos) before pumps own them.
+
+    The caller closes them if the process is never created; once
+    :func:`start` ran, the pumps own them.
+    """
+
+    sinks: dict[str, Sink | None]
+    source: Source | None
+
+    @classmethod
+    def open(cls, stdio: Stdio) -> Endpoints:
+        """Open every endpoint *stdio* names (stderr is unused with a terminal)."""
+        return cls({"stdout": Sink.open(stdio.stdout),
+                    "stderr": None if stdio.terminal else Sink.open(stdio.stderr)},
+                   Source.open(stdio.stdin))
+
+    @classmethod
+    def reopen(cls, stdio: Stdio, done: Offsets) -> Endpoints:
+        """Open them again in a new shim, skipping streams that finished."""
+        return cls({"stdout": None if done.stdout_eof else Sink.open(stdio.stdout),
+                    "stderr": None if done.stderr_eof or stdio.terminal
+                    else Sink.open(stdio.stderr)},
+                   None if done.stdin_closed else Source.open(stdio.stdin))
+
+    @classmethod
+    def take_from(cls, proc: Process) -> Endpoints:
+        """Take the endpoints of *proc*'s stopped pumps (a thaw restarts them)."""
+        ends = cls({n: o.sink for n, o in proc.outputs.items() if not o.eof.is_set()},
+                   proc.input.source if proc.input and not proc.input.closed else None)
+        proc.outputs, proc.input = {}, None
+        return ends
+
+    def wire(self, terminal: bool) -> pb.Stdio:
+        """Which streams the agent must keep for the process."""
+        return pb.Stdio(terminal=terminal, stdin=self.source is not None,
+                        stdout=self.sinks.get("stdout") is not None,
+                        stderr=self.sinks.get("stderr") is not None and not terminal)
+
+    def close(self) -> None:
+        for sink in self.sinks.values():
+            if sink:
+                sink.close()
+        if self.source:
+            self.source.close()
+
+
+_STREAMS = {"stdout": pb.OutputStream(1), "stderr": pb.OutputStream(2)}
+
+
+def start(proc: Process, conn: AgentConnection, ends: Endpoints,
+          tasks: asyncio.TaskGroup) -> None:
+    """Start (or resume, from ``proc.resume_from``) the pumps of *proc* in *tasks*."""
+    at = proc.resume_from
+    for name, sink in ends.sinks.items():
+        if sink is None:
+            continue
+        pump = OutputPump(conn, proc.cid, proc.eid, _STREAMS[name], sink, getattr(at, name))
+        proc.outputs[name] = pump
+        pump.task = spawn(tasks, pump.run(), f"{name} pump of {proc.name}", f"{name}-{proc.name}")
+    if ends.source is not None:
+        # An exec takes stdin only once started (InputPump).
+        started = not proc.eid or proc.state is not State.CREATED
+        proc.input = InputPump(conn, proc.cid, proc.eid, ends.source, at.stdin, started=started)
+        proc.input.task = spawn(tasks, proc.input.run(), f"stdin pump of {proc.name}",
+                                f"stdin-{proc.name}")
+
+
+async def stop(proc: Process) -> None:
+    """Stop *proc*'s pumps at chunk boundaries; their offsets are final after."""
+    for pump in (*proc.outputs.values(), *([proc.input] if proc.input else [])):
+        await pump.stop()

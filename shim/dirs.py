@@ -2,14 +2,23 @@
 
 Layout (DESIGN section 5): ``<state_root>/sandboxes/<id>/`` holds
 ``state.json``, ``ops.sock`` (opsd), the agent channels, the agent's own
-state directory and logs.  Directories are 0700, sockets 0600.
+state directory and logs; a VM sandbox adds qemu's QMP socket, pid file
+and log, the 9p share and the records of rootfs mounts.  Directories are
+0700, sockets 0600.  Backends get the directory as ``LaunchSpec.root``
+and name their files through this class too.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from keel.errors import InvalidArgument
+
+#: sun_path holds 108 bytes including the terminating NUL.
+SUN_PATH_MAX = 107
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +42,8 @@ class SandboxDir:
         return self.root / "ops.sock"
 
     def channel(self, name: str) -> Path:
-        """Host end of a sandbox channel ("agent", "ops")."""
+        """Host end of a sandbox channel ("agent", "ops"): the agent's socket
+        (process backend) or qemu's chardev socket of a virtio-serial port."""
         return self.root / f"{name}.chan"
 
     @property
@@ -43,11 +53,41 @@ class SandboxDir:
 
     @property
     def agent_log(self) -> Path:
+        """The agent's log; a VM's serial console (kernel messages too)."""
         return self.root / "agent.log"
 
     @property
     def vmm_log(self) -> Path:
+        """The VMM's own stderr."""
         return self.root / "vmm.log"
+
+    @property
+    def qmp(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "vmm.pid"
+
+    @property
+    def shared(self) -> Path:
+        """The per-sandbox read-write 9p share (guest: /run/keel/shared)."""
+        return self.root / "shared"
+
+    @property
+    def rootfs_marks(self) -> Path:
+        """Host-only records of the rootfs mounts ``share_rootfs`` made (never shared)."""
+        return self.root / "rootfs-mounts"
+
+    def sockets(self, channels: Iterable[str]) -> list[Path]:
+        """A VM's unix sockets: QMP and the host end of each of *channels*."""
+        return [self.qmp, *(self.channel(name) for name in channels)]
+
+    def check_sockets(self, channels: Iterable[str]) -> None:
+        """InvalidArgument if a socket path would not fit in sun_path."""
+        for sock in self.sockets(channels):
+            if len(str(sock).encode()) > SUN_PATH_MAX:
+                raise InvalidArgument(f"sandbox path too long for a unix socket: {sock}")
 
     def create(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)

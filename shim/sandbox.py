@@ -1,14 +1,15 @@
-"""The shim's core: one sandbox (pod), its containers and their processes.
+"""The shim's sandbox (pod): its VMM sandbox, agent connection and containers.
 
-Owns the VMM sandbox, the agent connection, the stdio pumps, the exit
-watchers and the persisted state.  The Task service (``service.py``)
-translates containerd's requests into calls on this class; nothing here
-sees a protobuf type of containerd's.
+The Task service (``service.py``) translates containerd's requests into
+calls on :class:`Sandbox`; nothing here sees a protobuf type of
+containerd's.  The concerns around it live in their own modules, each
+handed what it needs:
 
-Ordering rules containerd relies on (research: containerd-shim.md 4.2):
-TaskStart is queued before Start returns and before any TaskExit; an exit
-is reported after the process's output reached containerd's fifos (or a
-short grace period passed, for output held open by an orphan).
+- ``shim._process``: containers and processes, their states and records;
+- ``shim._pumps``: stdio endpoints and the pumps between them and the agent;
+- ``shim._exits``: exit watchers and TaskExit ordering;
+- ``shim._resume``: the sandbox's side of a live shim handoff;
+- ``shim._agent_upgrade``: the agent's in-place upgrade.
 """
 
 from __future__ import annotations
@@ -17,23 +18,32 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from agent.api import pb
 from keel import clock, procfs
-from keel.errors import AlreadyExists, FailedPrecondition, KeelError, NotFound, Unavailable
+from keel.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    KeelError,
+    NotFound,
+    Unavailable,
+)
+from keel.lifecycle import State
 from keel.logs import tail
-from shim import events_pb, version
+from shim import _pumps, events_pb, version
 from shim._agentconn import AgentConnection
 from shim._events import EventPublisher
-from shim._prelaunch import Prelaunch, launch_spec, netns_path
-from shim._process import Container, Exit, Process, State, Stdio
-from shim._pumps import InputPump, OutputPump
-from shim._stdio import Sink, Source
+from shim._exits import Exits
+from shim._prelaunch import Prelaunch, launch_spec
+from shim._process import Container, Process, exit_now
+from shim._pumps import Endpoints
 from shim.config import ShimConfig
 from shim.dirs import SandboxDir
-from shim.state import SandboxRecord, store
+from shim.state import Exit, SandboxRecord, ShimIdentity, Stdio, store
 from shim.vmm import _sizing
 from shim.vmm import backend as get_backend
 from shim.vmm.api import LaunchSpec, MountSpec
@@ -41,73 +51,96 @@ from shim.vmm.api import Sandbox as VmmSandbox
 
 log = logging.getLogger("keel.shim")
 
-#: How long an exit report waits for the process's output to drain.
-OUTPUT_GRACE_S = 2.0
-#: Seconds one Hello to an upgraded agent may go unanswered before the shim redials.
-UPGRADE_HELLO_ATTEMPT_S = 30.0
-
 
 class Sandbox:
+    """One pod's sandbox.  Lives on the daemon's event loop; its background
+    jobs (pumps, exit watchers, the sandbox watch) run in *tasks*.
+
+    ``lock`` serialises what changes the set of containers (create,
+    delete, shutdown) and is held across a handoff freeze.
+    """
+
     def __init__(self, sandbox_id: str, namespace: str, config: ShimConfig,
                  events: EventPublisher, tasks: asyncio.TaskGroup) -> None:
         self.id = sandbox_id
         self.namespace = namespace
         self.config = config
         self.dir = SandboxDir.of(config.state_root, sandbox_id)
-        self._store = store(self.dir)
-        self._events = events
-        self._tasks = tasks
-        self._backend = get_backend(config.backend)
+        self.tasks = tasks
+        self.lock = asyncio.Lock()
+        self.exits = Exits(events, tasks, self.persist)
         self.vm: VmmSandbox | None = None
         #: A launch begun before this object existed (shim._prelaunch); set by the daemon.
         self.prelaunch: Prelaunch | None = None
         self.agent: AgentConnection | None = None
         self.containers: dict[str, Container] = {}
-        self._lock = asyncio.Lock()
+        self._store = store(self.dir)
+        self._events = events
+        self._backend = get_backend(config.backend)
         self._sandbox_watch: asyncio.Task[None] | None = None
 
-    # -- sandbox lifecycle -------------------------------------------------
+    # -- the sandbox itself ------------------------------------------------
 
     def _launch_spec(self, spec: dict[str, Any] | None = None) -> LaunchSpec:
         return launch_spec(self.id, self.config, self.dir.root, spec)
+
+    def _connect(self, vm: VmmSandbox) -> AgentConnection:
+        self.vm = vm
+        self.agent = AgentConnection(vm.dialer("agent"), client_version=version(),
+                                     session=f"shim-{os.getpid()}",
+                                     timeout=self.config.agent_timeout_s)
+        return self.agent
 
     async def _ensure_started(self, spec: dict[str, Any] | None = None) -> AgentConnection:
         if self.agent is not None:
             return self.agent
         self.dir.create()
         launched = await self.prelaunch.take(spec) if self.prelaunch is not None else None
-        self.vm = launched or await self._backend.launch(self._launch_spec(spec))
-        log.info("sandbox %s started (%s backend, pid %d)", self.id, self._backend.name, self.vm.pid)
-        self.agent = AgentConnection(self.vm.dialer("agent"), client_version=version(),
-                                     session=f"shim-{os.getpid()}", timeout=self.config.agent_timeout_s)
+        vm = launched or await self._backend.launch(self._launch_spec(spec))
+        log.info("sandbox %s started (%s backend, pid %d)", self.id, self._backend.name, vm.pid)
+        agent = self._connect(vm)
         try:
-            hello = await self.agent.wait_ready(self.config.agent_timeout_s, self.vm.alive)
+            hello = await agent.wait_ready(self.config.agent_timeout_s, vm.alive)
         except KeelError as exc:
             agent_log = tail(self.dir.agent_log, 600)
             await self._stop_vm()
             raise Unavailable(f"{exc}; agent log: {agent_log}") from exc
-        log.info("agent %s ready (API %d, pid %d)", hello.agent_version, hello.api_version, hello.agent_pid)
-        self._sandbox_watch = self._tasks.create_task(self._watch_sandbox(),
-                                                      name=f"sandbox-watch-{self.id}")
-        self._persist()
-        return self.agent
+        log.info("agent %s ready (API %d, pid %d)", hello.agent_version, hello.api_version,
+                 hello.agent_pid)
+        self.watch_sandbox()
+        self.persist()
+        return agent
+
+    def adopt(self, rec: SandboxRecord) -> None:
+        """Take over the running sandbox of *rec* (a new shim after a handoff).
+
+        Raises NotFound when its VMM is gone.  Nothing runs until the
+        handoff's ``go_live``.
+        """
+        self._connect(self._backend.restore(self._launch_spec(), rec.vmm))
+        self.containers = {c.id: Container.from_record(c) for c in rec.containers}
+
+    def watch_sandbox(self) -> None:
+        """Report every running process as exited (255) if the sandbox dies."""
+        self._sandbox_watch = self.tasks.create_task(self._watch_sandbox(),
+                                                     name=f"sandbox-watch-{self.id}")
+
+    def unwatch_sandbox(self) -> None:
+        if self._sandbox_watch is not None:
+            self._sandbox_watch.cancel()  # it waits on the pidfd we may close
+            self._sandbox_watch = None
 
     async def _watch_sandbox(self) -> None:
-        assert self.vm is not None
         vm = self.vm
+        assert vm is not None
         await vm.wait_exit()
         if self.vm is not vm:
             return
         log.error("sandbox %s died; reporting its processes as exited", self.id)
-        for c in self.containers.values():
-            for p in (c.init, *c.execs.values()):
-                if p.state is not State.STOPPED and p.state is not State.CREATED:
-                    self._record_exit(p, Exit.now(255))
+        self.exits.sandbox_died(p for c in self.containers.values() for p in c.processes())
 
     async def _stop_vm(self) -> None:
-        if self._sandbox_watch is not None:
-            self._sandbox_watch.cancel()  # it waits on the pidfd we are about to close
-            self._sandbox_watch = None
+        self.unwatch_sandbox()
         vm, self.vm = self.vm, None
         if self.agent is not None:
             self.agent.close()
@@ -116,10 +149,12 @@ class Sandbox:
             await vm.stop()
             self._backend.close_fds(vm)
 
-    def _persist(self) -> SandboxRecord:
+    def persist(self) -> SandboxRecord:
+        """Write the sandbox's state file (atomically); the record written."""
         rec = SandboxRecord(
             sandbox_id=self.id, namespace=self.namespace, backend=self._backend.name,
-            vmm={**(self.vm.record() if self.vm else {}), "shim": _shim_identity()},
+            vmm=self.vm.record() if self.vm else {},
+            shim=ShimIdentity(os.getpid(), procfs.start_time(os.getpid())),
             shim_version=version(),
             containers=tuple(c.record() for c in self.containers.values()),
         )
@@ -128,139 +163,19 @@ class Sandbox:
 
     async def shutdown(self) -> bool:
         """Stop the sandbox if no container is left; True if it was stopped."""
-        async with self._lock:
+        async with self.lock:
             if self.containers:
                 return False
             await self._stop_vm()
-            _remove_tree(self.dir.root)
+            shutil.rmtree(self.dir.root, ignore_errors=True)
             return True
 
-    # -- live handoff ------------------------------------------------------
-
-    async def freeze(self) -> SandboxRecord:
-        """Stop every pump at a chunk boundary and every exit watcher, let go
-        of the agent channel, persist; returns the record a new shim resumes.
-
-        Between freeze and ``thaw``/exit nothing is sent to containerd and
-        nothing is read from the agent.
-        """
-        await self._lock.acquire()
-        for c in self.containers.values():
-            for p in c.processes():
-                await _stop_process(p)
-        if self._sandbox_watch is not None:
-            self._sandbox_watch.cancel()
-        if self.agent is not None:
-            self.agent.close()  # virtio-serial allows one client: release the port
-        rec = self._persist()
-        return rec
-
-    def claim(self) -> None:
-        """Record this shim as the sandbox's owner in the state file.
-
-        The new shim claims before READY, so that once the old one has
-        committed, a crash of the new one is seen as a dead owner by
-        containerd's ``delete`` (the old one may linger a moment); ``thaw``
-        claims back after a failed handoff.
-        """
-        self._persist()
-
-    def thaw(self) -> None:
-        """Undo ``freeze`` after a failed handoff: resume where we stopped."""
-        try:
-            self.claim()
-            self._resume_processes(reopen=False)
-            if self.vm is not None:
-                self._sandbox_watch = self._tasks.create_task(self._watch_sandbox(),
-                                                              name=f"sandbox-watch-{self.id}")
-        finally:
-            self._lock.release()
-
-    async def restore(self, rec: SandboxRecord) -> None:
-        """Re-attach to a running sandbox from a record (new shim side).
-
-        Dials the agent and checks that it knows every container; pumps and
-        watchers start only in ``go_live()``, after the old shim let go.
-        """
-        from shim._process import container_from_record
-
-        self.vm = self._backend.restore(self._launch_spec(), rec.vmm)
-        self.agent = AgentConnection(self.vm.dialer("agent"), client_version=version(),
-                                     session=f"shim-{os.getpid()}", timeout=self.config.agent_timeout_s)
-        self.containers = {c["id"]: container_from_record(c) for c in rec.containers}
-
-    async def check_health(self) -> None:
-        """The agent answers and holds every container we know of."""
-        assert self.agent is not None and self.vm is not None
-        await self.agent.wait_ready(self.config.agent_timeout_s, self.vm.alive)
-        state = await self.agent.call(self.agent.stub.get_state, pb.Empty())
-        known = {c.container_id for c in state.containers}
-        missing = sorted(set(self.containers) - known)
-        if missing:
-            raise FailedPrecondition(f"agent does not know containers {', '.join(missing)}")
-
-    def go_live(self) -> None:
-        """Start pumps, watchers and the sandbox watch (new shim, after commit)."""
-        self._resume_processes(reopen=True)
-        self._sandbox_watch = self._tasks.create_task(self._watch_sandbox(),
-                                                      name=f"sandbox-watch-{self.id}")
-        self._persist()
-
-    def _resume_processes(self, reopen: bool) -> None:
-        for c in self.containers.values():
-            for p in c.processes():
-                if reopen:
-                    sinks, source = _reopen(p)
-                else:
-                    p.resume_from = p.offsets()
-                    sinks = {n: o.sink for n, o in p.outputs.items() if not o.eof.is_set()}
-                    source = p.input.source if p.input and not p.input.closed else None
-                    p.outputs, p.input = {}, None
-                self._start_pumps(p, sinks, source)
-                if p.state in (State.RUNNING, State.PAUSED):
-                    self._watch(p)
-                elif p.exit is not None and not p.exit_published:
-                    self._record_exit(p, p.exit, force=True)
-
-    # -- agent upgrade -----------------------------------------------------
-
-    async def upgrade_agent(self, agent_path: str, to_version: str) -> Any:
-        """Have the agent exec *agent_path* in place (same PID, containers
-        stay its children); the agent channel reconnects by itself and the
-        pumps resume at their offsets.  Returns the ops UpgradeAgentResponse.
-        """
-        from agent.api import ops_pb
-        from shim._agentconn import DialChannel
-
-        if self.vm is None or self.agent is None:
+    def _live_agent(self) -> AgentConnection:
+        if self.agent is None:
             raise FailedPrecondition(f"sandbox {self.id} has no running agent")
-        channel = DialChannel(self.vm.dialer("ops"))
-        try:
-            stub = ops_pb.OpsServiceStub(channel)
-            resp = await self.agent.call(
-                stub.upgrade_agent,
-                ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),
-                timeout=60.0, retry_for=0)
-        finally:
-            channel.close()
-        began = asyncio.get_running_loop().time()
-        # A VM's agent ends the host's old serial session itself (GOAWAY); should
-        # that be lost, a Hello unanswered for long is taken as a dead connection.
-        hello = await self.agent.wait_ready(self.config.agent_timeout_s, self.vm.alive,
-                                            attempt_s=UPGRADE_HELLO_ATTEMPT_S)
-        # The agent answered just before its exec; what runs now tells how it
-        # ended.  The gap is as the shim saw it: that answer to the new Hello.
-        resp.gap_s = asyncio.get_running_loop().time() - began
-        resp.rolled_back = hello.agent_version != resp.to_version
-        resp.message = (f"release {resp.to_version} failed; back on {hello.agent_version}"
-                        if resp.rolled_back else "upgraded")
-        log.info("agent upgraded %s -> %s (now %s, gap %.0f ms%s)", resp.from_version,
-                 resp.to_version, hello.agent_version, resp.gap_s * 1000,
-                 ", rolled back" if resp.rolled_back else "")
-        self._persist()
-        return resp
+        return self.agent
 
-    # -- containers --------------------------------------------------------
+    # -- containers and processes -------------------------------------------
 
     def container(self, cid: str) -> Container:
         try:
@@ -269,45 +184,24 @@ class Sandbox:
             raise NotFound(f"container {cid} not found in sandbox {self.id}") from None
 
     async def create(self, cid: str, bundle: str, mounts: tuple[MountSpec, ...], stdio: Stdio) -> int:
-        async with self._lock:
+        async with self.lock:
             if cid in self.containers:
                 raise AlreadyExists(f"container {cid} already exists")
-            spec_path = Path(bundle) / "config.json"
-            try:
-                spec_json = spec_path.read_bytes()
-                spec = json.loads(spec_json)
-            except FileNotFoundError:
-                raise NotFound(f"{spec_path} does not exist") from None
-            except (ValueError, UnicodeDecodeError) as exc:
-                from keel.errors import InvalidArgument
-
-                raise InvalidArgument(f"{spec_path}: not a valid OCI spec: {exc}") from exc
+            spec_json, spec = _read_spec(Path(bundle))
             if stdio.terminal:
                 stdio = Stdio(stdio.stdin, stdio.stdout, "", True)  # stderr is unused with a tty
-            sinks = {"stdout": Sink.open(stdio.stdout), "stderr": Sink.open(stdio.stderr)}
-            source = Source.open(stdio.stdin)
-            agent = await self._ensure_started(spec)
-            assert self.vm is not None
-            rootfs_host = Path(bundle) / "rootfs"
-            if not mounts:
-                root = (spec.get("root") or {}).get("path", "rootfs")
-                rootfs_host = Path(bundle) / root
+            ends = Endpoints.open(stdio)
             try:
-                rootfs = await self.vm.share_rootfs(cid, mounts, rootfs_host)
-                req = pb.CreateContainerRequest(
-                    container_id=cid, spec_json=_guest_spec(self.vm, spec_json), rootfs=rootfs,
-                    stdio=_pb_stdio(stdio, sinks, source))
-                resp = await agent.call(agent.stub.create_container, req)
+                agent = await self._ensure_started(spec)
+                resp = await self._create_in_vm(agent, cid, bundle, mounts, spec, spec_json, ends,
+                                                stdio.terminal)
             except BaseException:
-                _close(sinks, source)
-                if mounts:
-                    await self.vm.unshare_rootfs(cid, rootfs_host)
+                ends.close()
                 raise
             proc = Process(cid, "", stdio, pid=resp.pid)
-            c = Container(cid, bundle, mounts, proc)
-            self.containers[cid] = c
-            self._start_pumps(proc, sinks, source)
-            self._persist()
+            self.containers[cid] = Container(cid, bundle, mounts, proc)
+            _pumps.start(proc, agent, ends, self.tasks)
+            self.persist()
         self._events.publish_nowait("/tasks/create", events_pb.TaskCreate(
             container_id=cid, bundle=bundle, pid=resp.pid,
             rootfs=[_pb_mount(m) for m in mounts],
@@ -316,29 +210,23 @@ class Sandbox:
         log.info("created container %s (pid %d)", cid, resp.pid)
         return resp.pid
 
-    def _start_pumps(self, proc: Process, sinks: dict[str, Sink | None],
-                     source: Source | None) -> None:
-        """Start (or resume, from ``proc.resume_from``) the stdio pumps."""
-        assert self.agent is not None
-        offsets = proc.resume_from
-        streams = {"stdout": pb.OutputStream(1), "stderr": pb.OutputStream(2)}
-        for name, sink in sinks.items():
-            if sink is None:
-                continue
-            pump = OutputPump(self.agent, proc.cid, proc.eid, streams[name], sink,
-                              int(offsets.get(name, 0)))
-            proc.outputs[name] = pump
-            pump.task = self._tasks.create_task(
-                _guard(pump.run(), f"{name} pump of {proc.name}"), name=f"{name}-{proc.name}")
-        if source is not None:
-            proc.input = InputPump(self.agent, proc.cid, proc.eid, source, int(offsets.get("stdin", 0)),
-                                   started=not proc.eid or proc.state is not State.CREATED)
-            proc.input.task = self._tasks.create_task(
-                _guard(proc.input.run(), f"stdin pump of {proc.name}"), name=f"stdin-{proc.name}")
-
-    def _watch(self, p: Process) -> None:
-        p.watcher = self._tasks.create_task(
-            _guard(self._watch_exit(p), f"exit watcher of {p.name}"), name=f"wait-{p.name}")
+    async def _create_in_vm(self, agent: AgentConnection, cid: str, bundle: str,
+                            mounts: tuple[MountSpec, ...], spec: dict[str, Any],
+                            spec_json: bytes, ends: Endpoints,
+                            terminal: bool) -> pb.CreateContainerResponse:
+        assert self.vm is not None
+        rootfs_host = Path(bundle) / ("rootfs" if mounts else
+                                      (spec.get("root") or {}).get("path", "rootfs"))
+        try:
+            rootfs = await self.vm.share_rootfs(cid, mounts, rootfs_host)
+            req = pb.CreateContainerRequest(
+                container_id=cid, spec_json=self.vm.guest_spec(spec_json), rootfs=rootfs,
+                stdio=ends.wire(terminal))
+            return await agent.call(agent.stub.create_container, req)
+        except BaseException:
+            if mounts:
+                await self.vm.unshare_rootfs(cid, rootfs_host)
+            raise
 
     async def start(self, cid: str, eid: str) -> int:
         c = self.container(cid)
@@ -346,9 +234,9 @@ class Sandbox:
         if p.state is State.RUNNING:
             return p.pid
         p.require("start", State.CREATED)
-        assert self.agent is not None
-        resp = await self.agent.call(self.agent.stub.start_process,
-                                     pb.StartProcessRequest(container_id=cid, exec_id=eid))
+        agent = self._live_agent()
+        resp = await agent.call(agent.stub.start_process,
+                                pb.StartProcessRequest(container_id=cid, exec_id=eid))
         p.pid = resp.pid
         p.to(State.RUNNING, "start")
         if p.input is not None:
@@ -358,39 +246,10 @@ class Sandbox:
                 container_id=cid, exec_id=eid, pid=p.pid))
         else:
             self._events.publish_nowait("/tasks/start", events_pb.TaskStart(container_id=cid, pid=p.pid))
-        self._watch(p)
-        self._persist()
+        self.exits.watch(p, agent)
+        self.persist()
         log.info("started %s (pid %d)", p.name, p.pid)
         return p.pid
-
-    async def _watch_exit(self, p: Process) -> None:
-        assert self.agent is not None
-        req = pb.WaitProcessRequest(container_id=p.cid, exec_id=p.eid)
-        resp = await self.agent.call(self.agent.stub.wait_process, req, retry_for=24 * 3600)
-        pending = [o.eof.wait() for o in p.outputs.values()]
-        if pending:
-            try:
-                async with asyncio.timeout(OUTPUT_GRACE_S):
-                    await asyncio.gather(*pending)
-            except TimeoutError:
-                log.info("%s exited; its output is still open (held by another process)", p.name)
-        self._record_exit(p, Exit(resp.exit_status, resp.exited_at_ns))
-
-    def _record_exit(self, p: Process, exit: Exit, force: bool = False) -> None:
-        if p.exit is not None and not force:
-            return
-        p.exit = exit
-        p.to(State.STOPPED, "record the exit of")
-        self._events.publish_nowait("/tasks/exit", events_pb.TaskExit(
-            container_id=p.cid, id=p.eid or p.cid, pid=p.pid, exit_status=exit.status,
-            exited_at=clock.utc_of_ns(exit.at_ns)))
-        p.exit_published = True
-        p.exited.set()
-        log.info("%s exited with status %d", p.name, exit.status)
-        try:
-            self._persist()
-        except OSError as exc:
-            log.error("cannot persist state: %s", exc)
 
     async def wait(self, cid: str, eid: str) -> Exit:
         p = self.container(cid).process(eid)
@@ -402,8 +261,8 @@ class Sandbox:
         p = self.container(cid).process(eid)
         if p.state is State.STOPPED:
             raise NotFound(f"process {p.name} already finished")
-        assert self.agent is not None
-        await self.agent.call(self.agent.stub.signal_process, pb.SignalProcessRequest(
+        agent = self._live_agent()
+        await agent.call(agent.stub.signal_process, pb.SignalProcessRequest(
             container_id=cid, exec_id=eid, signal=sig, all=all_))
 
     async def exec(self, cid: str, eid: str, process_json: bytes, stdio: Stdio) -> None:
@@ -413,40 +272,37 @@ class Sandbox:
         c.init.require("exec in", State.RUNNING, State.PAUSED)
         if stdio.terminal:
             stdio = Stdio(stdio.stdin, stdio.stdout, "", True)
-        sinks = {"stdout": Sink.open(stdio.stdout), "stderr": Sink.open(stdio.stderr)}
-        source = Source.open(stdio.stdin)
-        assert self.agent is not None
+        agent = self._live_agent()
+        ends = Endpoints.open(stdio)
         try:
-            await self.agent.call(self.agent.stub.exec_process, pb.ExecProcessRequest(
+            await agent.call(agent.stub.exec_process, pb.ExecProcessRequest(
                 container_id=cid, exec_id=eid, process_json=process_json,
-                stdio=_pb_stdio(stdio, sinks, source)))
+                stdio=ends.wire(stdio.terminal)))
         except BaseException:
-            _close(sinks, source)
+            ends.close()
             raise
         p = Process(cid, eid, stdio)
         c.execs[eid] = p
-        self._start_pumps(p, sinks, source)
-        self._persist()
+        _pumps.start(p, agent, ends, self.tasks)
+        self.persist()
         self._events.publish_nowait("/tasks/exec-added", events_pb.TaskExecAdded(container_id=cid, exec_id=eid))
 
     async def delete(self, cid: str, eid: str) -> tuple[int, Exit]:
-        async with self._lock:
+        async with self.lock:
             c = self.container(cid)
             p = c.process(eid)
             p.require("delete", State.CREATED, State.STOPPED)
-            if eid:
-                # Execs have no ordering constraints with init, but the
-                # container must still exist in the agent.
-                pass
-            assert self.agent is not None and self.vm is not None
+            agent = self._live_agent()
+            assert self.vm is not None
             try:
-                await self.agent.call(self.agent.stub.remove_process,
-                                      pb.RemoveProcessRequest(container_id=cid, exec_id=eid))
+                await agent.call(agent.stub.remove_process,
+                                 pb.RemoveProcessRequest(container_id=cid, exec_id=eid))
             except NotFound:
                 pass  # already removed (a retried Delete)
-            exit = p.exit or Exit.now(0)
+            exit = p.exit or exit_now(0)
             for q in (p,) if eid else c.processes():
-                await _stop_process(q)
+                await _pumps.stop(q)
+                await self.exits.unwatch(q)
                 q.close_stdio()
             if eid:
                 del c.execs[eid]
@@ -454,8 +310,9 @@ class Sandbox:
                 await self.vm.unshare_rootfs(cid, Path(c.bundle) / "rootfs")
                 del self.containers[cid]
                 self._events.publish_nowait("/tasks/delete", events_pb.TaskDelete(
-                    container_id=cid, pid=p.pid, exit_status=exit.status, exited_at=clock.utc_of_ns(exit.at_ns)))
-            self._persist()
+                    container_id=cid, pid=p.pid, exit_status=exit.status,
+                    exited_at=clock.utc_of_ns(exit.at_ns)))
+            self.persist()
             log.info("deleted %s", p.name)
             return p.pid, exit
 
@@ -468,137 +325,84 @@ class Sandbox:
         p = self.container(cid).process(eid)
         if p.state is State.STOPPED:
             return  # ctr resizes after a short-lived process exited; runc's shim ignores it too
-        assert self.agent is not None
+        agent = self._live_agent()
         try:
-            await self.agent.call(self.agent.stub.resize_pty, pb.ResizePtyRequest(
+            await agent.call(agent.stub.resize_pty, pb.ResizePtyRequest(
                 container_id=cid, exec_id=eid, width=width, height=height))
         except (NotFound, FailedPrecondition):
             pass  # it exited while the call was on its way: as above
 
     async def pause(self, cid: str) -> None:
-        c = self.container(cid)
-        c.init.require("pause", State.RUNNING)
-        assert self.agent is not None
-        await self.agent.call(self.agent.stub.pause_container, pb.ContainerRequest(container_id=cid))
-        c.init.to(State.PAUSED, "pause")
-        self._events.publish_nowait("/tasks/paused", events_pb.TaskPaused(container_id=cid))
-        self._persist()
+        await self._pause(cid, pause=True)
 
     async def resume(self, cid: str) -> None:
+        await self._pause(cid, pause=False)
+
+    async def _pause(self, cid: str, *, pause: bool) -> None:
         c = self.container(cid)
-        c.init.require("resume", State.PAUSED)
-        assert self.agent is not None
-        await self.agent.call(self.agent.stub.resume_container, pb.ContainerRequest(container_id=cid))
-        c.init.to(State.RUNNING, "resume")
-        self._events.publish_nowait("/tasks/resumed", events_pb.TaskResumed(container_id=cid))
-        self._persist()
+        action, before, after = ("pause", State.RUNNING, State.PAUSED) if pause else \
+            ("resume", State.PAUSED, State.RUNNING)
+        c.init.require(action, before)
+        agent = self._live_agent()
+        call = agent.stub.pause_container if pause else agent.stub.resume_container
+        await agent.call(call, pb.ContainerRequest(container_id=cid))
+        c.init.to(after, action)
+        if pause:
+            self._events.publish_nowait("/tasks/paused", events_pb.TaskPaused(container_id=cid))
+        else:
+            self._events.publish_nowait("/tasks/resumed", events_pb.TaskResumed(container_id=cid))
+        self.persist()
 
     async def update(self, cid: str, resources_json: bytes) -> None:
         self.container(cid).init.require("update", State.CREATED, State.RUNNING, State.PAUSED)
-        assert self.agent is not None
-        # A VM grows first (QemuSandbox.grow_to: vCPU/DIMM hotplug), so the
-        # new limits have room; sized by this container's resources alone.
-        grow = getattr(self.vm, "grow_to", None)
-        if grow is not None:
-            try:
-                resources = json.loads(resources_json or b"{}")
-            except ValueError:
-                resources = {}
-            if not isinstance(resources, dict):
-                resources = {}
-            await grow(_sizing.workload([{"linux": {"resources": resources}}]))
-        await self.agent.call(self.agent.stub.update_container, pb.UpdateContainerRequest(
+        agent = self._live_agent()
+        assert self.vm is not None
+        # The sandbox grows first (a VM hotplugs vCPUs and memory), so the new
+        # limits have room; sized by this container's resources alone.
+        await self.vm.grow_to(_sizing.workload([{"linux": {"resources": _object(resources_json)}}]))
+        await agent.call(agent.stub.update_container, pb.UpdateContainerRequest(
             container_id=cid, resources_json=resources_json))
 
     async def stats(self, cid: str) -> pb.CgroupStats:
         self.container(cid)
-        assert self.agent is not None
-        resp = await self.agent.call(self.agent.stub.stats_container, pb.ContainerRequest(container_id=cid))
+        agent = self._live_agent()
+        resp = await agent.call(agent.stub.stats_container, pb.ContainerRequest(container_id=cid))
         return resp.stats
 
     async def pids(self, cid: str) -> list[pb.ProcessEntry]:
         c = self.container(cid)
         if c.init.state is State.STOPPED:
             return []
-        assert self.agent is not None
-        resp = await self.agent.call(self.agent.stub.list_processes, pb.ContainerRequest(container_id=cid))
+        agent = self._live_agent()
+        resp = await agent.call(agent.stub.list_processes, pb.ContainerRequest(container_id=cid))
         return list(resp.processes)
 
 
-_netns_path = netns_path
-
-
-def _guest_spec(vm: VmmSandbox, spec_json: bytes) -> bytes:
-    """The spec as the agent must see it: a VM backend rewrites host-only parts
-    (``QemuSandbox.guest_spec``); the process backend's agent runs on the host."""
-    adapt = getattr(vm, "guest_spec", None)
-    return adapt(spec_json) if adapt is not None else spec_json
-
-
-async def _guard(coro: Any, what: str) -> None:
-    """Run a background job; log its failure instead of tearing the shim down."""
+def _read_spec(bundle: Path) -> tuple[bytes, dict[str, Any]]:
+    """The bundle's OCI spec, raw and parsed; NotFound or InvalidArgument."""
+    path = bundle / "config.json"
     try:
-        await coro
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        log.error("%s failed: %s", what, exc)
+        raw = path.read_bytes()
+        spec = json.loads(raw)
+    except FileNotFoundError:
+        raise NotFound(f"{path} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{path}: not a valid OCI spec: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f"{path}: not a valid OCI spec: not a JSON object")
+    return raw, spec
 
 
-async def _stop_process(p: Process) -> None:
-    """Stop a process's pumps at chunk boundaries and its exit watcher."""
-    for pump in (*p.outputs.values(), *([p.input] if p.input else [])):
-        await pump.stop()
-    if p.watcher is not None:
-        p.watcher.cancel()
-        try:
-            await p.watcher
-        except asyncio.CancelledError:
-            if not p.watcher.cancelled():
-                raise
-        p.watcher = None
-
-
-def _reopen(p: Process) -> tuple[dict[str, Sink | None], Source | None]:
-    """Open the stdio endpoints again in a new shim, skipping finished ones."""
-    done = p.resume_from
-    stdio = p.stdio
-    sinks = {
-        "stdout": None if done.get("stdout_eof") else Sink.open(stdio.stdout),
-        "stderr": None if done.get("stderr_eof") or stdio.terminal else Sink.open(stdio.stderr),
-    }
-    source = None if done.get("stdin_closed") else Source.open(stdio.stdin)
-    return sinks, source
-
-
-def _close(sinks: dict[str, Sink | None], source: Source | None) -> None:
-    for sink in sinks.values():
-        if sink:
-            sink.close()
-    if source:
-        source.close()
-
-
-def _pb_stdio(stdio: Stdio, sinks: dict[str, Sink | None], source: Source | None) -> pb.Stdio:
-    return pb.Stdio(terminal=stdio.terminal, stdin=source is not None,
-                    stdout=sinks["stdout"] is not None,
-                    stderr=sinks["stderr"] is not None and not stdio.terminal)
+def _object(raw: bytes) -> dict[str, Any]:
+    """A JSON object from *raw*, or {} for anything else (sizing is best effort)."""
+    try:
+        doc = json.loads(raw or b"{}")
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _pb_mount(m: MountSpec) -> Any:
     from shim._pb.containerd import types as types_pb
 
     return types_pb.Mount(type=m.type, source=m.source, options=list(m.options))
-
-
-def _shim_identity() -> dict[str, int]:
-    return {"pid": os.getpid(), "start_time": procfs.start_time(os.getpid())}
-
-
-def _remove_tree(root: Path) -> None:
-    import shutil
-
-    shutil.rmtree(root, ignore_errors=True)
-
-
-__all__ = ["Sandbox", "FailedPrecondition"]

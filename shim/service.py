@@ -19,12 +19,13 @@ from betterproto.lib.google.protobuf import Empty
 from agent.api import pb
 from keel import clock, ids
 from keel.errors import InvalidArgument, NotFound, Unimplemented
+from keel.lifecycle import State
 from shim import version
 from shim._pb.containerd.task import v2 as task_pb
 from shim._pb.containerd.v1 import types as ctypes_pb
 from shim._pb.io.containerd.cgroups import v1 as cg_pb
-from shim._process import Exit, State, Stdio
 from shim.sandbox import Sandbox
+from shim.state import Exit, Stdio
 from shim.vmm.api import MountSpec
 
 SERVICE = "containerd.task.v2.Task"

@@ -18,7 +18,10 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from shim.vmm._sizing import Workload
 
 #: Connects a new stream socket to one channel of a sandbox.
 Dialer = Callable[[], Awaitable[socket.socket]]
@@ -93,6 +96,14 @@ class Sandbox(Protocol):
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the sandbox and everything in it; idempotent."""
+
+    def guest_spec(self, spec_json: bytes) -> bytes:
+        """The OCI spec as the agent in this sandbox must see it (a VM
+        rewrites host-only parts, such as the pod's netns path)."""
+
+    async def grow_to(self, workload: Workload) -> None:
+        """Grow the sandbox to its base size plus *workload*, as far as it
+        can (hotplug); a sandbox of fixed size does nothing.  Never shrinks."""
 
 
 class Backend(Protocol):

@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 
 from shim._events import EventPublisher
-from shim._process import Stdio
+from shim._resume import SandboxHandoff
 from shim.config import ShimConfig
 from shim.sandbox import Sandbox
+from shim.state import Stdio
 from tests.agent_harness import make_rootfs, make_spec, require_root_and_runc
 
 LINES = 200_000
@@ -68,15 +69,16 @@ def test_freeze_restore_resume_loses_and_duplicates_nothing(tmp_path: Path) -> N
             await sb.start("c1", "")
             for _ in range(10):
                 await asyncio.sleep(0.1)  # let output flow between handoffs
-                rec = await sb.freeze()
-                offsets.append(rec.containers[0]["init"]["offsets"].get("stdout", 0))
+                rec = await SandboxHandoff(sb).freeze()
+                offsets.append(rec.containers[0].init.offsets.stdout)
                 new = Sandbox("pod", "test", cfg, EventPublisher("/nonexistent", "test"), tg)
-                await new.restore(rec)
-                await new.check_health()
+                handoff = SandboxHandoff(new)
+                await handoff.restore(rec)
+                await handoff.check_health()
                 for c in sb.containers.values():  # the old process exits: its fds close
                     for p in c.processes():
                         p.close_stdio()
-                new.go_live()
+                handoff.go_live()
                 sb = new
             status = (await sb.wait("c1", "")).status
             async with asyncio.timeout(30):

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 from keel.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shim.dirs import SandboxDir
 from shim.vmm.qemu import _cmdline, _initramfs, config, qmp
 from shim.vmm.qemu._accel import Accel
+from shim.vmm.qemu._initramfs import PORTS
 
 TCG = Accel("tcg", "test")
 
@@ -54,7 +56,7 @@ def test_kernel_cmdline_carries_agent_args() -> None:
 
 
 def _argv(cfg: config.QemuConfig, root: Path) -> list[str]:
-    return _cmdline.argv(cfg, TCG, _cmdline.SandboxFiles(root), name="s1", kernel=Path("/k"),
+    return _cmdline.argv(cfg, TCG, SandboxDir(root), name="s1", kernel=Path("/k"),
                          initrd=Path("/i"), rootfs=Path("/r"), vcpus=1, memory_mib=512,
                          cmdline="console=ttyS0")
 
@@ -81,7 +83,7 @@ def test_qemu_argv_per_machine() -> None:
     with pytest.raises(InvalidArgument, match="','"):
         _argv(config.QemuConfig(), Path("/run/a,b"))
     with pytest.raises(InvalidArgument, match="too long"):
-        _cmdline.SandboxFiles(Path("/" + "x" * 100)).check()
+        SandboxDir(Path("/" + "x" * 100)).check_sockets(PORTS)
 
 
 def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:

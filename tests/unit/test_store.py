@@ -71,12 +71,54 @@ def test_wrong_kind_is_refused(tmp_path: Path) -> None:
 
 def test_shim_state_golden_v1_loads() -> None:
     """Every shim state schema that ever shipped must stay readable."""
+    from keel.lifecycle import State
     from shim.dirs import SandboxDir
-    from shim.state import KIND, SCHEMA_VERSION, store  # noqa: F401
+    from shim.state import ShimIdentity, store
 
     for golden in sorted(GOLDEN.glob("shim-state-v*.json")):
         st = store(SandboxDir(golden.parent))
         st.path = golden
         rec = st.load()
         assert rec is not None and rec.sandbox_id == "golden-pod"
-        assert rec.containers[0]["id"] == "c1"
+        assert rec.containers[0].id == "c1"
+        init = rec.containers[0].init
+        assert (init.state, init.pid, init.offsets.stdout) == (State.RUNNING, 2, 12)
+        assert rec.containers[0].mounts[0].options[0] == "index=off"
+        assert rec.shim == ShimIdentity(pid=4241, start_time=100)
+        assert rec.vmm == {"pid": 4242, "start_time": 99}
+
+
+def _leaves(doc: object, path: str = "") -> dict[str, object]:
+    if isinstance(doc, dict):
+        return {k: v for key, val in doc.items() for k, v in _leaves(val, f"{path}/{key}").items()}
+    if isinstance(doc, list):
+        return {k: v for i, val in enumerate(doc) for k, v in _leaves(val, f"{path}/{i}").items()}
+    return {path: doc}
+
+
+def test_shim_state_written_is_readable_by_schema_1_readers() -> None:
+    """What this release writes holds every field of the v1 golden file with
+    the same value, so a release that reads only schema 1 (a rollback
+    target) resumes the sandbox; new fields are only added."""
+    from shim.state import SCHEMA_VERSION, decode, document
+
+    golden = json.loads((GOLDEN / "shim-state-v1.json").read_text())
+    assert SCHEMA_VERSION == 1
+    written = _leaves(document(decode({k: v for k, v in golden.items()
+                                       if k not in ("schema_version", "kind")})))
+    missing = {k: v for k, v in _leaves(golden).items() if written.get(k, object()) != v}
+    assert missing == {}
+
+
+def test_shim_state_of_a_bad_shape_is_corrupt(tmp_path: Path) -> None:
+    """A hand-edited state file with a wrong type is CorruptState, left in place."""
+    from shim.dirs import SandboxDir
+    from shim.state import store
+
+    golden = json.loads((GOLDEN / "shim-state-v1.json").read_text())
+    golden["containers"][0]["init"]["pid"] = {"not": "a pid"}
+    sdir = SandboxDir(tmp_path)
+    sdir.state.write_text(json.dumps(golden))
+    with pytest.raises(CorruptState, match="TypeError"):
+        store(sdir).load()
+    assert json.loads(sdir.state.read_text()) == golden

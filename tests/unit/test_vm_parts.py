@@ -13,7 +13,8 @@ import pytest
 from agent import _vmguest
 from keel.errors import InvalidArgument
 from shim import config
-from shim.sandbox import _netns_path
+from shim._prelaunch import netns_path
+from shim.dirs import SandboxDir
 from shim.vmm import _sizing
 from shim.vmm.qemu import _cmdline, _net
 from shim.vmm.qemu import config as qemu_config
@@ -104,7 +105,7 @@ def test_tap_fd_and_mac_reach_qemu(tmp_path: Path, machine: str, device: str) ->
     cfg = qemu_config.QemuConfig(machine=machine)
     kw = dict(name="s", kernel=tmp_path / "k", initrd=tmp_path / "i", rootfs=tmp_path / "r",
               vcpus=1, memory_mib=512, cmdline="quiet")
-    files = _cmdline.SandboxFiles(tmp_path)
+    files = SandboxDir(tmp_path)
     argv = _cmdline.argv(cfg, Accel("tcg", "t"), files, tap=(7, NIC.mac), **kw)  # type: ignore[arg-type]
     i = argv.index("-netdev")
     assert argv[i:i + 4] == ["-netdev", "tap,id=net0,fd=7", "-device",
@@ -120,13 +121,13 @@ def _spec(*namespaces: dict[str, str]) -> dict[str, object]:
 def test_guest_spec_drops_only_a_host_network_namespace_path() -> None:
     vm = QemuSandbox.__new__(QemuSandbox)  # guest_spec uses no state
     pod = _spec({"type": "pid"}, {"type": "network", "path": "/run/netns/pod"}, {"type": "mount"})
-    assert _netns_path(pod) == "/run/netns/pod"
+    assert netns_path(pod) == "/run/netns/pod"
     adapted = json.loads(vm.guest_spec(json.dumps(pod).encode()))
     assert adapted["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]
     assert adapted["process"] == pod["process"]
     own = json.dumps(_spec({"type": "network"}, {"type": "mount"})).encode()
     assert vm.guest_spec(own) == own  # a namespace of its own: unchanged
-    assert _netns_path(json.loads(own)) is None
+    assert netns_path(json.loads(own)) is None
 
 
 def _res(quota: int | None = None, period: int | None = None,

@@ -26,6 +26,8 @@ from typing import Any
 
 from keel import procfs
 from keel.errors import Internal, NotFound, Unavailable
+from shim.vmm._mountcmd import mount_argv
+from shim.vmm._sizing import Workload
 from shim.vmm.api import AGENT_COMMAND, Dialer, LaunchSpec, MountSpec
 
 _log = logging.getLogger("keel.shim.process")
@@ -93,17 +95,18 @@ class ProcessSandbox:
         self, container_id: str, mounts: Sequence[MountSpec], host_path: Path
     ) -> str:
         for m in mounts:
-            opts = ",".join(m.options)
-            if m.type == "bind":
-                argv = ["mount", "-o", opts or "bind", m.source, str(host_path)]
-            else:
-                argv = ["mount", "-t", m.type, *(["-o", opts] if opts else []), m.source, str(host_path)]
-            res = await self._nsenter(*argv)
+            res = await self._nsenter(*mount_argv(m, host_path))
             if res.returncode != 0:
                 raise Internal(
                     f"mount {m.type} rootfs of {container_id}: {res.stderr.decode(errors='replace').strip()}"
                 )
         return str(host_path)
+
+    def guest_spec(self, spec_json: bytes) -> bytes:
+        return spec_json  # the agent runs on the host: it sees the host's paths
+
+    async def grow_to(self, workload: Workload) -> None:
+        pass  # no VM: the containers' cgroups are the only limits
 
     async def unshare_rootfs(self, container_id: str, host_path: Path) -> None:
         if not self.alive():

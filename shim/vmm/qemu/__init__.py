@@ -9,7 +9,7 @@ ports whose host ends are unix sockets in the sandbox directory; QMP
 (``qmp.sock``) reports status, quits the VM and hotplugs vCPUs and memory
 on q35/pc.  When the pod has a network namespace, its veth is bridged to a
 tap whose fd qemu gets (``_net``).  Layout of the sandbox directory:
-``_cmdline.SandboxFiles``.
+``SandboxDir``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from typing import Any
 from keel import procfs
 from keel.errors import FailedPrecondition, NotFound, Unavailable
 from keel.logs import tail
+from shim.dirs import SandboxDir
 from shim.vmm.api import LaunchSpec
 from shim.vmm.qemu import _accel, _cmdline, _mounts, _net, _template
+from shim.vmm.qemu._initramfs import PORTS
 from shim.vmm.qemu._sandbox import QemuSandbox
 from shim.vmm.qemu.config import QemuConfig, load
 from upgrade.aio import wait_readable
@@ -87,8 +89,8 @@ class QemuBackend:
         nothing of the attempt is left in the sandbox directory.
         """
         cfg = self.config
-        files = _cmdline.SandboxFiles(spec.root)
-        files.check()
+        files = SandboxDir(spec.root)
+        files.check_sockets(PORTS)
         image_id, kernel, initrd, rootfs = self._image()
         qemu = shutil.which(cfg.qemu)
         if qemu is None:
@@ -127,7 +129,7 @@ class QemuBackend:
             if nic is not None:
                 await asyncio.to_thread(_net.teardown, nic.netns, nic.veth)
             if isinstance(exc, ProcessLookupError):
-                raise Unavailable(f"qemu exited at once; console: {tail(files.console, 1500)}") from None
+                raise Unavailable(f"qemu exited at once; console: {tail(files.agent_log, 1500)}") from None
             raise
         finally:
             if nic is not None:
@@ -139,7 +141,7 @@ class QemuBackend:
                  pid, cfg.machine, accel.name, vcpus, memory, image_id, accel.reason)
         return QemuSandbox(files, pid, pidfd, info)
 
-    async def _launch_clone(self, spec: LaunchSpec, files: _cmdline.SandboxFiles, qemu: str,
+    async def _launch_clone(self, spec: LaunchSpec, files: SandboxDir, qemu: str,
                             accel: _accel.Accel, image: tuple[str, Path, Path, Path], vcpus: int,
                             memory: int) -> tuple[int, int, str]:
         """Start the VM by restoring its template (built now if missing): (pid, pidfd, key).
@@ -150,7 +152,7 @@ class QemuBackend:
         image_id, kernel, initrd, rootfs = image
         cmdline = _cmdline.kernel_cmdline(cfg, accel, (), template=True)
 
-        def argv_for(f: _cmdline.SandboxFiles, ram: Path, clone: bool) -> list[str]:
+        def argv_for(f: SandboxDir, ram: Path, clone: bool) -> list[str]:
             return _cmdline.argv(cfg, accel, f, name=spec.sandbox_id[:32] if clone else "template",
                                  kernel=kernel, initrd=initrd, rootfs=rootfs, vcpus=vcpus,
                                  memory_mib=memory, cmdline=cmdline, memory=(ram, not clone),
@@ -204,22 +206,22 @@ class QemuBackend:
             return None, -1
 
     @staticmethod
-    def _prepare(files: _cmdline.SandboxFiles) -> None:
+    def _prepare(files: SandboxDir) -> None:
         files.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         if files.shared.exists():
             _mounts.unshare_all(files.shared, files.rootfs_marks)  # left by a crashed sandbox
         files.shared.mkdir(mode=0o700)
         _mounts.seal_share(files.shared)
-        for path in (*files.sockets(), files.pidfile):
+        for path in (*files.sockets(PORTS), files.pidfile):
             path.unlink(missing_ok=True)
 
     @staticmethod
-    def _discard(files: _cmdline.SandboxFiles) -> None:
+    def _discard(files: SandboxDir) -> None:
         _mounts.unshare_all(files.shared, files.rootfs_marks)
-        for path in (*files.sockets(), files.pidfile, files.console, files.vmm_log):
+        for path in (*files.sockets(PORTS), files.pidfile, files.agent_log, files.vmm_log):
             path.unlink(missing_ok=True)
 
-    async def _start(self, argv: list[str], files: _cmdline.SandboxFiles,
+    async def _start(self, argv: list[str], files: SandboxDir,
                      pass_fds: tuple[int, ...] = ()) -> int:
         """Run qemu -daemonize; its parent exits once the VM is set up.  Returns the VM's pid."""
         log_fd = os.open(files.vmm_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -248,7 +250,7 @@ class QemuBackend:
                           f"{exc}; {tail(files.vmm_log, 1500)}") from exc
 
     @staticmethod
-    def _kill_daemon(files: _cmdline.SandboxFiles) -> None:
+    def _kill_daemon(files: SandboxDir) -> None:
         """Kill the daemonized qemu of this attempt, if it got that far (checked by pid file)."""
         with contextlib.suppress(OSError, ValueError):
             pid = int(files.pidfile.read_text().strip())
@@ -267,7 +269,7 @@ class QemuBackend:
         except (ProcessLookupError, FileNotFoundError):
             raise NotFound(f"sandbox {spec.sandbox_id}: VM pid {pid} is gone") from None
         info = {k: v for k, v in record.items() if k not in ("pid", "start_time", "shim")}
-        return QemuSandbox(_cmdline.SandboxFiles(spec.root), pid, pidfd, info)
+        return QemuSandbox(SandboxDir(spec.root), pid, pidfd, info)
 
     def close_fds(self, sandbox: Any) -> None:
         sandbox.close()

@@ -14,68 +14,19 @@ once every socket exists, or with an error.
 from __future__ import annotations
 
 import base64
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 from keel.errors import InvalidArgument
+from shim.dirs import SandboxDir
 from shim.vmm.qemu._accel import Accel, tsc_khz
 from shim.vmm.qemu._initramfs import PORTS, ROOT_TAG, SHARE_TAG
 from shim.vmm.qemu.config import QemuConfig
 
-#: sun_path holds 108 bytes including the terminating NUL.
-_SUN_PATH_MAX = 107
 #: x86 COMMAND_LINE_SIZE.
 _KERNEL_CMDLINE_MAX = 2047
 #: The RAM block of a file-backed guest: a clone's must be named as its template's.
 _RAM_ID = "keel-ram"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SandboxFiles:
-    """Every path the qemu backend uses in a sandbox directory (``LaunchSpec.root``)."""
-
-    root: Path
-
-    @property
-    def qmp(self) -> Path:
-        return self.root / "qmp.sock"
-
-    def channel(self, name: str) -> Path:
-        """Host end (qemu chardev socket) of the virtio-serial port of channel *name*."""
-        return self.root / f"{name}.chan"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.root / "vmm.pid"
-
-    @property
-    def console(self) -> Path:
-        """The guest's serial console: kernel messages and the agent's log."""
-        return self.root / "agent.log"
-
-    @property
-    def vmm_log(self) -> Path:
-        """qemu's own stderr."""
-        return self.root / "vmm.log"
-
-    @property
-    def shared(self) -> Path:
-        """The per-sandbox read-write 9p share (guest: /run/keel/shared)."""
-        return self.root / "shared"
-
-    @property
-    def rootfs_marks(self) -> Path:
-        """Host-only records of the rootfs mounts ``share_rootfs`` made (never shared)."""
-        return self.root / "rootfs-mounts"
-
-    def sockets(self) -> list[Path]:
-        return [self.qmp, *(self.channel(name) for name in PORTS)]
-
-    def check(self) -> None:
-        for sock in self.sockets():
-            if len(str(sock).encode()) > _SUN_PATH_MAX:
-                raise InvalidArgument(f"sandbox path too long for a unix socket: {sock}")
 
 
 def _memory_backend(memory: tuple[Path, bool] | None) -> str:
@@ -121,7 +72,7 @@ def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str],
     return line
 
 
-def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, kernel: Path,
+def argv(config: QemuConfig, accel: Accel, files: SandboxDir, *, name: str, kernel: Path,
          initrd: Path, rootfs: Path, vcpus: int, memory_mib: int, cmdline: str,
          tap: tuple[int, str] | None = None, memory: tuple[Path, bool] | None = None,
          incoming: bool = False) -> list[str]:
@@ -147,7 +98,7 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxFiles, *, name: str, ke
         config.qemu, *machine, *accel.qemu_args(config.tcg_tb_mib), "-smp", smp, "-m", mem,
         "-name", f"keel-{name}", "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot", "-daemonize", "-pidfile", str(files.pidfile),
-        "-chardev", f"file,id=console,path={files.console},append=on", "-serial", "chardev:console",
+        "-chardev", f"file,id=console,path={files.agent_log},append=on", "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={files.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,

@@ -21,12 +21,12 @@ from typing import Any
 
 from keel import procfs
 from keel.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable, Unimplemented
+from shim.dirs import SandboxDir
 from shim.vmm._dialers import ExclusiveDialer, unix_dialer
 from shim.vmm._sizing import Workload
 from shim.vmm.api import Dialer, MountSpec
 from shim.vmm.qemu import _mounts, _net
 from shim.vmm.qemu import qmp as _qmp
-from shim.vmm.qemu._cmdline import SandboxFiles
 from shim.vmm.qemu._initramfs import GUEST_SHARED, PORTS
 from upgrade.aio import wait_readable
 
@@ -41,7 +41,7 @@ class QemuSandbox:
     :meth:`close`.
     """
 
-    def __init__(self, files: SandboxFiles, pid: int, pidfd: int, info: dict[str, Any]) -> None:
+    def __init__(self, files: SandboxDir, pid: int, pidfd: int, info: dict[str, Any]) -> None:
         self.files = files
         self._pid = pid
         self._pidfd = pidfd
@@ -216,7 +216,7 @@ class QemuSandbox:
         if net := self.info.get("network"):
             _net.teardown(net["netns"], net["veth"])
         _mounts.unshare_all(self.files.shared, self.files.rootfs_marks)
-        for path in (*self.files.sockets(), self.files.pidfile):
+        for path in (*self.files.sockets(PORTS), self.files.pidfile):
             path.unlink(missing_ok=True)
 
     def close(self) -> None:

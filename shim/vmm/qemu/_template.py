@@ -59,8 +59,9 @@ from typing import Any
 
 from keel.errors import Internal, Unavailable
 from keel.logs import tail
+from shim.dirs import SandboxDir
 from shim.vmm.qemu import qmp as _qmp
-from shim.vmm.qemu._cmdline import SandboxFiles, shell_word
+from shim.vmm.qemu._cmdline import shell_word
 
 log = logging.getLogger("keel.shim.qemu.template")
 
@@ -70,11 +71,11 @@ FORMAT = 2
 _HOSTNAME_MAX = 64
 
 #: (files, guest RAM file, clone?) -> qemu argv.
-ArgvFor = Callable[[SandboxFiles, Path, bool], list[str]]
+ArgvFor = Callable[[SandboxDir, Path, bool], list[str]]
 #: The migration capability that leaves shared (file-backed) RAM out of the stream.
 _IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 #: (argv, files) -> pid of the daemonized qemu.
-Starter = Callable[[list[str], SandboxFiles], Awaitable[int]]
+Starter = Callable[[list[str], SandboxDir], Awaitable[int]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -160,7 +161,7 @@ async def _build(tpl: Template, shape: Mapping[str, Any], argv_for: ArgvFor, sta
                  timeout: float) -> None:
     scratch = tpl.dir.with_name(f".build-{tpl.key}")
     await asyncio.to_thread(_clear, scratch, tpl.dir)
-    files = SandboxFiles(scratch)
+    files = SandboxDir(scratch)
     scratch.mkdir(mode=0o700)
     files.shared.mkdir(mode=0o700)  # the template never mounts it
     pid = 0
@@ -172,7 +173,7 @@ async def _build(tpl: Template, shape: Mapping[str, Any], argv_for: ArgvFor, sta
                 line = await reader.readline()
                 if line.strip() != b"ready":
                     raise Internal(f"template VM said {line[:80]!r}, not ready; console: "
-                                   f"{tail(files.console, 6000)}")
+                                   f"{tail(files.agent_log, 6000)}")
                 # Stay connected until it is stopped: with the host end gone, the
                 # guest's read would return EOF.
                 await _snapshot(files, scratch / "snapshot")
@@ -185,19 +186,19 @@ async def _build(tpl: Template, shape: Mapping[str, Any], argv_for: ArgvFor, sta
         await asyncio.to_thread(_finish, files, tpl.dir)
     except TimeoutError:
         raise Unavailable(f"template VM not snapshotted within {timeout}s; console: "
-                          f"{tail(files.console, 6000)}") from None
+                          f"{tail(files.agent_log, 6000)}") from None
     finally:
         if pid:
             _kill(pid)
         await asyncio.to_thread(shutil.rmtree, scratch, True)
 
 
-async def _open_ops(files: SandboxFiles) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open_ops(files: SandboxDir) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to the ops channel's socket (qemu creates it before it daemonizes)."""
     return await asyncio.open_unix_connection(str(files.channel("ops")))
 
 
-async def _snapshot(files: SandboxFiles, dest: Path) -> None:
+async def _snapshot(files: SandboxDir, dest: Path) -> None:
     async with _qmp.QmpClient.connect(str(files.qmp)) as client:
         await client.execute("stop")
         await client.execute("migrate-set-capabilities", _IGNORE_SHARED)
@@ -223,7 +224,7 @@ def _clear(scratch: Path, final: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _finish(files: SandboxFiles, final: Path) -> None:
+def _finish(files: SandboxDir, final: Path) -> None:
     keep = files.root.with_name(files.root.name + ".done")
     keep.mkdir(mode=0o700)
     for name in ("snapshot", "memory", "template.json"):
@@ -269,7 +270,7 @@ def go_line(sandbox_id: str, agent_args: Sequence[str]) -> bytes:
     return (" ".join(words) + "\n").encode()
 
 
-async def resume(files: SandboxFiles, tpl: Template, sandbox_id: str, agent_args: Sequence[str],
+async def resume(files: SandboxDir, tpl: Template, sandbox_id: str, agent_args: Sequence[str],
                  timeout: float) -> None:
     """Bring a clone started with ``-incoming defer`` up: load the state, ``cont``, ``go``.
 

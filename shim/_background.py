@@ -1,0 +1,30 @@
+"""Background jobs of a sandbox: pumps and exit watchers in its TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+log = logging.getLogger("keel.shim")
+
+
+async def guarded(job: Coroutine[Any, Any, None], what: str) -> None:
+    """Run *job*; log its failure instead of tearing the shim's TaskGroup down.
+
+    One process's broken stream must not end the shim's other duties
+    (the other containers, the ttrpc server); cancellation passes through.
+    """
+    try:
+        await job
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.error("%s failed: %s", what, exc)
+
+
+def spawn(tasks: asyncio.TaskGroup, job: Coroutine[Any, Any, None], what: str,
+          name: str) -> asyncio.Task[None]:
+    """``guarded(job)`` as a task of *tasks* named *name*."""
+    return tasks.create_task(guarded(job, what), name=name)

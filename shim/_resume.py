@@ -1,0 +1,126 @@
+"""A sandbox's side of a live shim handoff: freeze, thaw, restore, go live.
+
+The old shim freezes (pumps stopped at chunk boundaries, exit watchers
+stopped, agent channel released, state persisted) and either exits after
+the new shim's READY or thaws.  The new shim restores from the record,
+checks the agent's health, claims the state file and goes live (pumps and
+watchers resume at the recorded offsets).  The daemon drives these steps
+(``shim._daemon``, ``shim._handoff``); the wire protocol is in
+``upgrade/PROTOCOL.md``.
+
+Stdio is not passed as descriptors: the new shim reopens containerd's
+fifos by path (a fifo opened O_RDWR never sees EOF from a missing peer,
+and the byte offsets, not the open file, carry the stream's position),
+so reopening loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from agent.api import pb
+from keel.errors import FailedPrecondition
+from keel.lifecycle import State
+from shim import _pumps
+from shim._pumps import Endpoints
+from shim.state import SandboxRecord
+
+if TYPE_CHECKING:
+    from shim._process import Process
+    from shim.sandbox import Sandbox
+
+log = logging.getLogger("keel.shim")
+
+
+class SandboxHandoff:
+    """Freeze/thaw (old shim) and restore/go-live (new shim) of one sandbox."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    async def freeze(self) -> SandboxRecord:
+        """Stop every pump and exit watcher, let go of the agent channel,
+        persist; returns the record a new shim resumes from.
+
+        Holds the sandbox lock until ``thaw`` or exit: between them nothing
+        is sent to containerd and nothing is read from the agent.
+        """
+        sb = self._sb
+        await sb.lock.acquire()
+        try:
+            for c in sb.containers.values():
+                for p in c.processes():
+                    await _pumps.stop(p)
+                    await sb.exits.unwatch(p)
+            sb.unwatch_sandbox()
+            if sb.agent is not None:
+                sb.agent.close()  # virtio-serial allows one client: release the port
+            return sb.persist()
+        except BaseException:
+            self.thaw()  # a freeze that cannot finish leaves the sandbox serving
+            raise
+
+    def claim(self) -> None:
+        """Record this shim as the sandbox's owner in the state file.
+
+        The new shim claims before READY, so that once the old one has
+        committed, a crash of the new one is seen as a dead owner by
+        containerd's ``delete`` (the old one may linger a moment); ``thaw``
+        claims back after a failed handoff.
+        """
+        self._sb.persist()
+
+    def thaw(self) -> None:
+        """Undo ``freeze`` after a failed handoff: resume where we stopped."""
+        sb = self._sb
+        try:
+            self.claim()
+        except OSError as exc:  # the pumps' offsets are in memory: serve on regardless
+            log.error("cannot persist state while thawing: %s", exc)
+        try:
+            for c in sb.containers.values():
+                for p in c.processes():
+                    p.resume_from = p.offsets()
+                    self._resume(p, Endpoints.take_from(p))
+            if sb.vm is not None:
+                sb.watch_sandbox()
+        finally:
+            sb.lock.release()
+
+    async def restore(self, rec: SandboxRecord) -> None:
+        """Re-attach to the running sandbox of *rec* (new shim side).
+
+        Pumps and watchers start only in ``go_live()``, after the old shim
+        let go.  Raises NotFound when the sandbox is gone.
+        """
+        self._sb.adopt(rec)
+
+    async def check_health(self) -> None:
+        """The agent answers and holds every container we know of."""
+        sb = self._sb
+        assert sb.agent is not None and sb.vm is not None
+        await sb.agent.wait_ready(sb.config.agent_timeout_s, sb.vm.alive)
+        state = await sb.agent.call(sb.agent.stub.get_state, pb.Empty())
+        known = {c.container_id for c in state.containers}
+        missing = sorted(set(sb.containers) - known)
+        if missing:
+            raise FailedPrecondition(f"agent does not know containers {', '.join(missing)}")
+
+    def go_live(self) -> None:
+        """Start pumps, watchers and the sandbox watch (new shim, after commit)."""
+        sb = self._sb
+        for c in sb.containers.values():
+            for p in c.processes():
+                self._resume(p, Endpoints.reopen(p.stdio, p.resume_from))
+        sb.watch_sandbox()
+        sb.persist()
+
+    def _resume(self, p: Process, ends: Endpoints) -> None:
+        sb = self._sb
+        assert sb.agent is not None
+        _pumps.start(p, sb.agent, ends, sb.tasks)
+        if p.state in (State.RUNNING, State.PAUSED):
+            sb.exits.watch(p, sb.agent)
+        elif p.exit is not None and not p.exit_published:
+            sb.exits.record(p, p.exit, again=True)
