@@ -4,7 +4,7 @@
 # `current` pointer, the shim on containerd's PATH, containerd itself
 # (configured with the keel runtime) and, with --demo, run a demo pod.
 #
-#   sudo deploy/install.sh [--demo] [--releases DIR] [--no-containerd]
+#   deploy/install.sh [--demo] [--releases DIR] [--no-containerd]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)

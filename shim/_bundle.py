@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from keel import ids
-from keel.errors import InvalidArgument
+from keel.errors import InvalidArgument, NotFound
 
 #: Annotations that put a container into an existing sandbox, first wins.
 GROUP_ANNOTATIONS = ("io.kubernetes.cri.sandbox-id", "io.containerd.runc.v2.group")
@@ -30,6 +31,21 @@ def sandbox_id(bundle: Path, task_id: str) -> str:
                 raise InvalidArgument(f"annotation {key}={value!r} is not a valid sandbox id")
             return str(value)
     return task_id
+
+
+def read_spec(bundle: Path) -> tuple[bytes, dict[str, Any]]:
+    """The bundle's OCI spec, raw and parsed; NotFound or InvalidArgument."""
+    path = bundle / "config.json"
+    try:
+        raw = path.read_bytes()
+        spec = json.loads(raw)
+    except FileNotFoundError:
+        raise NotFound(f"{path} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{path}: not a valid OCI spec: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f"{path}: not a valid OCI spec: not a JSON object")
+    return raw, spec
 
 
 def socket_path(state_root: Path, address: str, namespace: str, sandbox: str) -> Path:

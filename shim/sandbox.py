@@ -15,7 +15,6 @@ handed what it needs:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -27,7 +26,6 @@ from keel import clock, procfs
 from keel.errors import (
     AlreadyExists,
     FailedPrecondition,
-    InvalidArgument,
     KeelError,
     NotFound,
     Unavailable,
@@ -36,6 +34,7 @@ from keel.lifecycle import State
 from keel.logs import tail
 from shim import _pumps, events_pb, version
 from shim._agentconn import AgentConnection
+from shim._bundle import read_spec
 from shim._events import EventPublisher
 from shim._exits import Exits
 from shim._prelaunch import Prelaunch, launch_spec
@@ -187,7 +186,7 @@ class Sandbox:
         async with self.lock:
             if cid in self.containers:
                 raise AlreadyExists(f"container {cid} already exists")
-            spec_json, spec = _read_spec(Path(bundle))
+            spec_json, spec = read_spec(Path(bundle))
             if stdio.terminal:
                 stdio = Stdio(stdio.stdin, stdio.stdout, "", True)  # stderr is unused with a tty
             ends = Endpoints.open(stdio)
@@ -359,7 +358,7 @@ class Sandbox:
         assert self.vm is not None
         # The sandbox grows first (a VM hotplugs vCPUs and memory), so the new
         # limits have room; sized by this container's resources alone.
-        await self.vm.grow_to(_sizing.workload([{"linux": {"resources": _object(resources_json)}}]))
+        await self.vm.grow_to(_sizing.of_update(resources_json))
         await agent.call(agent.stub.update_container, pb.UpdateContainerRequest(
             container_id=cid, resources_json=resources_json))
 
@@ -376,30 +375,6 @@ class Sandbox:
         agent = self._live_agent()
         resp = await agent.call(agent.stub.list_processes, pb.ContainerRequest(container_id=cid))
         return list(resp.processes)
-
-
-def _read_spec(bundle: Path) -> tuple[bytes, dict[str, Any]]:
-    """The bundle's OCI spec, raw and parsed; NotFound or InvalidArgument."""
-    path = bundle / "config.json"
-    try:
-        raw = path.read_bytes()
-        spec = json.loads(raw)
-    except FileNotFoundError:
-        raise NotFound(f"{path} does not exist") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{path}: not a valid OCI spec: {exc}") from exc
-    if not isinstance(spec, dict):
-        raise InvalidArgument(f"{path}: not a valid OCI spec: not a JSON object")
-    return raw, spec
-
-
-def _object(raw: bytes) -> dict[str, Any]:
-    """A JSON object from *raw*, or {} for anything else (sizing is best effort)."""
-    try:
-        doc = json.loads(raw or b"{}")
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def _pb_mount(m: MountSpec) -> Any:

@@ -9,6 +9,7 @@ without limits gets the base and a limited one gets room for its limit.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -37,3 +38,16 @@ def workload(specs: Iterable[Mapping[str, Any]]) -> Workload:
         if isinstance(limit, int) and limit > 0:
             mem += limit >> 20
     return Workload(vcpus=math.ceil(round(cpus, 6)), memory_mib=mem)
+
+
+def of_update(resources_json: bytes) -> Workload:
+    """The size an Update's ``LinuxResources`` document asks for; a document
+    that does not parse as an object asks for nothing (sizing is best effort:
+    the agent reports the update's own errors)."""
+    try:
+        resources = json.loads(resources_json or b"{}")
+    except ValueError:
+        return Workload()
+    if not isinstance(resources, dict):
+        return Workload()
+    return workload([{"linux": {"resources": resources}}])
