@@ -22,7 +22,12 @@ class PeerCred:
 
 
 def of(sock: socket.socket) -> PeerCred:
-    """The peer's credentials.  Raises OSError if *sock* has none (not AF_UNIX)."""
+    """The peer's credentials.  Raises OSError for a closed socket.
+
+    Linux answers an unconnected or non-unix socket with pid 0, uid and
+    gid -1 rather than an error: :func:`of_or_none` maps that to None, and
+    a caller that compares uids refuses it (no real uid is -1).
+    """
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCred(*_UCRED.unpack(raw))
 
@@ -30,6 +35,7 @@ def of(sock: socket.socket) -> PeerCred:
 def of_or_none(sock: socket.socket) -> PeerCred | None:
     """As :func:`of`, None where the socket has no peer credentials."""
     try:
-        return of(sock)
+        cred = of(sock)
     except OSError:
         return None
+    return None if cred.uid == -1 else cred

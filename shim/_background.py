@@ -24,6 +24,25 @@ async def guarded(job: Coroutine[Any, Any, None], what: str) -> None:
         log.error("%s failed: %s", what, exc)
 
 
+async def finish(task: asyncio.Task[None] | None, *, cancel: bool = True) -> None:
+    """Wait for *task* to end, cancelling it first if *cancel*.
+
+    Its own cancellation and failure (logged by :func:`guarded`) end the
+    wait; a cancellation of the caller itself propagates.
+    """
+    if task is None or task.done():
+        return
+    if cancel:
+        task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise  # we were cancelled ourselves
+    except Exception:
+        pass
+
+
 def spawn(tasks: asyncio.TaskGroup, job: Coroutine[Any, Any, None], what: str,
           name: str) -> asyncio.Task[None]:
     """``guarded(job)`` as a task of *tasks* named *name*."""

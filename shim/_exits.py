@@ -19,7 +19,7 @@ from keel import clock
 from keel.lifecycle import State
 from shim import events_pb
 from shim._agentconn import AgentConnection
-from shim._background import spawn
+from shim._background import finish, spawn
 from shim._events import EventPublisher
 from shim._process import Process, exit_now
 from shim.state import Exit
@@ -53,14 +53,7 @@ class Exits:
     async def unwatch(self, p: Process) -> None:
         """Stop *p*'s exit watcher, if any; the agent keeps the status."""
         watcher, p.watcher = p.watcher, None
-        if watcher is None:
-            return
-        watcher.cancel()
-        try:
-            await watcher
-        except asyncio.CancelledError:
-            if not watcher.cancelled():
-                raise  # we were cancelled ourselves
+        await finish(watcher)
 
     async def _wait(self, p: Process, agent: AgentConnection) -> None:
         req = pb.WaitProcessRequest(container_id=p.cid, exec_id=p.eid)

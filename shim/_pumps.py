@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from agent.api import pb
 from keel.lifecycle import State
 from shim._agentconn import AgentConnection
-from shim._background import spawn
+from shim._background import finish, spawn
 from shim._stdio import Sink, Source
 from shim.state import Offsets, Stdio
 
@@ -49,18 +49,7 @@ class _Pump:
     async def stop(self) -> None:
         """Stop at a chunk boundary; the offset is final afterwards."""
         self._stopping = True
-        task = self.task
-        if task is None or task.done():
-            return
-        if not self._busy:
-            task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not task.cancelled():
-                raise  # we were cancelled ourselves
-        except Exception:
-            pass  # the pump's own failure was logged by its guard
+        await finish(self.task, cancel=not self._busy)
 
 
 class OutputPump(_Pump):

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from keel.errors import InvalidArgument
 
@@ -68,20 +69,28 @@ class ShimConfig:
             object.__setattr__(self, "agent_timeout_s", AGENT_TIMEOUT_S[self.backend])
 
 
-def load(path: str | Path | None = None) -> ShimConfig:
-    """Load and validate the configuration; raise InvalidArgument on errors."""
+def read_file(path: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """The config file (*path*, ``$KEEL_CONFIG`` or the default) and its
+    tables, unchecked; no tables when the default file is missing.  Raises
+    InvalidArgument when a named file is missing or the file is not TOML.
+    Every component's ``load`` reads the file through this."""
     explicit = path or os.environ.get("KEEL_CONFIG")
     file = Path(explicit) if explicit else DEFAULT_PATH
-    values: dict[str, object] = {}
     try:
         with file.open("rb") as f:
-            raw = tomllib.load(f)
+            return file, tomllib.load(f)
     except FileNotFoundError:
         if explicit:
             raise InvalidArgument(f"config file {file} does not exist") from None
-        raw = {}
+        return file, {}
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"config file {file}: {exc}") from exc
+
+
+def load(path: str | Path | None = None) -> ShimConfig:
+    """Load and validate the configuration; raise InvalidArgument on errors."""
+    file, raw = read_file(path)
+    values: dict[str, object] = {}
     if "shim" in raw:
         section = raw["shim"]
     else:

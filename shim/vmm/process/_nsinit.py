@@ -7,8 +7,8 @@ stdout before exiting, so the agent is owned by no shim: it outlives shim
 handoffs, and the shim watches it through a pidfd.
 
 Kept free of heavy imports: it runs on every sandbox start that the
-launcher (shim/_launcher.py) does not serve; the launcher calls
-:func:`enter_namespaces` and :func:`become_init` itself.
+launcher (shim/_launcher.py) does not serve; a launcher fork calls
+:func:`enter_namespaces` and :func:`become_init` itself (shim/_launcher_child.py).
 """
 
 from __future__ import annotations

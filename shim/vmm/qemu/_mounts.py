@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keel.errors import Internal
+from shim.vmm._mountcmd import mount_argv
 from shim.vmm.api import MountSpec
 
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x2, 0x4, 0x8, 0x20
@@ -138,12 +139,8 @@ def mount_rootfs(marks: Path, cid: str, mounts: Sequence[MountSpec], host_path: 
     """Record *cid*, then mount containerd's *mounts* on *host_path* (host mount namespace)."""
     _record(marks, cid).write_text(json.dumps({"host_path": str(host_path), "mounted": bool(mounts)}))
     for m in mounts:
-        opts = ",".join(m.options)
-        if m.type == "bind":
-            argv = ["mount", "-o", opts or "bind", m.source, str(host_path)]
-        else:
-            argv = ["mount", "-t", m.type, *(["-o", opts] if opts else []), m.source, str(host_path)]
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        res = subprocess.run(mount_argv(m, host_path), capture_output=True, text=True, timeout=30,
+                             check=False)
         if res.returncode != 0:
             raise Internal(f"mount {m.type} rootfs of {cid}: {res.stderr.strip()}")
 

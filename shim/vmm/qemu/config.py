@@ -18,17 +18,15 @@ config gives floors and a pod's request can raise them.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from keel.errors import InvalidArgument
+from shim.config import read_file
 
 MACHINES = ("microvm", "q35", "pc")
 ACCELS = ("auto", "kvm", "tcg")
-DEFAULT_PATH = Path("/etc/keel/config.toml")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,17 +143,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def load(path: Path | None = None) -> QemuConfig:
     """The ``[qemu]`` table of *path*, ``$KEEL_CONFIG`` or the default file; defaults if absent."""
-    explicit = path or os.environ.get("KEEL_CONFIG")
-    file = Path(explicit) if explicit else DEFAULT_PATH
-    try:
-        with file.open("rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        if explicit:
-            raise InvalidArgument(f"config file {file} does not exist") from None
-        return QemuConfig()
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidArgument(f"config file {file}: {exc}") from exc
+    file, raw = read_file(path)
     table = raw.get("qemu", {})
     if not isinstance(table, dict):
         raise InvalidArgument(f"config file {file}: [qemu] must be a table")
