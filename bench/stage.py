@@ -1,6 +1,6 @@
 """The stage every benchmark runs on: a private containerd with busybox and the Keel shim.
 
-`Stage` wraps tests/containerd.py's `Containerd` in a temp root of its own
+`Stage` wraps tests/containerd's `Containerd` in a temp root of its own
 (`/tmp/keel-bench-*`), imports the busybox image built from the host's
 busybox-static, and puts a `containerd-shim-keel-v2` wrapper (this
 interpreter's `-m shim`, this checkout on PYTHONPATH) first on its PATH.

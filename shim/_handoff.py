@@ -82,6 +82,12 @@ def _encode_conn(frozen: Any, index: int) -> dict[str, Any]:
     }
 
 
+def release_env() -> dict[str, str]:
+    """This shim's environment without what would make another release's
+    interpreter import *this* release's code (a release runs its own)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
 async def hand_off(daemon: Any, shim_path: str) -> Result:
     """Old side.  Raises (and keeps serving) if anything fails before commit."""
     if not os.access(shim_path, os.X_OK):
@@ -103,7 +109,7 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
     # child watcher may own it; fork+exec does not block the loop for long.
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
                              stderr=errors, pass_fds=(theirs.fileno(),),
-                             process_group=0)
+                             process_group=0, env=release_env())
     theirs.close()
     ch = HandoffChannel(mine)
     frozen = None

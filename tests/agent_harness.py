@@ -23,12 +23,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from agent.api import API_VERSION, ops_pb, pb
+from tests.prereq import skip_or_fail
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -48,9 +48,7 @@ def require_root_and_runc() -> str:
     elif not os.path.exists(BUSYBOX):
         reason = "busybox is not installed (apt-get install busybox-static)"
     if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"agent integration tests cannot run: {reason} (CI=true: refusing to skip)")
-        pytest.skip(f"SKIPPED (environment): {reason}")
+        skip_or_fail(reason, what="agent")
     assert runc is not None
     return runc
 
@@ -272,7 +270,7 @@ def make_release(root: Path, name: str, version: str, *, copy_code: bool = False
     meta.mkdir(parents=True)
     (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: keel\nVersion: {version}\n")
     if copy_code:
-        for pkg in ("agent", "upgrade"):
+        for pkg in ("keel", "agent", "upgrade"):
             shutil.copytree(REPO / pkg, rel / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     for module, code in (patches or {}).items():
         with open(rel / module, "a") as f:

@@ -9,7 +9,9 @@
 When a prerequisite is missing the test is skipped with the reason in the
 skip message (shown by `-ra`).  With `CI=true` (or `1`/`yes`) it fails
 instead: in CI the environment is part of what is being tested, so a test
-must never pass by not running.
+must never pass by not running.  That policy lives in one place,
+`tests.prereq.skip_or_fail`; anything that finds a prerequisite missing
+outside these markers calls it directly.
 """
 
 from __future__ import annotations
@@ -22,11 +24,7 @@ import pytest
 
 from tests.containerd import missing_prerequisites
 from tests.images.busybox import BUSYBOX_PATH
-
-
-def in_ci() -> bool:
-    """Whether missing prerequisites must fail rather than skip (env CI=true)."""
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+from tests.prereq import skip_or_fail
 
 
 def _root() -> list[str]:
@@ -49,14 +47,8 @@ _CHECKS: dict[str, Callable[[], list[str]]] = {
 
 def require(marker: str) -> None:
     """Skip (or, in CI, fail) the current test/fixture if `marker`'s prerequisites are missing."""
-    reasons = _CHECKS[marker]()
-    if not reasons:
-        return
-    what = "; ".join(reasons)
-    if in_ci():
-        pytest.fail(f"[{marker}] prerequisites missing in CI (CI=true, refusing to skip): {what}",
-                    pytrace=False)
-    pytest.skip(f"SKIPPED (environment) [{marker}]: {what}")
+    if reasons := _CHECKS[marker]():
+        skip_or_fail("; ".join(reasons), what=marker)
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,24 @@
-"""Stand-ins and drivers for the opsd integration tests (tests/integration/test_opsd.py).
+"""Drivers for the opsd tests, and stand-in sandboxes for the ones that use them.
 
 - :class:`Fleet`: sandboxes' ops.sock endpoints served by real grpclib
   servers (ShimOpsBase) on a private event loop thread; each stand-in keeps
-  shim/agent versions and containers, and can block, fail or lose a
+  what a shim would report (shim and agent versions, the shim's pid, the
+  release paths it runs from, containers) and can block, fail or lose a
   container on upgrade.  An edge fake: opsd cannot tell it from a shim.
+  Used by tests/unit/test_opsd_standin.py; tests/integration/test_opsd_real.py
+  drives real shims instead.
 - :class:`Notify`: a systemd-style notify socket (SOCK_DGRAM, SO_PASSCRED).
 - :class:`Opsd`: the real opsd as a subprocess (log in ``<base>/opsd.log``).
-- :func:`opsctl`: the real opsctl as a subprocess, optionally as nobody.
+- :func:`opsctl`: the real opsctl as a subprocess, optionally as nobody;
+  :func:`sandboxes` and :func:`plan` read ``ls --json`` and
+  ``upgrade status --json``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
 import signal
 import socket
@@ -45,7 +52,15 @@ def make_releases(root: Path, *versions: str, shim_schema: int = 1) -> None:
         manifest_store(root / v).save(Manifest(v, time.time(), "test", shim_schema, 1))
 
 
+#: Fake shim pids: a shim upgrade starts a new shim, which has a new pid.
+_PIDS = itertools.count(1_000_000)
+
+
 class StandIn(ops_pb.ShimOpsBase):
+    """One sandbox as its shim reports it.  A shim upgrade gives it a new
+    shim pid (a new process serves), an agent upgrade keeps the pid (the
+    agent execs in place); ``shim_path``/``agent_path`` are what it runs now."""
+
     def __init__(self, sid: str, *, shim: str = "0.1.0", agent: str = "0.1.0",
                  containers: dict[str, str] | None = None, schema: int = 1, block: bool = False,
                  lose_container_on_agent: str = "", fail_agent: str = "", accel: str = "") -> None:
@@ -53,17 +68,21 @@ class StandIn(ops_pb.ShimOpsBase):
         self.accel = accel
         self.containers = dict(containers or {"c1": "running"})
         self.block, self.lose, self.fail_agent = block, lose_container_on_agent, fail_agent
-        self.calls: list[tuple[str, str]] = []
-        self.paths: list[str] = []
+        self.shim_pid = next(_PIDS)
+        self.shim_path = self.agent_path = ""
         self.entered = threading.Event()
         self.unblocked = asyncio.Event()
 
     def versions(self) -> tuple[str, str]:
         return self.shim, self.agent
 
+    def snapshot(self) -> tuple[str, str, int, dict[str, str]]:
+        """Versions, shim pid and containers: unchanged means nothing touched it."""
+        return self.shim, self.agent, self.shim_pid, dict(self.containers)
+
     async def status(self, status_request: ops_pb.StatusRequest) -> ops_pb.StatusResponse:
         return ops_pb.StatusResponse(
-            sandbox_id=self.sid, shim_version=self.shim, shim_pid=os.getpid(),
+            sandbox_id=self.sid, shim_version=self.shim, shim_pid=self.shim_pid,
             agent_version=self.agent, backend="standin", namespace="test", state_schema=self.schema,
             accel=self.accel,
             containers=[ops_pb.ContainerInfo(id=c, pid=1, status=s)
@@ -72,24 +91,21 @@ class StandIn(ops_pb.ShimOpsBase):
     async def upgrade_shim(self, upgrade_shim_request: ops_pb.UpgradeShimRequest
                            ) -> ops_pb.UpgradeShimResponse:
         req = upgrade_shim_request
-        self.calls.append(("shim", req.to_version))
-        self.paths.append(req.shim_path)
         if self.block:
             self.entered.set()
             await self.unblocked.wait()
-        old, self.shim = self.shim, req.to_version
-        return ops_pb.UpgradeShimResponse(old, req.to_version, os.getpid(), 1.5)
+        old, self.shim, self.shim_path = self.shim, req.to_version, req.shim_path
+        self.shim_pid = next(_PIDS)
+        return ops_pb.UpgradeShimResponse(old, req.to_version, self.shim_pid, 1.5)
 
     async def upgrade_agent(self, upgrade_agent_request: ops_pb.UpgradeAgentRequest
                             ) -> ops_pb.UpgradeAgentResponse:
         req = upgrade_agent_request
-        self.calls.append(("agent", req.to_version))
-        self.paths.append(req.agent_path)
         if req.to_version == self.fail_agent:
             raise GRPCError(Status.FAILED_PRECONDITION, "stand-in: new agent refused")
         if req.to_version == self.lose:
             self.containers["c1"] = "stopped"
-        old, self.agent = self.agent, req.to_version
+        old, self.agent, self.agent_path = self.agent, req.to_version, req.agent_path
         return ops_pb.UpgradeAgentResponse(old, req.to_version, False, "", 0.01)
 
 
@@ -201,15 +217,31 @@ class Notify:
     def close(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+#: Deadlines for stand-ins, which answer at once (seconds).
+STANDIN_TIMEOUTS = {"gate": 3.0, "settle": 3.0, "status": 2.0}
 
 
 class Opsd:
-    """The real opsd under *base* (state, releases, socket), restartable."""
+    """The real opsd under *base* (its socket, state dir and log), restartable.
 
-    def __init__(self, base: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    It serves the sandboxes under *state_root* and the releases under
+    *releases* (default: ``<base>/state`` and ``<base>/releases``, where the
+    stand-in tests put theirs); *timeouts* are its gate, settle and status
+    deadlines in seconds.
+    """
+
+    def __init__(self, base: Path, *extra: str, env: dict[str, str] | None = None,
+                 releases: Path | None = None, state_root: Path | None = None,
+                 timeouts: dict[str, float] | None = None) -> None:
         self.base = base
         self.env = env or {}
         self.socket = base / "opsd.sock"
+        self.releases = releases or base / "releases"
+        self.state_root = state_root or base / "state"
+        self.timeouts = {**STANDIN_TIMEOUTS, **(timeouts or {})}
         self.notify = Notify(base / "notify.sock")
         self.extra = extra
         self.proc: subprocess.Popen[bytes] = None  # type: ignore[assignment]
@@ -219,15 +251,16 @@ class Opsd:
         env.pop("WATCHDOG_PID", None)
         env.update(self.env)
         since = len(self.notify.messages)
+        t = self.timeouts
         with open(self.base / "opsd.log", "ab") as log:
             if env.get("JOURNAL_STREAM") == "<log>":  # stderr *is* "the journal"
                 st = os.fstat(log.fileno())
                 env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "opsd", "--socket", str(self.socket),
-                 "--state-dir", str(self.base / "opsd-state"), "--releases",
-                 str(self.base / "releases"), "--state-root", str(self.base / "state"),
-                 "--gate-timeout", "3", "--settle-timeout", "3", "--status-timeout", "2",
+                 "--state-dir", str(self.base / "opsd-state"), "--releases", str(self.releases),
+                 "--state-root", str(self.state_root), "--gate-timeout", f"{t['gate']:g}",
+                 "--settle-timeout", f"{t['settle']:g}", "--status-timeout", f"{t['status']:g}",
                  *self.extra], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=REPO)
         try:
             self.notify.wait_for("READY=1", pid=self.proc.pid, since=since)
@@ -271,3 +304,26 @@ def opsctl(sock: Path, *args: str, as_nobody: bool = False) -> subprocess.Comple
     argv = ([sys.executable, "-c", _AS_NOBODY, str(sock), *args] if as_nobody else
             [sys.executable, "-m", "opsd.cli", "--socket", str(sock), *args])
     return subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+
+
+def _json_of(sock: Path, *args: str) -> dict[str, Any]:
+    r = opsctl(sock, *args, "--json")
+    assert r.returncode == 0, (args, r.stdout, r.stderr)
+    doc: dict[str, Any] = json.loads(r.stdout)
+    return doc
+
+
+def sandboxes(sock: Path) -> dict[str, dict[str, Any]]:
+    """``opsctl ls --json``: sandbox id -> what its shim reported (fields left
+    at their defaults, such as an empty ``accel``, are absent)."""
+    return {sb["id"]: sb for sb in _json_of(sock, "ls").get("sandboxes", [])}
+
+
+def plan(sock: Path) -> dict[str, Any]:
+    """``opsctl upgrade status --json``: the running or last plan ({} if none);
+    each target's ``batch`` is filled in (the JSON leaves out zeros)."""
+    doc = _json_of(sock, "upgrade", "status")
+    p: dict[str, Any] = doc.get("plan", {}) if doc.get("found") else {}
+    for t in p.get("targets", []):
+        t.setdefault("batch", 0)
+    return p

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from shim.ttrpc import CallContext, Method, TtrpcServer, check_message, parse_strict
 from shim.ttrpc._frames import HEADER_SIZE, decode_header, encode_frame
 from shim.ttrpc._messages import KeyValue, Request, Response, Status
+from tests.prereq import require_module
 
 SVC = "fuzz.v1.Svc"
 IO_TIMEOUT_S = 10.0  # a bound for failures, never waited out when things work
@@ -243,7 +244,8 @@ def test_validator_rejects_or_parses_cleanly(data: bytes, schema: type) -> None:
 
 def _upb_request_class() -> type:
     """ttrpc's Request envelope for the official protobuf runtime (the oracle)."""
-    descriptor_pb2 = pytest.importorskip("google.protobuf.descriptor_pb2")
+    descriptor_pb2 = require_module("google.protobuf.descriptor_pb2",
+                                    "pip install protobuf (the oracle of these tests)")
     from google.protobuf import descriptor_pool, message_factory
 
     f = descriptor_pb2.FieldDescriptorProto

@@ -1,4 +1,4 @@
-"""Fixtures for tests that drive a real, private containerd (see tests/containerd.py).
+"""Fixtures for tests that drive a real, private containerd (see tests/containerd/).
 
 * `containerd` (session): one private containerd for the whole run, with the
   busybox image (`busybox` fixture / `BUSYBOX_REF`) already imported and a
@@ -11,6 +11,8 @@
   test, force-removes whatever of them is left and checks that nothing but
   containerd itself remains (so it does not suit tests that share a
   long-lived container across tests).
+* `releases` (session): releases A, B and FAR of the working tree side by
+  side (tests/integration/live_upgrade.py), for the live-upgrade tests.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.containerd import Containerd, force_cleanup, install_shim_wrapper, leftovers
 from tests.images.busybox import BUSYBOX_REF, build_image, import_image
+
+if TYPE_CHECKING:
+    from upgrade.releases import ReleaseStore
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_CACHE = Path(os.environ.get("KEEL_TEST_CACHE", "/var/tmp/keel-test-cache")) / "images"
@@ -103,3 +109,17 @@ def container_ids(containerd: Containerd, request: pytest.FixtureRequest
     found = containerd.leftovers(grace=5.0)
     assert not found, f"left behind by {request.node.name}:\n{found}"
     assert not stale, f"{request.node.name} did not clean up: {stale}"
+
+
+@pytest.fixture(scope="session")
+def releases() -> Iterator[ReleaseStore]:
+    """Releases A and B of the working tree (the good ones; opsd's root)."""
+    # Imported here: the other integration tests need none of the shim's modules.
+    from tests.integration.live_upgrade import FAR, A, B, make_release
+    from upgrade.releases import ReleaseStore
+
+    with tempfile.TemporaryDirectory(prefix="keel-releases-") as tmp:
+        store = ReleaseStore(Path(tmp))
+        for version in (A, B, FAR):
+            make_release(store.root, version, REPO)
+        yield store

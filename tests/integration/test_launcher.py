@@ -13,14 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerd import Containerd, keel_launchers, wait_for
-from tests.integration.test_keel_ctr import (
-    KEEL,
-    _alive,
-    _kill_and_remove,
-    _run_detached,
-    _shim_pid,
-)
+from tests.containerd import Containerd, alive, keel_launchers, wait_for
+from tests.integration.keel_ctr import KEEL, kill_and_remove, run_detached, shim_pid
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root]
 
@@ -56,7 +50,7 @@ def _status_field(pid: int, name: str) -> str:
 def _agent_pid(ctd: Containerd, sandbox: str) -> int:
     state_dir = str(_state_root(ctd) / "sandboxes" / sandbox / "agent")
     found = [pid for pid, _ in ctd.leftovers().processes
-             if _alive(pid) and "--state-dir" in (a := _argv(pid)) and state_dir in a]
+             if alive(pid) and "--state-dir" in (a := _argv(pid)) and state_dir in a]
     assert len(found) == 1, found
     return found[0]
 
@@ -65,8 +59,8 @@ def test_forked_daemon_and_agent_look_execd(containerd: Containerd, busybox: str
                                             container_ids: Callable[[], str]) -> None:
     launchers = _warm(containerd, busybox, container_ids())
     cid = container_ids()
-    _run_detached(containerd, busybox, cid, "sleep", "1000")
-    shim = _shim_pid(containerd, cid)
+    run_detached(containerd, busybox, cid, "sleep", "1000")
+    shim = shim_pid(containerd, cid)
     argv = _argv(shim)
     # The command line the exec path gives it, NUL-separated, whole.
     assert argv[:3] == [sys.executable, "-m", "shim"], argv
@@ -89,7 +83,7 @@ def test_forked_daemon_and_agent_look_execd(containerd: Containerd, busybox: str
 
     res = containerd.ctr("tasks", "exec", "--exec-id", "e1", cid, "echo", "from-exec")
     assert (res.returncode, res.stdout) == (0, "from-exec\n"), res.stderr
-    _kill_and_remove(containerd, cid)
+    kill_and_remove(containerd, cid)
 
 
 def test_launcher_off_starts_the_plain_way(containerd: Containerd, busybox: str,
@@ -98,13 +92,13 @@ def test_launcher_off_starts_the_plain_way(containerd: Containerd, busybox: str,
     config = tmp_path / "keel.toml"
     config.write_text("launcher_idle_s = 0\n")
     cid = container_ids()
-    _run_detached(containerd, busybox, cid, "sleep", "1000",
+    run_detached(containerd, busybox, cid, "sleep", "1000",
                   extra=("--runtime-config-path", str(config)))
-    shim = _shim_pid(containerd, cid)
+    shim = shim_pid(containerd, cid)
     assert "KEEL_LAUNCHER" not in _env(shim)
     assert _argv(shim)[:3] == [sys.executable, "-m", "shim"]
     assert "KEEL_LAUNCHER" not in _env(_agent_pid(containerd, cid))
-    _kill_and_remove(containerd, cid)
+    kill_and_remove(containerd, cid)
 
 
 def test_a_killed_launcher_is_replaced(containerd: Containerd, busybox: str,
@@ -112,7 +106,7 @@ def test_a_killed_launcher_is_replaced(containerd: Containerd, busybox: str,
     before = _warm(containerd, busybox, container_ids())
     for pid in before:
         os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not any(_alive(p) for p in before), 10, "the launcher to die")
+    wait_for(lambda: not any(alive(p) for p in before), 10, "the launcher to die")
     # Its socket is still there, with nobody behind it: start execs the
     # daemon itself, the pod runs, and a new launcher is started.
     res = containerd.ctr("run", "--rm", "--runtime", KEEL, busybox, container_ids(), "echo", "hi")
@@ -137,8 +131,8 @@ def test_a_stuck_launcher_costs_a_timeout_not_the_pod(containerd: Containerd, bu
         res = containerd.ctr("run", "--rm", "--runtime", KEEL, busybox, container_ids(), "echo", "hi")
         assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
         cid = container_ids()
-        _run_detached(containerd, busybox, cid, "sleep", "1000")
-        shim = _shim_pid(containerd, cid)
+        run_detached(containerd, busybox, cid, "sleep", "1000")
+        shim = shim_pid(containerd, cid)
         assert "KEEL_LAUNCHER" not in _env(shim)  # exec'd
     finally:
         for pid in launchers:
@@ -156,9 +150,9 @@ def test_a_stuck_launcher_costs_a_timeout_not_the_pod(containerd: Containerd, bu
 
     wait_for(lambda: dropped() >= 2, 30, "the launcher to drop the two abandoned requests")
     serving = [pid for pid, _ in containerd.leftovers().processes
-               if _alive(pid) and _argv(pid)[:3] == [sys.executable, "-m", "shim"]
+               if alive(pid) and _argv(pid)[:3] == [sys.executable, "-m", "shim"]
                and cid in _argv(pid)]
     assert serving == [shim], serving
     res = containerd.ctr("tasks", "exec", "--exec-id", "e1", cid, "echo", "still-one")
     assert (res.returncode, res.stdout) == (0, "still-one\n"), res.stderr
-    _kill_and_remove(containerd, cid)
+    kill_and_remove(containerd, cid)

@@ -34,7 +34,9 @@ def _bundle(tmp: Path, args: list[str]) -> Path:
     return bundle
 
 
-async def _drain(fd: int, into: bytearray, done: asyncio.Event) -> None:
+async def _drain(fd: int, into: bytearray, done: asyncio.Event,
+                 progress: asyncio.Event) -> None:
+    """Read the fifo into *into*; *progress* is set after every chunk."""
     from upgrade.aio import wait_readable
 
     while True:
@@ -45,8 +47,10 @@ async def _drain(fd: int, into: bytearray, done: asyncio.Event) -> None:
             continue
         if not data:
             done.set()
+            progress.set()
             return
         into += data
+        progress.set()
 
 
 def test_freeze_restore_resume_loses_and_duplicates_nothing(tmp_path: Path) -> None:
@@ -61,14 +65,17 @@ def test_freeze_restore_resume_loses_and_duplicates_nothing(tmp_path: Path) -> N
     offsets: list[int] = []
 
     async def main() -> int:
-        closed = asyncio.Event()
+        closed, progress = asyncio.Event(), asyncio.Event()
         async with asyncio.TaskGroup() as tg:
-            drain = tg.create_task(_drain(reader, got, closed))
+            drain = tg.create_task(_drain(reader, got, closed, progress))
             sb = Sandbox("pod", "test", cfg, EventPublisher("/nonexistent", "test"), tg)
             await sb.create("c1", str(bundle), (), Stdio("", str(fifo), "", False))
             await sb.start("c1", "")
             for _ in range(10):
-                await asyncio.sleep(0.1)  # let output flow between handoffs
+                # Hand off only once more output arrived (or all of it did).
+                progress.clear()
+                async with asyncio.timeout(30):
+                    await progress.wait()
                 rec = await SandboxHandoff(sb).freeze()
                 offsets.append(rec.containers[0].init.offsets.stdout)
                 new = Sandbox("pod", "test", cfg, EventPublisher("/nonexistent", "test"), tg)

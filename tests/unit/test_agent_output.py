@@ -7,7 +7,11 @@ here, so async cases run under asyncio.run().
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import struct
+import termios
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -18,6 +22,25 @@ from agent._output import OutputBuffer, OutputPump
 from agent._reaper import exit_status
 from agent._stdin import StdinLedger, StdinWriter
 from keel.errors import FailedPrecondition, InvalidArgument
+from upgrade.aio import wait_readable
+
+#: A bound for failures only: never waited out when things work.
+DEADLINE_S = 10.0
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Poll *condition* on every loop turn until it holds; fail after DEADLINE_S."""
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            while not condition():  # noqa: ASYNC110 -- the pump has no event to wait on
+                await asyncio.sleep(0)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {DEADLINE_S}s waiting for {what}") from None
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in the pipe behind *fd* (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def test_reads_are_offset_addressed_and_ack_what_is_below() -> None:
@@ -108,8 +131,9 @@ def test_pump_stops_reading_when_full_and_loses_nothing() -> None:
         written = os.write(w, payload)
         assert written == len(payload)
         os.close(w)
-        await asyncio.sleep(0.05)
+        await _until(lambda: buf.end >= 4096, "the pump to fill the buffer")
         assert buf.end == 4096  # full: the pump paused, the rest waits in the pipe
+        assert _unread(r) == len(payload) - 4096
         got = bytearray()
         while True:
             data, eof = await buf.read(len(got), 1000, wait_s=2)
@@ -144,15 +168,16 @@ def test_stdin_writer_buffers_drains_and_closes() -> None:
         writer.close_at(len(big))
         got = bytearray()
         os.set_blocking(r, False)
-        while True:
-            try:
-                data = os.read(r, 65536)
-            except BlockingIOError:
-                await asyncio.sleep(0.005)
-                continue
-            if not data:
-                break
-            got += data
+        async with asyncio.timeout(DEADLINE_S):
+            while True:
+                try:
+                    data = os.read(r, 65536)
+                except BlockingIOError:
+                    await wait_readable(r)
+                    continue
+                if not data:
+                    break
+                got += data
         os.close(r)
         assert bytes(got) == big  # written once, then EOF
         assert len(fds) == 0
@@ -169,15 +194,14 @@ def test_stdin_writer_waits_when_full_and_fails_when_reader_goes() -> None:
         fds.add(w, "stdin:test")
         writer = StdinWriter(w, 4096, fds.close, "test")
         offset = 0
-        while True:  # fill the pipe and then the agent's buffer
-            try:
-                async with asyncio.timeout(0.2):
-                    offset = await writer.write(offset, b"y" * 4096)
-            except TimeoutError:
-                break
+        while len(writer.pending()) < 4096:  # fill the pipe and then the agent's buffer
+            offset = await writer.write(offset, b"y" * 4096)
+        waiting = asyncio.ensure_future(writer.write(offset, b"z"))
+        await asyncio.sleep(0)  # one loop turn: the write has run up to its wait
+        assert not waiting.done()  # full: it waits for room
         os.close(r)  # the process went away: pending bytes cannot be written
         with pytest.raises(FailedPrecondition, match="closed its stdin"):
-            await writer.write(offset, b"z")
+            await waiting
 
     asyncio.run(scenario())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shim.vmm._dialers import ExclusiveDialer, hybrid_vsock_dialer, unix_dialer, vsock_dialer
+from tests.prereq import skip_or_fail
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -117,11 +118,11 @@ def test_hybrid_vsock_silent_peer_times_out() -> None:
 def test_vsock_dialer_fails_cleanly_without_a_peer() -> None:
     """No vsock loopback here: a dial to an absent CID must fail, not hang."""
     if not hasattr(socket, "AF_VSOCK"):
-        pytest.skip("SKIPPED (environment): no AF_VSOCK in this Python")
+        skip_or_fail("no AF_VSOCK in this Python")
     try:
         socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
     except OSError as exc:
-        pytest.skip(f"SKIPPED (environment): AF_VSOCK sockets unavailable: {exc}")
+        skip_or_fail(f"AF_VSOCK sockets unavailable: {exc} (modprobe vsock)")
     with pytest.raises(OSError):
         asyncio.run(vsock_dialer(4_000_000, 1024, timeout=1.0)())
 

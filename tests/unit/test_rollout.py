@@ -1,14 +1,21 @@
 """Upgrade plan logic: batching, health gate, rollback, abort, persistence, resume.
 
-The sandboxes are an in-memory stand-in for the ShimOps edge (FakeShims,
-which keeps versions and containers like a shim would); releases and the
-plan file are real (ReleaseStore over a temp directory, StateStore).
+The sandboxes are an in-memory stand-in for the ShimOps edge (FakeShims:
+each keeps what a shim would report -- versions, the shim's pid, which a
+shim upgrade changes, the release entry points it runs from, containers --
+and refuses a path that is no release entry point, as a shim does);
+releases and the plan file are real (ReleaseStore over a temp directory,
+StateStore).  Tests check outcomes: the plan's state and each target's,
+what each sandbox reports afterwards, and the progress lines the rollout
+reports (opsctl prints them), never which calls the fake received.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +31,8 @@ from opsd.state import Plan, PlanState, TargetState, make_plan, plan_store
 from upgrade.releases import AGENT_ENTRY, SHIM_ENTRY, Manifest, ReleaseStore, manifest_store
 
 FAST = RolloutConfig(gate_timeout_s=0.3, settle_timeout_s=0.3, poll_s=0.01)
+#: Shim pids: every shim a sandbox gets is a new process.
+_PIDS = itertools.count(100)
 
 
 @dataclasses.dataclass
@@ -33,6 +42,10 @@ class Box:
     containers: dict[str, str] = dataclasses.field(default_factory=lambda: {"c1": "running"})
     schema: int = 1
     alive: bool = True
+    shim_pid: int = dataclasses.field(default_factory=lambda: next(_PIDS))
+    #: The release entry points it runs now ("" while it runs what it started with).
+    shim_path: str = ""
+    agent_path: str = ""
 
 
 class FakeShims:
@@ -40,7 +53,6 @@ class FakeShims:
 
     def __init__(self, boxes: dict[str, Box]) -> None:
         self.boxes = boxes
-        self.calls: list[tuple[str, str, str]] = []
         self.hooks: dict[tuple[str, str, str], Callable[[Box], None]] = {}
 
     def ids(self) -> list[str]:
@@ -50,22 +62,27 @@ class FakeShims:
         b = self.boxes[sandbox_id]
         if not b.alive:
             raise Unavailable(f"sandbox {sandbox_id}: connection refused")
-        return SandboxView(sandbox_id, b.shim, b.agent, 100, "process", "default",
+        return SandboxView(sandbox_id, b.shim, b.agent, b.shim_pid, "process", "default",
                            tuple(ContainerView(c, 1, s, 0) for c, s in b.containers.items()),
                            b.schema)
 
     async def upgrade(self, sandbox_id: str, component: str, path: Path,
                       to_version: str) -> Switched:
-        self.calls.append((sandbox_id, component, to_version))
-        assert path.name == Path(SHIM_ENTRY if component == "shim" else AGENT_ENTRY).name
-        assert path.parent.parent.name == to_version
+        entry = SHIM_ENTRY if component == "shim" else AGENT_ENTRY
+        if not path.is_file() or path.parent.parent / entry != path:
+            raise FailedPrecondition(f"{path} is not a release's {entry}")
+        if path.parent.parent.name != to_version:  # the agent checks what the release is
+            raise FailedPrecondition(f"{path} is release {path.parent.parent.name}")
         b = self.boxes[sandbox_id]
         hook = self.hooks.get((sandbox_id, component, to_version))
         if hook is not None:
             hook(b)  # may raise (the shim refused: the old version keeps serving)
         before = getattr(b, component)
         setattr(b, component, to_version)
-        return Switched(before, to_version, 0, "test")
+        setattr(b, f"{component}_path", str(path))
+        if component == "shim":  # a new shim process; an agent execs in place
+            b.shim_pid = next(_PIDS)
+        return Switched(before, to_version, b.shim_pid if component == "shim" else 0, "test")
 
 
 def make_releases(root: Path, *versions: str, shim_schema: int = 1) -> ReleaseStore:
@@ -79,7 +96,9 @@ def make_releases(root: Path, *versions: str, shim_schema: int = 1) -> ReleaseSt
 
 
 def run_plan(plan: Plan, shims: FakeShims, releases: ReleaseStore, store_dir: Path,
-             during: Callable[[Rollout, Plan], None] = lambda r, p: None) -> Plan:
+             during: Callable[[Rollout, Plan], None] = lambda r, p: None,
+             events: list[str] | None = None) -> Plan:
+    """Run *plan* to its end; its progress lines go to *events*."""
     store = plan_store(store_dir)
     holder: list[Rollout] = []
 
@@ -88,7 +107,8 @@ def run_plan(plan: Plan, shims: FakeShims, releases: ReleaseStore, store_dir: Pa
         if holder:
             during(holder[0], p)
 
-    rollout = Rollout(plan, shims=shims, releases=releases, save=save, event=lambda line: None,
+    lines = events if events is not None else []
+    rollout = Rollout(plan, shims=shims, releases=releases, save=save, event=lines.append,
                       config=FAST)
     holder.append(rollout)
     return asyncio.run(rollout.run())
@@ -96,6 +116,12 @@ def run_plan(plan: Plan, shims: FakeShims, releases: ReleaseStore, store_dir: Pa
 
 def fleet(n: int) -> FakeShims:
     return FakeShims({f"sb{i}": Box() for i in range(n)})
+
+
+def before_after(events: list[str], first: str, then: str) -> bool:
+    """Whether progress line *first* was reported, and before *then*."""
+    at = {text: next((i for i, e in enumerate(events) if text in e), None) for text in (first, then)}
+    return at[first] is not None and at[then] is not None and at[first] < at[then]
 
 
 def plan_for(shims: FakeShims, batch: int = 2, pause: float = 0.0,
@@ -133,13 +159,22 @@ def test_plan_round_trips_through_the_store(tmp_path: Path) -> None:
 
 def test_success_upgrades_every_sandbox_shim_first(tmp_path: Path) -> None:
     shims = fleet(3)
+    old_pids = {s: b.shim_pid for s, b in shims.boxes.items()}
     releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
-    final = run_plan(plan_for(shims), shims, releases, tmp_path / "st")
+    events: list[str] = []
+    final = run_plan(plan_for(shims), shims, releases, tmp_path / "st", events=events)
     assert final.state is PlanState.SUCCEEDED, final.message
-    assert all((b.shim, b.agent) == ("0.2.0", "0.2.0") for b in shims.boxes.values())
-    assert [c[1] for c in shims.calls if c[0] == "sb0"] == ["shim", "agent"]
+    new = releases.get("0.2.0")
+    for sid, b in shims.boxes.items():
+        assert (b.shim, b.agent) == ("0.2.0", "0.2.0")
+        assert (b.shim_path, b.agent_path) == (str(new.shim_path), str(new.agent_path))
+        assert b.shim_pid != old_pids[sid]
+        # Shim first, then agent, then the gate.
+        assert before_after(events, f"{sid}: shim 0.1.0 -> 0.2.0", f"{sid}: agent 0.1.0 -> 0.2.0")
+        assert before_after(events, f"{sid}: agent 0.1.0 -> 0.2.0", f"{sid}: healthy at 0.2.0")
     assert plan_store(tmp_path / "st").load() == final
     assert {t.state for t in final.targets} == {TargetState.HEALTHY}
+    assert [t.batch for t in final.targets] == [0, 0, 1]
 
 
 def test_only_selected_component_moves(tmp_path: Path) -> None:
@@ -157,14 +192,15 @@ def test_failed_upgrade_rolls_back_its_batch_only(tmp_path: Path) -> None:
         raise FailedPrecondition("new agent cannot start")
 
     shims.hooks[("sb3", "agent", "0.2.0")] = refuse
+    untouched = copy.deepcopy(shims.boxes["sb4"])
     releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
     final = run_plan(plan_for(shims, batch=2), shims, releases, tmp_path / "st")
     assert final.state is PlanState.ROLLED_BACK
     assert "new agent cannot start" in final.message
     b = shims.boxes
-    assert (b["sb0"].shim, b["sb1"].agent) == ("0.2.0", "0.2.0")  # batch 1 stays upgraded
+    assert all((b[s].shim, b[s].agent) == ("0.2.0", "0.2.0") for s in ("sb0", "sb1"))  # batch 1 stays
     assert all((b[s].shim, b[s].agent) == ("0.1.0", "0.1.0") for s in ("sb2", "sb3", "sb4"))
-    assert not [c for c in shims.calls if c[0] == "sb4"]  # batch 3 never touched
+    assert b["sb4"] == untouched  # batch 3 never touched: same shim, nothing switched
     states = {t.sandbox_id: t.state for t in final.targets}
     assert states["sb2"] is states["sb3"] is TargetState.ROLLED_BACK
     assert states["sb4"] is TargetState.PENDING
@@ -174,13 +210,19 @@ def test_gate_catches_a_lost_container_and_rolls_back(tmp_path: Path) -> None:
     shims = fleet(2)
     shims.hooks[("sb1", "agent", "0.2.0")] = lambda b: b.containers.update(c1="stopped")
     releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
-    final = run_plan(plan_for(shims, batch=2), shims, releases, tmp_path / "st")
+    events: list[str] = []
+    final = run_plan(plan_for(shims, batch=2), shims, releases, tmp_path / "st", events=events)
     assert final.state is PlanState.ROLLED_BACK
     sb1 = final.target("sb1")
     assert "containers no longer running: c1" in sb1.message
-    assert all((b.shim, b.agent) == ("0.1.0", "0.1.0") for b in shims.boxes.values())
-    assert [c for c in shims.calls if c[0] == "sb0"][-2:] == [("sb0", "agent", "0.1.0"),
-                                                              ("sb0", "shim", "0.1.0")]
+    assert {t.state for t in final.targets} == {TargetState.ROLLED_BACK}
+    old = releases.get("0.1.0")
+    for b in shims.boxes.values():
+        assert (b.shim, b.agent) == ("0.1.0", "0.1.0")
+        assert (b.shim_path, b.agent_path) == (str(old.shim_path), str(old.agent_path))
+    # sb0 was healthy but goes back with its batch: agent first, then shim.
+    assert before_after(events, "sb0: agent 0.2.0 -> 0.1.0", "sb0: shim 0.2.0 -> 0.1.0")
+    assert before_after(events, "sb0: shim 0.2.0 -> 0.1.0", "sb0: back at shim 0.1.0")
 
 
 def test_failed_rollback_fails_the_plan(tmp_path: Path) -> None:
@@ -196,6 +238,8 @@ def test_failed_rollback_fails_the_plan(tmp_path: Path) -> None:
     assert final.state is PlanState.FAILED
     assert final.targets[0].state is TargetState.ROLLBACK_FAILED
     assert "rollback failed" in final.targets[0].message
+    # Left where the failures left it, for an operator to see.
+    assert (shims.boxes["sb0"].shim, shims.boxes["sb0"].agent) == ("0.2.0", "0.1.0")
 
 
 def test_abort_during_pause_leaves_later_batches(tmp_path: Path) -> None:
@@ -210,7 +254,8 @@ def test_abort_during_pause_leaves_later_batches(tmp_path: Path) -> None:
                      during=abort_when_paused)
     assert final.state is PlanState.ABORTED
     assert [t.state for t in final.targets] == [TargetState.HEALTHY] * 2 + [TargetState.PENDING] * 2
-    assert shims.boxes["sb3"].shim == "0.1.0"
+    assert [(b.shim, b.agent) for _, b in sorted(shims.boxes.items())] == (
+        [("0.2.0", "0.2.0")] * 2 + [("0.1.0", "0.1.0")] * 2)
 
 
 def test_resume_mid_batch_reconciles_instead_of_repeating(tmp_path: Path) -> None:
@@ -219,15 +264,19 @@ def test_resume_mid_batch_reconciles_instead_of_repeating(tmp_path: Path) -> Non
     plan = plan_for(shims, batch=2)
     # As persisted by an opsd killed while sb0's shim switch was in flight (and done).
     plan = plan.with_target(plan.target("sb0").moved(TargetState.UPGRADING, running=("c1",)))
-    shims.boxes["sb0"].shim = "0.2.0"
+    sb0 = shims.boxes["sb0"]
+    sb0.shim, sb0.shim_pid = "0.2.0", next(_PIDS)
+    switched_shim = sb0.shim_pid
     store = plan_store(tmp_path / "st")
     store.save(plan)
     resumed = store.load()
     assert resumed is not None
     final = run_plan(resumed, shims, releases, tmp_path / "st")
     assert final.state is PlanState.SUCCEEDED
-    assert ("sb0", "shim", "0.2.0") not in shims.calls
-    assert ("sb0", "agent", "0.2.0") in shims.calls
+    assert {t.state for t in final.targets} == {TargetState.HEALTHY}
+    assert (sb0.shim, sb0.agent) == ("0.2.0", "0.2.0")
+    assert sb0.shim_pid == switched_shim  # its shim was not switched a second time
+    assert shims.boxes["sb1"].shim_pid != switched_shim
 
 
 def test_health_problem_checks_versions_then_containers() -> None:
@@ -259,45 +308,50 @@ def _manager(tmp_path: Path, shims: FakeShims, *versions: str, schema: int = 1) 
 def test_refusals_touch_nothing(tmp_path: Path, req: UpgradeRequest, error: type[Exception],
                                 text: str) -> None:
     shims = fleet(2)
+    before = copy.deepcopy(shims.boxes)
     m = _manager(tmp_path, shims, "0.1.0", "0.2.0", "1.0.0")
     with pytest.raises(error, match=text):
         asyncio.run(m.start(req))
-    assert shims.calls == [] and plan_store(tmp_path / "st").load() is None
+    assert shims.boxes == before and plan_store(tmp_path / "st").load() is None
 
 
 def test_unreadable_plan_file_disables_upgrades_and_is_kept(tmp_path: Path) -> None:
     shims = fleet(1)
     (tmp_path / "st").mkdir()
     (tmp_path / "st/plan.json").write_text('{"schema_version": 9, "kind": "keel.opsd.plan"}')
+    before = copy.deepcopy(shims.boxes)
     m = _manager(tmp_path, shims, "0.1.0", "0.2.0")
     with pytest.raises(FailedPrecondition, match="upgrades are disabled: .*schema_version 9"):
         asyncio.run(m.start(UpgradeRequest("0.2.0")))
     assert json.loads((tmp_path / "st/plan.json").read_text())["schema_version"] == 9
-    assert shims.calls == []
+    assert shims.boxes == before
 
 
 def test_newer_state_schema_and_missing_rollback_release_are_refused(tmp_path: Path) -> None:
     shims = fleet(1)
     shims.boxes["sb0"].schema = 2
     shims.boxes["sb0"].agent = "0.1.1"  # its release is not installed: no way back
+    before = copy.deepcopy(shims.boxes)
     m = _manager(tmp_path, shims, "0.1.0", "0.2.0", schema=1)
     with pytest.raises(FailedPrecondition) as err:
         asyncio.run(m.start(UpgradeRequest("0.2.0")))
     assert "incompatible state schema" in str(err.value)
     assert "0.1.1, whose release is not installed" in str(err.value)
-    assert shims.calls == []
+    assert shims.boxes == before and m.plan is None
 
 
 def test_dry_run_and_second_upgrade(tmp_path: Path) -> None:
     shims = fleet(3)
     shims.boxes["sb2"].alive = False
+    before = copy.deepcopy(shims.boxes)
     m = _manager(tmp_path, shims, "0.1.0", "0.2.0")
 
     async def scenario() -> None:
         plan, notes = await m.start(UpgradeRequest("0.2.0", dry_run=True))
         assert [t.sandbox_id for t in plan.targets] == ["sb0", "sb1"]
         assert any("skipped sb2" in n for n in notes)
-        assert shims.calls == [] and m.plan is None
+        assert shims.boxes == before and m.plan is None
+        assert plan_store(tmp_path / "st").load() is None
         runner = asyncio.create_task(m.run())
         try:
             plan, _ = await m.start(UpgradeRequest("0.2.0", pause_s=3600))

@@ -30,22 +30,13 @@ from shim.vmm.api import LaunchSpec
 from shim.vmm.qemu import QemuBackend, QemuConfig, QemuSandbox, _mounts, image
 from tests.containerd import Containerd, force_cleanup, install_shim_wrapper, leftovers
 from tests.images.busybox import build_image, import_image
+from tests.prereq import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_CACHE = Path(os.environ.get("KEEL_TEST_CACHE", "/var/tmp/keel-test-cache")) / "images"
 
 #: Seconds a TCG guest may take to answer Hello (it takes ~5-10 s on a loaded 2-core host).
 AGENT_TIMEOUT_S = 60.0
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def skip_or_fail(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"[vm] cannot run in CI (CI=true, refusing to skip): {reason}", pytrace=False)
-    pytest.skip(f"SKIPPED (environment) [vm]: {reason}")
 
 
 def _missing() -> list[str]:
@@ -61,13 +52,12 @@ def _missing() -> list[str]:
 def vm_image() -> image.Image:
     """The guest image for the working tree (built or reused), or a loud skip."""
     if missing := _missing():
-        skip_or_fail("; ".join(missing))
+        skip_or_fail("; ".join(missing), what="vm")
     started = time.monotonic()
     try:
         img = image.build(image.default_dir(), say=lambda line: print(f"[image] {line}"))
     except Exception as exc:  # noqa: BLE001 - any build failure is an environment problem here
-        skip_or_fail(f"cannot build the guest image: {exc}")
-        raise
+        skip_or_fail(f"cannot build the guest image: {exc}", what="vm")
     print(f"[image] ready in {time.monotonic() - started:.1f}s: {img.id}")
     return img
 
@@ -173,7 +163,7 @@ def write_keel_config(path: Path, img: image.Image, **qemu: object) -> Path:
 
 @pytest.fixture(scope="module")
 def vm_containerd(vm_image: image.Image, require_env: Callable[[str], None]) -> Iterator[Containerd]:
-    """A private containerd (tests/containerd.py) with busybox imported and a
+    """A private containerd (tests/containerd/) with busybox imported and a
     ``containerd-shim-keel-v2`` whose ``KEEL_CONFIG`` selects the qemu backend.
 
     Keel's state lives under the temp root, so a VM left running is one of

@@ -24,6 +24,7 @@ import pytest
 from keel.errors import FailedPrecondition, Internal
 from shim.vmm.qemu import _net
 from tests.containerd import Containerd, wait_for
+from tests.prereq import skip_or_fail
 from tests.vm.conftest import KEEL_RUNTIME
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.integration,
@@ -59,7 +60,8 @@ def _in(netns: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProc
 @pytest.fixture
 def pod() -> Iterator[Pod]:
     if shutil.which("ip") is None:
-        pytest.fail("iproute2 `ip` is needed to set up the test's network namespaces")
+        skip_or_fail("iproute2 `ip` is needed to set up the test's network namespaces"
+                     " (apt-get install iproute2)", what="vm")
     tag = f"{os.getpid()}"
     pod_ns, peer_ns = f"keel-pod-{tag}", f"keel-peer-{tag}"
     _ip("netns", "add", pod_ns)

@@ -92,7 +92,7 @@ async def _probe(vm: QemuSandbox, conn: AgentConnection, rootfs: Path) -> tuple[
 def _random_check(vm: QemuSandbox) -> str:
     """The agent's Python ``random`` sample its template clone logged on the console."""
     found = re.findall(r"clone \S+ resumed, .* random check ([0-9a-f]{8})",
-                       vm.files.console.read_text(errors="replace"))
+                       vm.files.agent_log.read_text(errors="replace"))
     assert len(found) == 1, f"{vm.files.root.name}: no (single) clone line on the console"
     return found[0]
 

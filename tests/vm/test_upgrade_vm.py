@@ -33,7 +33,7 @@ from agent.api import ops_pb
 from shim.dirs import SandboxDir
 from shim.vmm.qemu import image
 from tests.containerd import Containerd, wait_for
-from tests.integration.test_live_upgrade import make_release
+from tests.integration.live_upgrade import make_release
 from tests.vm.conftest import REPO
 from tests.workloads import STOPPER, counter
 from upgrade.releases import Release, ReleaseStore

@@ -1,62 +1,33 @@
-"""A private containerd for tests and benchmarks.
-
-Everything lives under a temp root the caller owns:
-
-    <tmp>/config.toml        rendered with absolute paths (containerd does not expand env vars)
-    <tmp>/root, <tmp>/state  containerd's root and state
-    <tmp>/containerd.sock    gRPC (what ctr talks to); <tmp>/containerd.sock.ttrpc
-    <tmp>/containerd.log     containerd's stdout+stderr, appended across restarts
-    <tmp>/bin                first on containerd's PATH: put containerd-shim-keel-v2 here
-    <tmp>/opt                the io.containerd.internal.v1.opt plugin's path
-
-The CRI plugin is disabled (fast boot, no CNI), logging is at debug level,
-and containerd runs with cwd = the temp root, so the only shims it finds are
-the ones in `<tmp>/bin`, `<tmp>/opt/bin` and the system PATH (it resolves a
-runtime name once and caches the answer for its lifetime: install the shim
-before the first task that needs it).
-
-Not isolated: the runc shim's sockets are hard-coded under
-`/run/containerd/s`, ctr's fifos go to `/run/containerd/fifo`, and
-containers land in the `/<namespace>/<id>` cgroups.  Use a namespace and
-container ids no concurrent user shares.
-
-Only processes this module started (containerd, ctr) are signalled, by PID.
-`leftovers()` finds what outlived a test; `force_cleanup()` removes it: the
-processes it names carry the temp root in their command line or
-environment (containerd hands `TTRPC_ADDRESS=<tmp>/...` to every shim), so
-they descend from this helper's containerd.
-"""
+"""One private containerd process: its paths, its config, starting and
+stopping it, and running ``ctr`` against it (see the package docstring)."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import fcntl
 import os
-import re
-import select
 import shlex
 import shutil
 import signal
-import stat
-import struct
 import subprocess
-import termios
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+
+from tests.containerd.cleanup import (
+    Leftovers,
+    keel_launchers,
+    stop_keel_launchers,
+    wait_no_leftovers,
+)
+from tests.containerd.host import DEFAULT_PATH, wait_for, which
+from tests.containerd.terminal import PtyResult, run_on_pty
 
 NAMESPACE = "keel-test"
 SHIM_NAME = "containerd-shim-keel-v2"
 BOOTED = "containerd successfully booted"
-_SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 for the NUL
-_POLL_S = 0.02
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 for the NUL
 # Snapshotters that only probe and log errors here; CRI is the heavy one.
-_DISABLED_PLUGINS = (
+DISABLED_PLUGINS = (
     "io.containerd.grpc.v1.cri",
     "io.containerd.snapshotter.v1.aufs",
     "io.containerd.snapshotter.v1.btrfs",
@@ -64,7 +35,6 @@ _DISABLED_PLUGINS = (
     "io.containerd.snapshotter.v1.zfs",
 )
 
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,37 +58,9 @@ class ContainerdPaths:
         paths = cls(tmp_root=t, config=t / "config.toml", root=t / "root", state=t / "state",
                     grpc_socket=t / "containerd.sock", ttrpc_socket=t / "containerd.sock.ttrpc",
                     log=t / "containerd.log", bin_dir=t / "bin", opt_dir=t / "opt")
-        if len(os.fsencode(paths.ttrpc_socket)) > _SUN_PATH_MAX:
+        if len(os.fsencode(paths.ttrpc_socket)) > SUN_PATH_MAX:
             raise ValueError(f"temp root {t} is too long for unix socket paths")
         return paths
-
-
-@dataclass(frozen=True, slots=True)
-class PtyResult:
-    """What `ctr_pty` saw: the terminal output (a tty turns "\\n" into "\\r\\n") and ctr's exit code."""
-
-    output: str
-    returncode: int
-
-
-@dataclass(frozen=True, slots=True)
-class Leftovers:
-    """Things under (or started from) a temp root that are still there."""
-
-    mounts: tuple[str, ...] = ()
-    processes: tuple[tuple[int, str], ...] = ()  # (pid, cmdline)
-    sockets: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.mounts or self.processes or self.sockets)
-
-    def __str__(self) -> str:
-        if not self:
-            return "no leftovers"
-        lines = [f"mount {m}" for m in self.mounts]
-        lines += [f"process {pid}: {cmd}" for pid, cmd in self.processes]
-        lines += [f"socket {s}" for s in self.sockets]
-        return "\n".join(lines)
 
 
 def install_shim_wrapper(bin_dir: Path | str, venv_python: Path | str, *,
@@ -143,36 +85,6 @@ def install_shim_wrapper(bin_dir: Path | str, venv_python: Path | str, *,
     return target
 
 
-def keel_launchers(state_root: Path) -> dict[int, Path]:
-    """The Keel launchers (shim/_launcher.py) serving under `state_root`:
-    pid -> socket.  Each writes its pid into ``launcher/<key>.lock``; the pid
-    counts only if its command line names that socket."""
-    found = {}
-    for lock in sorted((state_root / "launcher").glob("*.lock")):
-        sock = lock.with_suffix(".sock")
-        try:
-            pid = int(lock.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"shim._launcher" in cmdline and os.fsencode(sock) in cmdline:
-            found[pid] = sock
-    return found
-
-
-def stop_keel_launchers(state_root: Path, timeout: float = 10.0) -> list[int]:
-    """SIGTERM the Keel launchers under `state_root` and wait until they are
-    gone (they idle out on their own after minutes; a test's leftover scan
-    must not wait for that).  Returns their pids."""
-    pids = list(keel_launchers(state_root))
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return pids
-
-
 class Containerd:
     """One private containerd process; see the module docstring for the layout.
 
@@ -193,12 +105,12 @@ class Containerd:
         """
         self.paths = ContainerdPaths.under(tmp_root)
         self.namespace = namespace
-        self.containerd_bin = _which("containerd")
-        self.ctr_bin = _which("ctr")
+        self.containerd_bin = which("containerd")
+        self.ctr_bin = which("ctr")
         self._extra_env = dict(env or {})
         self._log_level = log_level
         self._extra_config = extra_config
-        setpriv = shutil.which("setpriv", path=_DEFAULT_PATH)
+        setpriv = shutil.which("setpriv", path=DEFAULT_PATH)
         self._launcher = [setpriv, "--pdeathsig", "TERM"] if die_with_parent and setpriv else []
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
@@ -306,7 +218,7 @@ class Containerd:
     def render_config(self) -> str:
         """The config.toml text for these paths."""
         p = self.paths
-        disabled = ", ".join(f'"{name}"' for name in _DISABLED_PLUGINS)
+        disabled = ", ".join(f'"{name}"' for name in DISABLED_PLUGINS)
         return (
             "version = 2\n"
             f'root = "{p.root}"\n'
@@ -325,8 +237,8 @@ class Containerd:
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        path = env.get("PATH") or _DEFAULT_PATH
-        for d in _DEFAULT_PATH.split(":"):  # runc lives in /usr/sbin
+        path = env.get("PATH") or DEFAULT_PATH
+        for d in DEFAULT_PATH.split(":"):  # runc lives in /usr/sbin
             if d not in path.split(":"):
                 path += ":" + d
         env["PATH"] = f"{self.paths.bin_dir}:{path}"
@@ -457,255 +369,3 @@ class Containerd:
         if left:
             raise RuntimeError(f"could not remove {left}:\n{self.log_tail()}")
         return sorted(set(tasks) | set(containers))
-
-
-# --- pty ------------------------------------------------------------------
-
-def run_on_pty(argv: list[str], *, input: str | bytes | None = None, timeout: float = 60.0,
-               rows: int = 24, cols: int = 80) -> PtyResult:
-    """Run `argv` with fds 0-2 on a new pty of `rows`x`cols`; see `Containerd.ctr_pty`.
-
-    The child gets its own session but no controlling terminal (ctr only
-    needs isatty and termios on its fds).
-    """
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-    try:
-        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                                start_new_session=True)
-    except BaseException:
-        os.close(master)
-        raise
-    finally:
-        os.close(slave)
-    pending = input.encode() if isinstance(input, str) else (input or b"")
-    out = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        os.set_blocking(master, False)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                proc.kill()
-                proc.wait()
-                raise TimeoutError(f"{shlex.join(argv)} still running after {timeout}s; "
-                                   f"killed. Output so far:\n{out.decode(errors='replace')}")
-            readable, writable, _ = select.select([master], [master] if pending else [], [],
-                                                  min(left, 0.5))
-            if writable:
-                pending = pending[os.write(master, pending[:4096]):]
-            if readable:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError as exc:  # EIO: every slave fd is closed
-                    if exc.errno != errno.EIO:
-                        raise
-                    chunk = b""
-                if not chunk:
-                    break
-                out += chunk
-        rc = proc.wait(max(deadline - time.monotonic(), 0.1))
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return PtyResult(out.decode(errors="replace"), rc)
-
-
-# --- leftovers ------------------------------------------------------------
-
-def leftovers(tmp_root: Path | str, *, exclude_pids: Iterable[int] = (),
-              exclude_paths: Iterable[Path | str] = ()) -> Leftovers:
-    """Mounts, live processes and sockets that still belong to `tmp_root`.
-
-    * mounts: mount points at or below it (from /proc/self/mountinfo);
-    * processes: every live, non-zombie process other than this one, its
-      ancestors and `exclude_pids` whose cmdline or environment mentions
-      the temp root (shims are started with `-address <tmp>/containerd.sock`
-      and `TTRPC_ADDRESS=<tmp>/...`, so a `containerd-shim-keel-v2` or
-      `python -m shim` started through this helper's containerd is found
-      whatever its argv), or that lives in another mount namespace whose
-      mounts mention it (container processes on a rootfs from our
-      snapshotter);
-    * sockets: unix sockets below it, except `exclude_paths` (not descending
-      into mount points).
-    """
-    root = os.path.realpath(tmp_root)
-    skip = {os.path.realpath(p) for p in exclude_paths}
-    return Leftovers(
-        mounts=tuple(_mounts_under(root)),
-        processes=tuple(_processes_of(root, _self_and_ancestors() | set(exclude_pids))),
-        sockets=tuple(s for s in _sockets_under(root) if os.path.realpath(s) not in skip))
-
-
-def wait_no_leftovers(tmp_root: Path | str, timeout: float, *, exclude_pids: Iterable[int] = (),
-                      exclude_paths: Iterable[Path | str] = ()) -> Leftovers:
-    """Poll `leftovers()` until it is empty or `timeout` passes; return the last result."""
-    deadline = time.monotonic() + timeout
-    pids, paths = list(exclude_pids), list(exclude_paths)
-    while True:
-        found = leftovers(tmp_root, exclude_pids=pids, exclude_paths=paths)
-        if not found or time.monotonic() >= deadline:
-            return found
-        time.sleep(_POLL_S)
-
-
-def force_cleanup(found: Leftovers, timeout: float = 10.0) -> None:
-    """SIGKILL the listed processes, remove their now-empty cgroups, lazily unmount the mounts.
-
-    Only for leftovers from `leftovers()` of a temp root this helper owns.
-    Waits up to `timeout` for the processes to disappear.  Cgroups (e.g.
-    runc's `/<namespace>/<id>`) are rmdir'ed leaf only and best effort: a
-    cgroup that still has members, or is our own, is left alone.
-    """
-    pids = {pid for pid, _ in found.processes}
-    cgroups = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            cgroups |= _cgroup_dirs(pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(TimeoutError):
-        wait_for(lambda: not any(_alive(p) for p in pids), timeout, "leftover processes to die")
-    for d in sorted(cgroups - _cgroup_dirs(os.getpid()), key=len, reverse=True):
-        with contextlib.suppress(OSError):
-            os.rmdir(d)
-    libc = ctypes.CDLL(None, use_errno=True)
-    mnt_detach = 2
-    for mount in sorted(found.mounts, key=lambda m: m.count("/"), reverse=True):
-        libc.umount2(os.fsencode(mount), mnt_detach)
-
-
-def _cgroup_dirs(pid: int) -> set[str]:
-    """The non-root cgroup directories of `pid` that exist under /sys/fs/cgroup (v1 or v2)."""
-    dirs = set()
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if path in ("", "/"):
-            continue
-        if controllers:  # v1: the hierarchy is mounted under its controller list
-            bases = [controllers.removeprefix("name=")]
-        else:  # v2: hybrid hosts mount it at unified/
-            bases = ["unified", ""]
-        for base in bases:
-            d = os.path.normpath(f"/sys/fs/cgroup/{base}/{path}")
-            if os.path.isdir(d):
-                dirs.add(d)
-                break
-    return dirs
-
-
-def _mounts_under(root: str) -> Iterable[str]:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = _unescape_mount(line.split()[4])
-            if point == root or point.startswith(root + "/"):
-                yield point
-
-
-def _unescape_mount(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _processes_of(root: str, skip: set[int]) -> Iterable[tuple[int, str]]:
-    needle = os.fsencode(root)
-    own_mnt_ns = os.readlink("/proc/self/ns/mnt")
-    ns_mentions: dict[str, bool] = {}  # mount namespace -> its mounts mention root
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in skip:
-            continue
-        pid = int(entry.name)
-        try:
-            if _state(pid) == "Z":
-                continue
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            found = needle in cmdline or needle in Path(f"/proc/{pid}/environ").read_bytes()
-            mnt_ns = os.readlink(f"/proc/{pid}/ns/mnt")
-            if not found and mnt_ns != own_mnt_ns:
-                # A container process: its rootfs mount (overlay dirs, bind
-                # source) names our temp root; argv and env are the image's.
-                if mnt_ns not in ns_mentions:
-                    ns_mentions[mnt_ns] = needle in Path(f"/proc/{pid}/mountinfo").read_bytes()
-                found = ns_mentions[mnt_ns]
-        except OSError:  # gone, going (EINVAL on a dying task's mountinfo) or not ours to read
-            continue
-        if found:
-            yield pid, cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
-
-
-def _sockets_under(root: str) -> Iterable[str]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    yield path
-
-
-def _state(pid: int) -> str:
-    stat_line = Path(f"/proc/{pid}/stat").read_text()
-    return stat_line.rsplit(")", 1)[1].split()[0]
-
-
-def _ppid(pid: int) -> int:
-    stat_line = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat_line.rsplit(")", 1)[1].split()[1])
-
-
-def _self_and_ancestors() -> set[int]:
-    pids, pid = set(), os.getpid()
-    while pid > 0 and pid not in pids:
-        pids.add(pid)
-        try:
-            pid = _ppid(pid)
-        except (FileNotFoundError, ProcessLookupError):
-            break
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return _state(pid) != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-# --- small helpers --------------------------------------------------------
-
-def missing_prerequisites() -> list[str]:
-    """Why a private containerd with runc cannot run on this host; empty if it can."""
-    reasons = []
-    if os.geteuid() != 0:
-        reasons.append(f"needs root (euid is {os.geteuid()})")
-    for name in ("containerd", "ctr", "runc", "containerd-shim-runc-v2"):
-        try:
-            _which(name)
-        except FileNotFoundError as exc:
-            reasons.append(str(exc))
-    return reasons
-
-
-def _which(name: str) -> str:
-    found = shutil.which(name, path=os.environ.get("PATH", "") + ":" + _DEFAULT_PATH)
-    if found is None:
-        raise FileNotFoundError(f"{name} not found on PATH or in {_DEFAULT_PATH}")
-    return found
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll `predicate` until it returns a truthy value and return that value.
-
-    Raises TimeoutError naming `what` after `timeout` seconds; exceptions from
-    `predicate` propagate.  The poll interval is 20 ms.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(_POLL_S)
