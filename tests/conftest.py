@@ -12,12 +12,17 @@ instead: in CI the environment is part of what is being tested, so a test
 must never pass by not running.  That policy lives in one place,
 `tests.prereq.skip_or_fail`; anything that finds a prerequisite missing
 outside these markers calls it directly.
+
+Shared fixture: `short_tmp`, a private directory under /tmp whose paths
+stay short enough for unix sockets below it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +60,14 @@ def require(marker: str) -> None:
 def require_env() -> Callable[[str], None]:
     """`require` for fixtures (conftest modules are not meant to be imported)."""
     return require
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short private directory (unix socket paths must stay under 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="keel-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,6 +13,9 @@
   long-lived container across tests).
 * `releases` (session): releases A, B and FAR of the working tree side by
   side (tests/integration/live_upgrade.py), for the live-upgrade tests.
+* `runc`, `rootfs` (module): for the tests that drive the agent without
+  containerd (test_agent.py, agent_upgrade/): runc's path (skipped loudly
+  without root or runc, failed in CI) and a busybox root filesystem.
 """
 
 from __future__ import annotations
@@ -109,6 +112,24 @@ def container_ids(containerd: Containerd, request: pytest.FixtureRequest
     found = containerd.leftovers(grace=5.0)
     assert not found, f"left behind by {request.node.name}:\n{found}"
     assert not stale, f"{request.node.name} did not clean up: {stale}"
+
+
+@pytest.fixture(scope="module")
+def runc() -> str:
+    """runc's path; skips loudly (fails in CI) without root, runc or busybox."""
+    # Imported here: the tests that drive containerd need none of the agent's modules.
+    from tests.agent_harness import require_root_and_runc
+
+    return require_root_and_runc()
+
+
+@pytest.fixture(scope="module")
+def rootfs(runc: str) -> Iterator[str]:
+    """A busybox root filesystem, for the module's containers."""
+    from tests.agent_harness import make_rootfs
+
+    with tempfile.TemporaryDirectory(prefix="keel-rootfs-") as tmp:
+        yield str(make_rootfs(Path(tmp) / "rootfs"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Driving the Keel shim (`io.containerd.keel.v2`, process backend) with `ctr`:
-what the test_keel_ctr*.py modules and test_launcher.py share."""
+what the test_keel_ctr*.py modules and test_launcher.py share (and the
+runtime-neutral `status` and `listed`, test_runc_baseline.py too)."""
 
 from __future__ import annotations
 

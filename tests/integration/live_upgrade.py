@@ -1,6 +1,7 @@
 """Live upgrade under a real containerd: releases side by side, the counter
-workload, the sandbox's ShimOps endpoint and opsd, shared by the
-test_live_upgrade*.py modules (and by tests/vm/test_upgrade_vm.py).
+of tests/workloads.py started on one, the sandbox's ShimOps endpoint and
+opsd, shared by the test_live_upgrade*.py modules (and by
+tests/vm/test_upgrade_vm.py).
 
 Releases are ``<root>/<version>/`` with ``bin/containerd-shim-keel-v2`` and
 ``bin/keel-agent`` (the layout of upgrade/releases.py), each running its own
@@ -13,26 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError
 
 from agent.api import ops_pb
-from shim.dirs import SandboxDir
 from shim.state import SCHEMA_VERSION
 from tests.containerd import Containerd, wait_for
-from tests.workloads import STOPPER, counter
+from tests.workloads import CtrCounter
 from upgrade.releases import Release, ReleaseStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,8 +41,6 @@ FAR = "0.3.0"
 PACKAGES = ("keel", "shim", "agent", "upgrade", "opsd", "observability")
 #: Shim and agent each switch this many times in the back-and-forth test.
 SWITCHES = 20
-#: Prints 0, 1, 2... every ~2 ms until STOPPER runs, then "end"; exits 7.
-COUNTER = counter(2000)
 #: Reads one line from its stdin (kept pending across the upgrades) and answers it.
 READER = "read line; echo got:$line; exit 3"
 T = TypeVar("T")
@@ -91,110 +87,13 @@ def make_release(root: Path, version: str, tree: Path,
 
 # --- the workload -------------------------------------------------------------
 
-class Workload:
-    """``ctr run --rm`` of the counter in the foreground, its stdout read by a thread."""
-
-    def __init__(self, ctd: Containerd, cid: str, release: Release, image: str) -> None:
-        self.ctd, self.cid = ctd, cid
-        self.state_root = ctd.paths.tmp_root / "keel"
-        self.proc = subprocess.Popen(
-            [*ctd.ctr_prefix(), "run", "--rm", "--runtime", str(release.shim_path), image, cid,
-             "sh", "-c", COUNTER],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.out = bytearray()
-        self.err = bytearray()
-        self._readers = [threading.Thread(target=drain, args=(f, buf), daemon=True)
-                         for f, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
-        for t in self._readers:
-            t.start()
-        self.pid = 0
-
-    @property
-    def sandbox(self) -> SandboxDir:
-        return SandboxDir.of(self.state_root, self.cid)
-
-    def lines(self) -> int:
-        return self.out.count(b"\n")
-
-    def running(self) -> int:
-        """Wait for the task to run and for output; its pid."""
-        def run() -> tuple[int, str] | None:
-            self._ended()
-            task = task_of(self.ctd, self.cid)
-            return task if task is not None and task[1] == "RUNNING" else None
-
-        task = wait_for(run, 60, f"task {self.cid} to run")
-        assert task is not None
-        self.pid = task[0]
-        self.flows()
-        return self.pid
-
-    def _ended(self) -> bool:
-        """False while ctr runs; raises once it exited (nothing left to wait for)."""
-        if self.proc.poll() is not None:
-            raise AssertionError(f"ctr run exited with {self.proc.returncode}: {self.err.decode()}")
-        return False
-
-    def flows(self, more: int = 20) -> None:
-        """The counter goes on printing through whoever serves now."""
-        target = self.lines() + more
-        wait_for(lambda: self._ended() or self.lines() >= target, 30,
-                 f"{more} more lines from {self.cid} (at {self.lines()})")
-
-    def untouched(self) -> None:
-        """Still running with the same pid, output flowing, containerd noticed nothing."""
-        assert task_of(self.ctd, self.cid) == (self.pid, "RUNNING")
-        self.flows()
-        assert not disconnects(self.ctd, self.cid), disconnects(self.ctd, self.cid)
-
-    def finish(self) -> int:
-        """Stop the counter (an exec runs STOPPER); ctr's exit code."""
-        res = self.ctd.ctr("tasks", "exec", "--exec-id", "stop", self.cid, *STOPPER)
-        assert res.returncode == 0, res
-        rc = self.proc.wait(60)
-        for t in self._readers:
-            t.join(10)
-        return rc
-
-    def assert_sequence(self) -> None:
-        """Every number exactly once, in order, then "end"."""
-        lines = self.out.decode().split("\n")
-        assert lines[-2:] == ["end", ""], lines[-5:]
-        numbers = lines[:-2]
-        bad = next((i for i, n in enumerate(numbers) if n != str(i)), None)
-        assert bad is None, f"line {bad} is {numbers[bad]!r}, around: {numbers[max(bad - 3, 0):bad + 3]}"
-        assert len(numbers) > 100
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.ctd.ctr("tasks", "kill", "-s", "SIGKILL", self.cid)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def drain(f: Any, into: bytearray) -> None:
-    while chunk := f.read1(65536):
-        into += chunk
-
-
 task_of = Containerd.task
 
 
-def disconnects(ctd: Containerd, cid: str) -> list[str]:
-    """containerd's log lines that say it lost the shim of *cid* ("shim disconnected",
-    "cleaning up after shim disconnected"; the "cleaning up dead shim" that follows
-    names no id)."""
-    mine = re.compile(rf"\bid={re.escape(cid)}(\s|$)")
-    return [line for line in ctd.log_text().splitlines()
-            if "shim disconnected" in line and mine.search(line)]
-
-
 @contextlib.contextmanager
-def workload(ctd: Containerd, cid: str, release: Release, image: str) -> Iterator[Workload]:
-    w = Workload(ctd, cid, release, image)
+def workload(ctd: Containerd, cid: str, release: Release, image: str) -> Iterator[CtrCounter]:
+    """The counter (every ~2 ms) on *release*, running; killed at the end if still running."""
+    w = CtrCounter(ctd, cid, release.shim_path, image)
     try:
         w.running()
         yield w
@@ -204,7 +103,7 @@ def workload(ctd: Containerd, cid: str, release: Release, image: str) -> Iterato
 
 # --- ShimOps ------------------------------------------------------------------
 
-def shim_ops(w: Workload, call: Callable[[ops_pb.ShimOpsStub], Awaitable[T]]) -> T:
+def shim_ops(w: CtrCounter, call: Callable[[ops_pb.ShimOpsStub], Awaitable[T]]) -> T:
     async def go() -> T:
         channel = Channel(path=str(w.sandbox.ops_socket))
         try:
@@ -214,27 +113,27 @@ def shim_ops(w: Workload, call: Callable[[ops_pb.ShimOpsStub], Awaitable[T]]) ->
     return asyncio.run(go())
 
 
-def status(w: Workload) -> ops_pb.StatusResponse:
-    return shim_ops(w, lambda s: s.status(ops_pb.StatusRequest(), timeout=10))
+def status(w: CtrCounter, timeout: float = 10) -> ops_pb.StatusResponse:
+    return shim_ops(w, lambda s: s.status(ops_pb.StatusRequest(), timeout=timeout))
 
 
-def upgrade_shim(w: Workload, path: Path | str) -> ops_pb.UpgradeShimResponse:
+def upgrade_shim(w: CtrCounter, path: Path | str) -> ops_pb.UpgradeShimResponse:
     req = ops_pb.UpgradeShimRequest(shim_path=str(path))
     return shim_ops(w, lambda s: s.upgrade_shim(req, timeout=60))
 
 
-def upgrade_agent(w: Workload, release: Release) -> ops_pb.UpgradeAgentResponse:
+def upgrade_agent(w: CtrCounter, release: Release) -> ops_pb.UpgradeAgentResponse:
     req = ops_pb.UpgradeAgentRequest(agent_path=str(release.agent_path), to_version=release.version)
     return shim_ops(w, lambda s: s.upgrade_agent(req, timeout=60))
 
 
-def refused(w: Workload, call: Callable[[], object]) -> GRPCError:
+def refused(w: CtrCounter, call: Callable[[], object]) -> GRPCError:
     with pytest.raises(GRPCError) as err:
         call()
     return err.value
 
 
-def assert_serving(w: Workload, shim: str, agent: str, shim_pid: int | None = None,
+def assert_serving(w: CtrCounter, shim: str, agent: str, shim_pid: int | None = None,
                    schema: int | None = SCHEMA_VERSION) -> None:
     """Status names these versions (and pid, and state schema unless None)."""
     st = status(w)

@@ -29,10 +29,8 @@ from tests.agent_harness import (
     Client,
     connect,
     expect_error,
-    make_rootfs,
     process_json,
     read_both,
-    require_root_and_runc,
     spec_json,
     stdio,
 )
@@ -40,17 +38,6 @@ from tests.agent_harness import (
 pytestmark = pytest.mark.requires_root
 
 Scenario = Callable[[Client], Coroutine[Any, Any, None]]
-
-
-@pytest.fixture(scope="module")
-def runc() -> str:
-    return require_root_and_runc()
-
-
-@pytest.fixture(scope="module")
-def rootfs(runc: str) -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="keel-rootfs-") as tmp:
-        yield str(make_rootfs(Path(tmp) / "rootfs"))
 
 
 def _run(agent: AgentProcess, scenario: Scenario) -> None:

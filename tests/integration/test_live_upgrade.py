@@ -13,7 +13,8 @@ container's.
 
 Fault injection is in test_live_upgrade_faults.py, the upgrade from an
 earlier release of this repository in test_live_upgrade_previous.py; the
-releases, the workload and the ShimOps calls in live_upgrade.py.
+releases and the ShimOps calls in live_upgrade.py, the workload in
+tests/workloads.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from tests.integration.live_upgrade import (
     A,
     B,
     assert_serving,
-    disconnects,
     opsctl,
     opsd,
     spread,
@@ -42,6 +42,7 @@ from tests.integration.live_upgrade import (
     upgrade_shim,
     workload,
 )
+from tests.workloads import disconnects
 from upgrade.releases import ReleaseStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root, pytest.mark.slow]

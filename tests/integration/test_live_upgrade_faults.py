@@ -26,7 +26,6 @@ from tests.integration.live_upgrade import (
     A,
     B,
     assert_serving,
-    disconnects,
     make_release,
     opsctl,
     opsd,
@@ -38,6 +37,7 @@ from tests.integration.live_upgrade import (
     upgrade_shim,
     workload,
 )
+from tests.workloads import CtrCounter, disconnects
 from upgrade.releases import ReleaseStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root, pytest.mark.slow]
@@ -63,7 +63,6 @@ BAD = {
 }
 
 
-
 @pytest.fixture(scope="session")
 def bad_releases() -> Iterator[ReleaseStore]:
     with tempfile.TemporaryDirectory(prefix="keel-bad-releases-") as tmp:
@@ -73,130 +72,117 @@ def bad_releases() -> Iterator[ReleaseStore]:
         yield store
 
 
+@pytest.fixture
+def w(containerd: Containerd, busybox: str, container_ids: Callable[[], str],
+      releases: ReleaseStore) -> Iterator[CtrCounter]:
+    """The counter running on release A (killed at the end if still running)."""
+    with workload(containerd, container_ids(), releases.get(A), busybox) as running:
+        yield running
+
+
 def test_new_shim_killed_before_commit_leaves_the_old_one_serving(
-        containerd: Containerd, busybox: str, container_ids: Callable[[], str],
-        releases: ReleaseStore) -> None:
+        w: CtrCounter, releases: ReleaseStore) -> None:
     """A new shim SIGKILLed at any phase before commit: the old one thaws and serves on."""
-    cid = container_ids()
-    with workload(containerd, cid, releases.get(A), busybox) as w:
-        pid = status(w).shim_pid
-        failpoint = w.sandbox.root / "handoff-failpoint"
-        for phase in ("before-hello", "after-state", "after-restore"):
-            failpoint.write_text(phase)
-            err = refused(w, lambda: upgrade_shim(w, releases.get(B).shim_path))
-            assert err.status is Status.FAILED_PRECONDITION, (phase, err)
-            assert not failpoint.exists(), f"the new shim never reached {phase}"
-            assert_serving(w, A, A, pid)
-            w.untouched()
-        # The thawed shim is whole: a real upgrade goes through afterwards.
-        r = upgrade_shim(w, releases.get(B).shim_path)
-        assert_serving(w, B, A, r.new_shim_pid)
+    pid = status(w).shim_pid
+    failpoint = w.sandbox.root / "handoff-failpoint"
+    for phase in ("before-hello", "after-state", "after-restore"):
+        failpoint.write_text(phase)
+        err = refused(w, lambda: upgrade_shim(w, releases.get(B).shim_path))
+        assert err.status is Status.FAILED_PRECONDITION, (phase, err)
+        assert not failpoint.exists(), f"the new shim never reached {phase}"
+        assert_serving(w, A, A, pid)
         w.untouched()
-        assert w.finish() == 7
-        w.assert_sequence()
+    # The thawed shim is whole: a real upgrade goes through afterwards.
+    r = upgrade_shim(w, releases.get(B).shim_path)
+    assert_serving(w, B, A, r.new_shim_pid)
+    w.untouched()
+    w.finish_in_order()
 
 
 def test_new_shim_dying_after_commit_is_a_crash_containerd_cleans_up(
-        containerd: Containerd, busybox: str, container_ids: Callable[[], str],
-        releases: ReleaseStore) -> None:
+        containerd: Containerd, w: CtrCounter, releases: ReleaseStore) -> None:
     """Past commit the old shim has let go: the new one dying is a shim crash like
     any other.  The caller is told, and containerd's cleanup leaves nothing behind
     (the container_ids fixture checks for leftover processes, mounts, sockets)."""
-    cid = container_ids()
-    with workload(containerd, cid, releases.get(A), busybox) as w:
-        (w.sandbox.root / "handoff-failpoint").write_text("after-commit")
-        err = refused(w, lambda: upgrade_shim(w, releases.get(B).shim_path))
-        assert err.status is Status.UNAVAILABLE and "died after taking over" in str(err.message)
-        rc = w.proc.wait(30)
-        assert rc != 0 and rc != 7
-        wait_for(lambda: disconnects(containerd, cid), 30, "containerd to see the crash")
-        wait_for(lambda: task_of(containerd, cid) is None, 30, "the task to go away")
+    (w.sandbox.root / "handoff-failpoint").write_text("after-commit")
+    err = refused(w, lambda: upgrade_shim(w, releases.get(B).shim_path))
+    assert err.status is Status.UNAVAILABLE and "died after taking over" in str(err.message)
+    rc = w.proc.wait(30)
+    assert rc != 0 and rc != 7
+    wait_for(lambda: disconnects(containerd, w.cid), 30, "containerd to see the crash")
+    wait_for(lambda: task_of(containerd, w.cid) is None, 30, "the task to go away")
 
 
-def test_broken_shim_releases_change_nothing(containerd: Containerd, busybox: str,
-                                             container_ids: Callable[[], str],
-                                             releases: ReleaseStore,
+def test_broken_shim_releases_change_nothing(w: CtrCounter, releases: ReleaseStore,
                                              bad_releases: ReleaseStore) -> None:
-    cid = container_ids()
-    with workload(containerd, cid, releases.get(A), busybox) as w:
-        pid = status(w).shim_pid
-        state = w.sandbox.state.read_bytes()
-        assert json.loads(state)["schema_version"] == SCHEMA_VERSION
+    pid = status(w).shim_pid
+    state = w.sandbox.state.read_bytes()
+    assert json.loads(state)["schema_version"] == SCHEMA_VERSION
 
-        def refuses(path: Path | str, code: Status, *words: str) -> None:
-            err = refused(w, lambda: upgrade_shim(w, path))
-            assert err.status is code and all(x in str(err.message) for x in words), err
-            assert_serving(w, A, A, pid)
-            w.untouched()
-
-        # Crashes at import: the error carries what it printed.
-        refuses(bad_releases.get("0.1.5").shim_path, Status.FAILED_PRECONDITION,
-                "exited with status 1 before saying hello", "simulated")
-        # Finds the state it was handed corrupt: it says so, the old shim goes on.
-        refuses(bad_releases.get("0.1.7").shim_path, Status.FAILED_PRECONDITION,
-                "unreadable sandbox state")
-        # Speaks another handoff protocol: refused before anything froze.
-        refuses(bad_releases.get("0.1.8").shim_path, Status.FAILED_PRECONDITION,
-                "handoff protocol 99")
-        # Not a shim at all.
-        refuses(w.sandbox.root / "no-such-shim", Status.FAILED_PRECONDITION, "not an executable")
-        refuses("", Status.INVALID_ARGUMENT, "shim_path")
-        # Nothing was deleted: the state (rewritten by each freeze, with the
-        # pumps' offsets) still describes the same sandbox.
-        after = json.loads(w.sandbox.state.read_bytes())
-        assert [(c["id"], c["init"]["pid"]) for c in after["containers"]] == [
-            (c["id"], c["init"]["pid"]) for c in json.loads(state)["containers"]]
-        # A state *file* damaged on disk does not stop a handoff: the shim's
-        # memory is the truth, the freeze writes it again, the new shim reads it.
-        w.sandbox.state.write_text("{damaged")
-        r = upgrade_shim(w, releases.get(B).shim_path)
-        assert_serving(w, B, A, r.new_shim_pid)
-        assert json.loads(w.sandbox.state.read_text())["schema_version"] == SCHEMA_VERSION
+    def refuses(path: Path | str, code: Status, *words: str) -> None:
+        err = refused(w, lambda: upgrade_shim(w, path))
+        assert err.status is code and all(x in str(err.message) for x in words), err
+        assert_serving(w, A, A, pid)
         w.untouched()
-        assert w.finish() == 7
-        w.assert_sequence()
+
+    # Crashes at import: the error carries what it printed.
+    refuses(bad_releases.get("0.1.5").shim_path, Status.FAILED_PRECONDITION,
+            "exited with status 1 before saying hello", "simulated")
+    # Finds the state it was handed corrupt: it says so, the old shim goes on.
+    refuses(bad_releases.get("0.1.7").shim_path, Status.FAILED_PRECONDITION,
+            "unreadable sandbox state")
+    # Speaks another handoff protocol: refused before anything froze.
+    refuses(bad_releases.get("0.1.8").shim_path, Status.FAILED_PRECONDITION,
+            "handoff protocol 99")
+    # Not a shim at all.
+    refuses(w.sandbox.root / "no-such-shim", Status.FAILED_PRECONDITION, "not an executable")
+    refuses("", Status.INVALID_ARGUMENT, "shim_path")
+    # Nothing was deleted: the state (rewritten by each freeze, with the
+    # pumps' offsets) still describes the same sandbox.
+    after = json.loads(w.sandbox.state.read_bytes())
+    assert [(c["id"], c["init"]["pid"]) for c in after["containers"]] == [
+        (c["id"], c["init"]["pid"]) for c in json.loads(state)["containers"]]
+    # A state *file* damaged on disk does not stop a handoff: the shim's
+    # memory is the truth, the freeze writes it again, the new shim reads it.
+    w.sandbox.state.write_text("{damaged")
+    r = upgrade_shim(w, releases.get(B).shim_path)
+    assert_serving(w, B, A, r.new_shim_pid)
+    assert json.loads(w.sandbox.state.read_text())["schema_version"] == SCHEMA_VERSION
+    w.untouched()
+    w.finish_in_order()
 
 
-def test_agent_that_crashes_while_resuming_rolls_back(containerd: Containerd, busybox: str,
-                                                      container_ids: Callable[[], str],
-                                                      releases: ReleaseStore,
+def test_agent_that_crashes_while_resuming_rolls_back(w: CtrCounter, releases: ReleaseStore,
                                                       bad_releases: ReleaseStore) -> None:
-    cid = container_ids()
-    with workload(containerd, cid, releases.get(A), busybox) as w:
-        pid = status(w).shim_pid
-        a = upgrade_agent(w, bad_releases.get("0.1.6"))
-        assert (a.from_version, a.to_version, a.rolled_back) == (A, "0.1.6", True), a
-        assert A in a.message
-        assert_serving(w, A, A, pid)
-        w.untouched()
-        # A good release still goes through afterwards.
-        a = upgrade_agent(w, releases.get(B))
-        assert (a.to_version, a.rolled_back) == (B, False)
-        assert_serving(w, A, B, pid)
-        w.untouched()
-        assert w.finish() == 7
-        w.assert_sequence()
+    pid = status(w).shim_pid
+    a = upgrade_agent(w, bad_releases.get("0.1.6"))
+    assert (a.from_version, a.to_version, a.rolled_back) == (A, "0.1.6", True), a
+    assert A in a.message
+    assert_serving(w, A, A, pid)
+    w.untouched()
+    # A good release still goes through afterwards.
+    a = upgrade_agent(w, releases.get(B))
+    assert (a.to_version, a.rolled_back) == (B, False)
+    assert_serving(w, A, B, pid)
+    w.untouched()
+    w.finish_in_order()
 
 
-def test_unknown_and_incompatible_versions_are_refused(containerd: Containerd, busybox: str,
-                                                       container_ids: Callable[[], str],
+def test_unknown_and_incompatible_versions_are_refused(containerd: Containerd, w: CtrCounter,
                                                        releases: ReleaseStore) -> None:
-    cid = container_ids()
-    with workload(containerd, cid, releases.get(A), busybox) as w:
-        pid = status(w).shim_pid
-        # The agent checks the version the release really is.
-        err = refused(w, lambda: shim_ops(w, lambda s: s.upgrade_agent(ops_pb.UpgradeAgentRequest(
-            agent_path=str(releases.get(B).agent_path), to_version="0.1.3"), timeout=60)))
-        assert err.status is Status.FAILED_PRECONDITION and f"is release {B}" in str(err.message)
-        with opsd(containerd, releases) as ctl:
-            res = opsctl(ctl, "upgrade", "--to", "0.1.3", "--sandbox", cid)
-            assert res.returncode == 1 and "release 0.1.3 is not installed" in res.stderr, res
-            res = opsctl(ctl, "upgrade", "--to", "not-a-version", "--sandbox", cid)
-            assert res.returncode == 1 and "is not a Keel version" in res.stderr, res
-            res = opsctl(ctl, "upgrade", "--to", FAR, "--sandbox", cid)
-            assert res.returncode == 1 and "skips a minor release" in res.stderr, res
-            assert "no sandbox touched" in res.stderr, res
-        assert_serving(w, A, A, pid)
-        w.untouched()
-        assert w.finish() == 7
-        w.assert_sequence()
+    pid = status(w).shim_pid
+    # The agent checks the version the release really is.
+    err = refused(w, lambda: shim_ops(w, lambda s: s.upgrade_agent(ops_pb.UpgradeAgentRequest(
+        agent_path=str(releases.get(B).agent_path), to_version="0.1.3"), timeout=60)))
+    assert err.status is Status.FAILED_PRECONDITION and f"is release {B}" in str(err.message)
+    with opsd(containerd, releases) as ctl:
+        res = opsctl(ctl, "upgrade", "--to", "0.1.3", "--sandbox", w.cid)
+        assert res.returncode == 1 and "release 0.1.3 is not installed" in res.stderr, res
+        res = opsctl(ctl, "upgrade", "--to", "not-a-version", "--sandbox", w.cid)
+        assert res.returncode == 1 and "is not a Keel version" in res.stderr, res
+        res = opsctl(ctl, "upgrade", "--to", FAR, "--sandbox", w.cid)
+        assert res.returncode == 1 and "skips a minor release" in res.stderr, res
+        assert "no sandbox touched" in res.stderr, res
+    assert_serving(w, A, A, pid)
+    w.untouched()
+    w.finish_in_order()

@@ -28,17 +28,9 @@ pytestmark = pytest.mark.requires_root
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    """A short private directory (unix socket paths must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="kopsd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def opsd(base: Path) -> Iterator[Opsd]:
+def opsd(short_tmp: Path) -> Iterator[Opsd]:
     """opsd over an empty state root and releases root."""
-    d = Opsd(base)
+    d = Opsd(short_tmp)
     d.start()
     yield d
     d.close()
@@ -54,10 +46,10 @@ def test_ready_status_watchdog_and_socket(opsd: Opsd) -> None:
     assert "listening on" in opsd.log()
 
 
-def test_logs_go_to_the_journal_under_systemd(base: Path) -> None:
+def test_logs_go_to_the_journal_under_systemd(short_tmp: Path) -> None:
     """With $JOURNAL_STREAM naming its stderr, opsd logs through JournalHandler
     (journald is absent here, so the lines vanish) instead of writing stderr."""
-    d = Opsd(base, env={"JOURNAL_STREAM": "<log>"})
+    d = Opsd(short_tmp, env={"JOURNAL_STREAM": "<log>"})
     d.start()
     try:
         assert opsctl(d.socket, "ls").returncode == 0
@@ -66,7 +58,7 @@ def test_logs_go_to_the_journal_under_systemd(base: Path) -> None:
     assert "listening on" not in d.log() and "stopping" not in d.log()
 
 
-def test_non_root_callers_are_refused(opsd: Opsd, base: Path) -> None:
+def test_non_root_callers_are_refused(opsd: Opsd, short_tmp: Path) -> None:
     r = opsctl(opsd.socket, "ls", as_nobody=True)
     assert r.returncode == 1
     assert "permission denied on" in r.stderr and "must run as root" in r.stderr

@@ -10,9 +10,9 @@ through PYTHONPATH: a shim hands its environment to the next release's
 shim, whose venv entry point would then import the previous release's
 code.)  A real opsd serves the private Keel state root on a private
 socket and state dir, and the real ``opsctl`` drives it.  Each pod is a
-``ctr run`` in the foreground of a counter printing a number every 10 ms,
-read by the test from ctr's stdout, so every line crosses containerd's
-stdio fifos.
+``ctr run`` in the foreground of a counter printing a number every 10 ms
+(tests/workloads.py ``CtrCounter``), read by the test from ctr's stdout,
+so every line crosses containerd's stdio fifos.
 
 What is checked is what the node shows afterwards: the versions and shim
 pid each sandbox reports (``opsctl ls --json``), the plan opsd reports
@@ -32,7 +32,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,9 @@ from typing import Any
 import pytest
 
 from shim.api import SandboxDir
-from tests.containerd import Containerd, leftovers, wait_for
+from tests.containerd import Containerd, leftovers
 from tests.opsd_harness import REPO, Opsd, opsctl, plan, sandboxes
-from tests.workloads import STOPPER, counter
+from tests.workloads import CtrCounter
 from upgrade.releases import Release, ReleaseStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root, pytest.mark.slow]
@@ -56,8 +55,6 @@ BROKEN_PATCH = ("agent/_resume.py",
                 "    _real_load(config, fds)\n"
                 "    raise RuntimeError('simulated crash while resuming')\n")
 PODS = 3
-#: Prints 0, 1, 2... every ~10 ms until STOPPER runs, then "end"; exits 7.
-COUNTER = counter(10_000)
 #: Not copied into a release's source: VCS data, virtualenvs, caches, the tests.
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "venv*", "__pycache__", "*.egg-info",
                                      "build", "dist", ".*_cache", ".hypothesis", "tests")
@@ -105,99 +102,16 @@ def releases(containerd: Containerd) -> Iterator[ReleaseStore]:
 
 # --- pods ---------------------------------------------------------------------
 
-class Pod:
-    """``ctr run --rm`` of the counter in the foreground on *release*, its output read by a thread."""
-
-    def __init__(self, ctd: Containerd, cid: str, release: Release, image: str) -> None:
-        self.ctd, self.cid = ctd, cid
-        self.proc = subprocess.Popen(
-            [*ctd.ctr_prefix(), "run", "--rm", "--runtime", str(release.shim_path), image, cid,
-             "sh", "-c", COUNTER],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.out, self.err = bytearray(), bytearray()
-        self._readers = [threading.Thread(target=_drain, args=(f, buf), daemon=True)
-                         for f, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
-        for t in self._readers:
-            t.start()
-        self.pid = 0
-
-    def lines(self) -> int:
-        return self.out.count(b"\n")
-
-    def _check_ctr(self) -> bool:
-        """False while ctr runs; raises once it exited (nothing left to wait for)."""
-        if self.proc.poll() is not None:
-            raise AssertionError(f"ctr run {self.cid} exited with {self.proc.returncode}:"
-                                 f" {self.err.decode(errors='replace')}")
-        return False
-
-    def running(self) -> None:
-        """Wait for the task to run and print; remember its pid."""
-        def run() -> tuple[int, str] | None:
-            self._check_ctr()
-            task = self.ctd.task(self.cid)
-            return task if task is not None and task[1] == "RUNNING" else None
-
-        task = wait_for(run, 60, f"task {self.cid} to run")
-        self.pid = task[0]
-        self.flows()
-
-    def flows(self, more: int = 10) -> None:
-        """The counter goes on printing through whoever serves now."""
-        target = self.lines() + more
-        wait_for(lambda: self._check_ctr() or self.lines() >= target, 30,
-                 f"{more} more lines from {self.cid} (at {self.lines()})")
-
-    def untouched(self) -> None:
-        """Same pid, still running, output flowing, and containerd never lost its shim."""
-        assert self.ctd.task(self.cid) == (self.pid, "RUNNING")
-        self.flows()
-        assert not disconnects(self.ctd, self.cid), disconnects(self.ctd, self.cid)
-
-    def finish(self) -> None:
-        """Stop the counter; ctr exits with the container's 7 and every number arrived once."""
-        res = self.ctd.ctr("tasks", "exec", "--exec-id", "stop", self.cid, *STOPPER)
-        assert res.returncode == 0, res
-        assert self.proc.wait(60) == 7, self.err.decode(errors="replace")
-        for t in self._readers:
-            t.join(10)
-        lines = self.out.decode().split("\n")
-        assert lines[-2:] == ["end", ""], lines[-5:]
-        numbers = lines[:-2]
-        bad = next((i for i, n in enumerate(numbers) if n != str(i)), None)
-        assert bad is None, f"{self.cid}: line {bad} is {numbers[bad]!r}, around:" \
-                            f" {numbers[max(bad - 3, 0):bad + 3]}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.ctd.ctr("tasks", "kill", "-s", "SIGKILL", self.cid)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _drain(f: Any, into: bytearray) -> None:
-    while chunk := f.read1(65536):
-        into += chunk
-
-
-def disconnects(ctd: Containerd, cid: str) -> list[str]:
-    """containerd's log lines that say it lost the shim of *cid*."""
-    mine = re.compile(rf"\bid={re.escape(cid)}(\s|$)")
-    return [line for line in ctd.log_text().splitlines()
-            if "shim disconnected" in line and mine.search(line)]
-
-
 @contextlib.contextmanager
 def pods(ctd: Containerd, new_id: Callable[[], str], release: Release, image: str
-         ) -> Iterator[list[Pod]]:
-    """PODS pods on *release*, started together; killed at the end if still running."""
-    started: list[Pod] = []
+         ) -> Iterator[list[CtrCounter]]:
+    """PODS counters (a number every ~10 ms) on *release*, started together;
+    killed at the end if still running."""
+    started: list[CtrCounter] = []
     try:
         for _ in range(PODS):
-            started.append(Pod(ctd, new_id(), release, image))
+            started.append(CtrCounter(ctd, new_id(), release.shim_path, image,
+                                      interval_us=10_000, more=10))
         for p in started:
             p.running()
         yield started
@@ -226,14 +140,14 @@ def node(containerd: Containerd, container_ids: Callable[[], str],
         assert not found, f"left behind by opsd:\n{found}"
 
 
-def reported(node: Opsd, ps: list[Pod]) -> dict[str, dict[str, Any]]:
+def reported(node: Opsd, ps: list[CtrCounter]) -> dict[str, dict[str, Any]]:
     """What ``opsctl ls --json`` says about these pods' sandboxes (and that it lists each)."""
     listed = sandboxes(node.socket)
     assert all(p.cid in listed for p in ps), sorted(listed)
     return {p.cid: listed[p.cid] for p in ps}
 
 
-def assert_at(sb: dict[str, Any], pod: Pod, version: str) -> None:
+def assert_at(sb: dict[str, Any], pod: CtrCounter, version: str) -> None:
     """The sandbox's shim and agent report *version*; its one container runs with pod's pid."""
     assert (sb.get("shim_version"), sb.get("agent_version"), sb.get("backend")) == (
         version, version, "process"), sb
@@ -279,7 +193,7 @@ def test_opsctl_upgrades_real_sandboxes_in_batches(containerd: Containerd, busyb
         assert st.returncode == 0 and "state succeeded" in st.stdout, st
         assert st.stdout.count(" healthy") == PODS, st.stdout
         for p in ps:
-            p.finish()
+            p.finish_in_order(at_least=0)
 
 
 def test_a_release_that_fails_is_rolled_back_on_real_sandboxes(
@@ -315,4 +229,4 @@ def test_a_release_that_fails_is_rolled_back_on_real_sandboxes(
             node.state_root, c).agent_log.read_text(errors="replace")]
         assert crashed == ids[:2], crashed
         for p in ps:
-            p.finish()
+            p.finish_in_order(at_least=0)

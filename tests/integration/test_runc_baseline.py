@@ -12,22 +12,11 @@ from collections.abc import Callable
 import pytest
 
 from tests.containerd import Containerd, wait_for
+from tests.integration.keel_ctr import listed, status
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root]
 
 RUNC = "io.containerd.runc.v2"
-
-
-_task = Containerd.task
-
-
-def _status(ctd: Containerd, cid: str) -> str | None:
-    task = _task(ctd, cid)
-    return None if task is None else task[1]
-
-
-def _listed(ctd: Containerd, kind: str, cid: str) -> bool:
-    return cid in ctd.ctr(kind, "ls", "-q").stdout.split()
 
 
 def test_run_rm_output_and_exit_code(containerd: Containerd, busybox: str,
@@ -36,8 +25,8 @@ def test_run_rm_output_and_exit_code(containerd: Containerd, busybox: str,
     res = containerd.ctr("run", "--rm", "--runtime", RUNC, busybox, cid,
                          "sh", "-c", "echo hi; echo err >&2; exit 3")
     assert (res.returncode, res.stdout, res.stderr) == (3, "hi\n", "err\n")
-    assert not _listed(containerd, "tasks", cid)
-    assert not _listed(containerd, "containers", cid)
+    assert not listed(containerd, "tasks", cid)
+    assert not listed(containerd, "containers", cid)
 
 
 def test_run_rm_stdin_reaches_the_process(containerd: Containerd, busybox: str,
@@ -46,7 +35,7 @@ def test_run_rm_stdin_reaches_the_process(containerd: Containerd, busybox: str,
     # Fed once the task runs: ctr 1.6 loses stdin EOF that comes before the task exists.
     res = containerd.ctr_feed("run", "--rm", "--runtime", RUNC, busybox, cid, "wc", "-l",
                               input="one\ntwo\nthree\n",
-                              when=lambda: _status(containerd, cid) == "RUNNING")
+                              when=lambda: status(containerd, cid) == "RUNNING")
     assert (res.returncode, res.stdout.strip(), res.stderr) == (0, "3", "")
 
 
@@ -55,7 +44,7 @@ def test_detached_exec_kill_delete(containerd: Containerd, busybox: str,
     cid = container_ids()
     res = containerd.ctr("run", "-d", "--runtime", RUNC, busybox, cid, "sleep", "1000")
     assert res.returncode == 0, res.stderr
-    task = _task(containerd, cid)
+    task = containerd.task(cid)
     assert task is not None and task[0] > 0 and task[1] == "RUNNING", task
 
     res = containerd.ctr("tasks", "exec", "--exec-id", "e1", cid,
@@ -67,16 +56,16 @@ def test_detached_exec_kill_delete(containerd: Containerd, busybox: str,
 
     res = containerd.ctr("tasks", "kill", "-s", "SIGKILL", cid)
     assert res.returncode == 0, res.stderr
-    wait_for(lambda: _task(containerd, cid) == (task[0], "STOPPED"), 10, f"{cid} to stop")
+    wait_for(lambda: containerd.task(cid) == (task[0], "STOPPED"), 10, f"{cid} to stop")
 
     res = containerd.ctr("tasks", "rm", cid)
     # ctr task rm succeeds and only warns about the status (128 + SIGKILL).
     assert (res.returncode, res.stdout) == (0, ""), res
     assert "exit with non-zero exit code 137" in res.stderr, res.stderr
-    assert not _listed(containerd, "tasks", cid)
+    assert not listed(containerd, "tasks", cid)
     res = containerd.ctr("containers", "rm", cid)
     assert res.returncode == 0, res.stderr
-    assert not _listed(containerd, "containers", cid)
+    assert not listed(containerd, "containers", cid)
 
 
 def test_run_tty(containerd: Containerd, busybox: str,

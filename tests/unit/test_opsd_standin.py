@@ -22,11 +22,9 @@ import json
 import os
 import pty
 import select
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,23 +37,15 @@ pytestmark = pytest.mark.requires_root
 
 
 @pytest.fixture
-def base() -> Iterator[Path]:
-    """A short private directory (unix socket paths must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="kopsd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def fleet(base: Path) -> Iterator[Fleet]:
-    with Fleet(base / "state") as f:
+def fleet(short_tmp: Path) -> Iterator[Fleet]:
+    with Fleet(short_tmp / "state") as f:
         yield f
 
 
 @pytest.fixture
-def opsd(base: Path, fleet: Fleet) -> Iterator[Opsd]:
-    make_releases(base / "releases", "0.1.0", "0.2.0", "1.0.0")
-    d = Opsd(base)
+def opsd(short_tmp: Path, fleet: Fleet) -> Iterator[Opsd]:
+    make_releases(short_tmp / "releases", "0.1.0", "0.2.0", "1.0.0")
+    d = Opsd(short_tmp)
     d.start()
     yield d
     d.close()
@@ -66,10 +56,10 @@ def targets(sock: Path) -> dict[str, str]:
     return {t["sandbox_id"]: t["state"] for t in plan(sock)["targets"]}
 
 
-def test_ls_shows_sandboxes_containers_versions(opsd: Opsd, fleet: Fleet, base: Path) -> None:
+def test_ls_shows_sandboxes_containers_versions(opsd: Opsd, fleet: Fleet, short_tmp: Path) -> None:
     fleet.add("pod-a", containers={"web": "running", "sidecar": "running"})
     fleet.add("pod-b", agent="0.1.1", accel="tcg")
-    dead = base / "state/sandboxes/pod-dead"
+    dead = short_tmp / "state/sandboxes/pod-dead"
     dead.mkdir(parents=True)
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(dead / "ops.sock"))  # a socket nobody listens on: connection refused
@@ -129,7 +119,7 @@ def test_failed_batch_rolls_back(opsd: Opsd, fleet: Fleet) -> None:
     assert targets(opsd.socket) == {"sb0": "rolled-back", "sb1": "rolled-back", "sb2": "pending"}
 
 
-def test_refusals_touch_nothing(opsd: Opsd, fleet: Fleet, base: Path) -> None:
+def test_refusals_touch_nothing(opsd: Opsd, fleet: Fleet, short_tmp: Path) -> None:
     fleet.add("sb0")
     fleet.add("sb1", schema=2)
     before = {s: fleet[s].snapshot() for s in ("sb0", "sb1")}
@@ -150,9 +140,9 @@ def test_refusals_touch_nothing(opsd: Opsd, fleet: Fleet, base: Path) -> None:
     assert {s: fleet[s].snapshot() for s in ("sb0", "sb1")} == before
     assert "no upgrade has run" in opsctl(opsd.socket, "upgrade", "status").stdout
     assert plan(opsd.socket) == {}
-    r = opsctl(base / "elsewhere.sock", "ls")
+    r = opsctl(short_tmp / "elsewhere.sock", "ls")
     assert r.returncode == 1
-    assert f"cannot reach opsd at {base}/elsewhere.sock: is it running?" in r.stderr
+    assert f"cannot reach opsd at {short_tmp}/elsewhere.sock: is it running?" in r.stderr
 
 
 def test_second_upgrade_refused_then_abort(opsd: Opsd, fleet: Fleet) -> None:

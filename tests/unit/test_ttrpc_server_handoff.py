@@ -22,6 +22,7 @@ from shim.ttrpc._frames import (
 )
 from tests.unit.ttrpc_harness import (
     SVC,
+    Handover,
     RawPeer,
     Service,
     listen,
@@ -140,28 +141,16 @@ def test_handoff_under_pipelined_load() -> None:
     none is duplicated (the client counts answers to unknown stream ids).
     """
     async def main() -> None:
-        a_service, b_service = Service("A"), Service("B")
-        b_service.gate("exit").set()  # B's Wait returns at once; A's never does
-        a_service.stall_after = 500
-        halfway = asyncio.Event()
-        a_service.on_echo = lambda n: halfway.set() if n == 500 else None
-        a, b = make_server(a_service), make_server(b_service)
-        records = []
-
-        async def hand_off() -> None:
-            await halfway.wait()
-            (frozen,) = await a.freeze_all()
-            records.append(frozen)
-            b.adopt_connection(socket.socket(fileno=frozen.fd), frozen.unparsed, frozen.pending)
-            a.release_all()
-
+        h = Handover(at=500)
+        a, b, records = h.a, h.b, h.records
+        h.b_service.gate("exit").set()  # B's Wait returns at once; A's never does
         mine, theirs = socket.socketpair()
         pad = "p" * 200  # 2000 frames overflow the socket buffer and asyncio's read size
         async with serving(a), serving(b), asyncio.TaskGroup() as tg:
             a.adopt_connection(theirs)
             client = await TtrpcClient.from_socket(mine)
             wait = tg.create_task(client.call(SVC, "Block", StringValue("exit"), StringValue))
-            tg.create_task(hand_off())
+            tg.create_task(h.hand_off())
             results = await asyncio.gather(*(
                 client.call(SVC, "Echo", StringValue(f"{i}|{pad}"), StringValue) for i in range(2000)))
             assert (await wait).value == "B:released exit"
@@ -185,27 +174,15 @@ def test_handoff_of_a_burst_mid_chunk() -> None:
     go over as pending.  A last request proves nothing arrives twice.
     """
     async def main() -> None:
-        a_service, b_service = Service("A"), Service("B")
-        a_service.stall_after = 500
-        halfway = asyncio.Event()
-        a_service.on_echo = lambda n: halfway.set() if n == 500 else None
-        a, b = make_server(a_service), make_server(b_service)
-        records = []
-
-        async def hand_off() -> None:
-            await halfway.wait()
-            (frozen,) = await a.freeze_all()
-            records.append(frozen)
-            b.adopt_connection(socket.socket(fileno=frozen.fd), frozen.unparsed, frozen.pending)
-            a.release_all()
-
+        h = Handover(at=500)
+        a, b, records = h.a, h.b, h.records
         pad = "q" * 217
         ids = [2 * i + 1 for i in range(2000)]
         burst = b"".join(encode_frame(sid, 1, request_body("Echo", bytes(StringValue(f"{sid}|{pad}"))))
                          for sid in ids)
         async with serving(a), serving(b), asyncio.TaskGroup() as tg:
             peer = await RawPeer.attach(a)
-            tg.create_task(hand_off())
+            tg.create_task(h.hand_off())
             peer.writer.write(burst)
             answers: dict[int, str] = {}
             for _ in ids:

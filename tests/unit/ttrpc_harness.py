@@ -1,6 +1,6 @@
 """A TtrpcServer to test against real sockets: handlers with gates, a raw peer
-that writes frames by hand, and the loop runner with its deadline (shared by
-the test_ttrpc_server*.py modules)."""
+that writes frames by hand, two servers that hand a connection over, and the
+loop runner with its deadline (shared by the test_ttrpc_server*.py modules)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from betterproto.lib.google.protobuf import BytesValue, Empty, Int64Value, StringValue
 
 from keel import errors
-from shim.ttrpc import CallContext, Method, TtrpcServer
+from shim.ttrpc import CallContext, FrozenConnection, Method, TtrpcServer
 from shim.ttrpc._frames import (
     HEADER_SIZE,
     Header,
@@ -175,6 +175,28 @@ def oneshot(check: Check, **server_kw: object) -> None:
             await peer.close()
 
     run(main)
+
+
+class Handover:
+    """Servers ``a`` and ``b`` (services "A" and "B"); once A has answered
+    *at* echoes its echo handlers stall (like Waits), and :meth:`hand_off`
+    then moves A's one connection to B: freeze, adopt, release.  What the
+    freeze gave is kept in ``records``."""
+
+    def __init__(self, at: int = 500) -> None:
+        self.a_service, self.b_service = Service("A"), Service("B")
+        self.a_service.stall_after = at
+        self._reached = asyncio.Event()
+        self.a_service.on_echo = lambda n: self._reached.set() if n == at else None
+        self.a, self.b = make_server(self.a_service), make_server(self.b_service)
+        self.records: list[FrozenConnection] = []
+
+    async def hand_off(self) -> None:
+        await self._reached.wait()
+        (frozen,) = await self.a.freeze_all()
+        self.records.append(frozen)
+        self.b.adopt_connection(socket.socket(fileno=frozen.fd), frozen.unparsed, frozen.pending)
+        self.a.release_all()
 
 
 def listen(path: Path) -> socket.socket:

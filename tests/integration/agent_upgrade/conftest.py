@@ -1,7 +1,7 @@
-"""Fixtures of the agent-upgrade tests: runc and a busybox rootfs (root only;
-skipped loudly, or failed in CI, without them), releases A and B of this
-checkout side by side, and an agent started from release A that must stop
-cleanly and leave no container behind."""
+"""Fixtures of the agent-upgrade tests: releases A and B of this checkout
+side by side, and an agent started from release A that must stop cleanly
+and leave no container behind (runc and the busybox rootfs come from
+tests/integration/conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,24 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_harness import (
-    AgentProcess,
-    make_release,
-    make_rootfs,
-    require_root_and_runc,
-)
+from tests.agent_harness import AgentProcess, make_release
 from tests.integration.agent_upgrade.scenario import A, B, launcher
-
-
-@pytest.fixture(scope="module")
-def runc() -> str:
-    return require_root_and_runc()
-
-
-@pytest.fixture(scope="module")
-def rootfs(runc: str) -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="keel-rootfs-") as tmp:
-        yield str(make_rootfs(Path(tmp) / "rootfs"))
 
 
 @pytest.fixture(scope="module")
