@@ -2,7 +2,8 @@
 
 The test plays CNI: two network namespaces of its own, "pod" and "peer",
 joined by a veth pair with 10.211.0.2/24 (pod) and 10.211.0.1/24 (peer),
-a default route in "pod" via the peer, and 10.212.0.1/32 on the peer's
+a default route in "pod" via the peer (plus, as CNI adds it, a route to the
+pod's own subnet via the peer next to the connected one), and 10.212.0.1/32 on the peer's
 loopback (reachable from the pod only through that route).  The container
 runs with ``ctr run --with-ns network:<pod>``; the shim bridges the pod's
 veth to a tap (tc mirred) and the guest takes over the veth's MAC,
@@ -33,6 +34,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.integration,
 BUSYBOX = "localhost/keel/busybox:test"
 CTR_TIMEOUT_S = 240.0
 POD_IP, PEER_IP, PEER_FAR_IP = "10.211.0.2", "10.211.0.1", "10.212.0.1"
+SUBNET = "10.211.0.0/24"
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ def pod() -> Iterator[Pod]:
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", pod_ns, "route", "add", "default", "via", PEER_IP)
+        # As CNI's IPAM adds {"dst": <the pod subnet>} (without NLM_F_EXCL): it
+        # sits beside the connected route of the address.
+        _ip("-n", pod_ns, "route", "prepend", SUBNET, "via", PEER_IP, "dev", "eth0")
         mac = _ip("-n", pod_ns, "-o", "link", "show", "eth0").split("link/ether ")[1].split()[0]
         yield Pod(pod_ns, peer_ns, mac)
     finally:
@@ -125,6 +130,8 @@ def test_pod_network_reaches_the_peer_and_back(vm_containerd: Containerd, pod: P
         assert res.stdout.splitlines()[0] == pod.mac, res.stdout
         assert f"inet {POD_IP}/24" in res.stdout, res.stdout
         assert f"default via {PEER_IP} dev eth0" in res.stdout, res.stdout
+        assert f"{SUBNET} via {PEER_IP} dev eth0" in res.stdout, res.stdout
+        assert f"{SUBNET} dev eth0" in res.stdout, res.stdout  # the connected route stays
 
         # Container -> peer: ICMP on the link, HTTP to an address behind the default
         # route (nc: a static busybox's wget needs NSS modules the image lacks).

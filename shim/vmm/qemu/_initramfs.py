@@ -118,8 +118,10 @@ if [ -n "$net" ]; then
         [ "$dev" = "$2" ] || ip link set "$dev" name "$2" || fail "cannot rename $dev to $2"
         dev=$2
         ip link set "$dev" mtu "$3" up || fail "cannot bring $dev up" ;;
-      addr) ip addr add $rest dev "$dev" || fail "ip addr add $rest" ;;
-      route) ip route add $rest dev "$dev" || fail "ip route add $rest" ;;
+      addr) err=$(ip addr add $rest dev "$dev" 2>&1) || fail "address $rest on $dev: $err" ;;
+      # prepend, not add: CNI adds routes without NLM_F_EXCL, so a route to the
+      # pod's own subnet sits beside the connected route the address made.
+      route) err=$(ip route prepend $rest dev "$dev" 2>&1) || fail "route $rest on $dev: $err" ;;
     esac
   done < /net.conf
   say "network: $(ip -4 -o addr show dev "$dev")"
