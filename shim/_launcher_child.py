@@ -31,7 +31,7 @@ def intermediate(op: str, req: dict[str, Any], fds: list[int], peer: int, w: int
         if op == "agent":
             from shim.vmm.process import _nsinit
 
-            _nsinit.enter_namespaces()
+            _nsinit.enter_namespaces(frozenset(req.get("share") or ()))
         else:
             os.setsid()
         pid = os.fork()
@@ -129,7 +129,7 @@ def _become(op: str, req: dict[str, Any], fds: list[int]) -> list[str]:
     if op == "agent":
         from shim.vmm.process import _nsinit
 
-        _nsinit.become_init(req["hostname"], req["log"])
+        _nsinit.become_init(req["hostname"], req["log"], frozenset(req.get("share") or ()))
         from shim.vmm.api import AGENT_COMMAND
 
         return [*AGENT_COMMAND, *argv]

@@ -40,7 +40,20 @@ def launch_spec(sandbox_id: str, config: ShimConfig, root: Path,
     return LaunchSpec(sandbox_id=sandbox_id, root=root, agent_command=cmd,
                       agent_args=("--runtime", config.runtime),
                       netns=netns_path(spec) if spec else None,
-                      workload_vcpus=size.vcpus, workload_memory_mib=size.memory_mib)
+                      workload_vcpus=size.vcpus, workload_memory_mib=size.memory_mib,
+                      host_namespaces=host_namespaces(spec) if spec else frozenset())
+
+
+#: Namespace types a sandbox may share with the host (Kubernetes hostNetwork,
+#: hostIPC, hostPID, and the UTS namespace that comes with hostNetwork).
+SHAREABLE = ("network", "ipc", "uts", "pid")
+
+
+def host_namespaces(spec: dict[str, Any]) -> frozenset[str]:
+    """The types of :data:`SHAREABLE` that *spec* does not list: the host's."""
+    listed = {ns.get("type") for ns in (spec.get("linux") or {}).get("namespaces") or ()
+              if isinstance(ns, dict)}
+    return frozenset(t for t in SHAREABLE if t not in listed)
 
 
 def netns_path(spec: dict[str, Any]) -> str | None:

@@ -216,10 +216,11 @@ class Sandbox:
         assert self.vm is not None
         rootfs_host = Path(bundle) / ("rootfs" if mounts else
                                       (spec.get("root") or {}).get("path", "rootfs"))
+        guest_spec = self.vm.guest_spec(spec_json)  # refuses what it cannot give, first
         try:
             rootfs = await self.vm.share_rootfs(cid, mounts, rootfs_host)
             req = pb.CreateContainerRequest(
-                container_id=cid, spec_json=self.vm.guest_spec(spec_json), rootfs=rootfs,
+                container_id=cid, spec_json=guest_spec, rootfs=rootfs,
                 stdio=ends.wire(terminal))
             return await agent.call(agent.stub.create_container, req)
         except BaseException:

@@ -34,6 +34,7 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 APPLETS = ("sh", "echo", "cat", "sleep", "seq", "yes", "head", "true", "false", "id", "ls",
+           "readlink", "hostname", "mkdir", "mount",
            "printf", "tty", "usleep", "touch", "kill", "mv")
 
 

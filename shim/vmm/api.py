@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from keel.errors import InvalidArgument
+
 if TYPE_CHECKING:
     from shim.vmm._sizing import Workload
 
@@ -60,6 +62,30 @@ class LaunchSpec:
     #: (``shim.vmm._sizing.workload``); backends with a fixed size ignore it.
     workload_vcpus: int = 0
     workload_memory_mib: int = 0
+    #: OCI namespace types ("network", "ipc", "uts", "pid") the pod shares
+    #: with the host: the first container's spec does not list them (OCI:
+    #: an unlisted type is the runtime's own).  A backend honours them or
+    #: refuses the launch with InvalidArgument; it never silently isolates.
+    host_namespaces: frozenset[str] = frozenset()
+
+
+#: Mount propagation options of the OCI spec that let mounts cross the
+#: boundary between host and container (private ones never do).
+PROPAGATION = ("shared", "rshared", "slave", "rslave", "unbindable", "runbindable")
+
+
+def check_propagation(spec: Mapping[str, Any], *, allowed: Sequence[str], why: str) -> None:
+    """InvalidArgument if a mount of *spec* (or its rootfs) asks for a
+    propagation other than private or one of *allowed*, naming the mount and
+    *why* the backend cannot give it (Kubernetes: mountPropagation)."""
+    asks = [("the root filesystem", str((spec.get("linux") or {}).get("rootfsPropagation") or ""))]
+    for m in spec.get("mounts") or ():
+        if isinstance(m, Mapping):
+            asks += [(f"mount {m.get('destination')}", str(o)) for o in m.get("options") or ()]
+    for what, option in asks:
+        if option in PROPAGATION and option not in allowed:
+            raise InvalidArgument(f"{what} asks for {option} mount propagation, which this"
+                                  f" backend cannot give: {why}")
 
 
 class Sandbox(Protocol):

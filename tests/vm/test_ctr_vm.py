@@ -87,6 +87,23 @@ def test_run_rm_output_and_exit_code(vm_containerd: Containerd, vm_image: image.
     _no_leftovers(ctd, "ctr run --rm")
 
 
+@pytest.mark.parametrize("ask", [("--net-host",),
+                                 ("--mount", "type=bind,src=/tmp,dst=/vol,options=rbind:rslave")],
+                         ids=["host-network", "rslave-volume"])
+def test_what_a_vm_cannot_give_is_refused(vm_containerd: Containerd, ask: tuple[str, ...]) -> None:
+    """A pod asking to share the host's network or mounts gets a clear
+    InvalidArgument, not a VM that quietly isolates it; nothing is left."""
+    ctd, cid = vm_containerd, _cid("refused")
+    res = ctd.ctr("run", "--rm", "--runtime", KEEL_RUNTIME, *ask, BUSYBOX, cid, "true",
+                  timeout=CTR_TIMEOUT_S)
+    assert res.returncode != 0
+    assert ("a VM sandbox cannot share the host's namespaces" in res.stderr
+            or "asks for rslave mount propagation" in res.stderr), res.stderr
+    ctd.ctr("containers", "rm", cid)
+    assert cid not in ctd.ctr("containers", "ls", "-q").stdout.split()
+    _no_leftovers(ctd, f"a refused {' '.join(ask)}")
+
+
 def test_detached_exec_rootfs_write_kill_delete(vm_containerd: Containerd, vm_image: image.Image,
                                                 tmp_path: Path) -> None:
     ctd, cid = vm_containerd, _cid("d")

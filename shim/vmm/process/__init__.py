@@ -12,6 +12,7 @@ on.  Root filesystems are mounted inside the sandbox's mount namespace
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import select
@@ -25,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from keel import procfs
-from keel.errors import Internal, NotFound, Unavailable
+from keel.errors import Internal, InvalidArgument, NotFound, Unavailable
 from shim.vmm._mountcmd import mount_argv
 from shim.vmm._sizing import Workload
-from shim.vmm.api import AGENT_COMMAND, Dialer, LaunchSpec, MountSpec
+from shim.vmm.api import AGENT_COMMAND, Dialer, LaunchSpec, MountSpec, check_propagation
 
 _log = logging.getLogger("keel.shim.process")
 
@@ -103,7 +104,13 @@ class ProcessSandbox:
         return str(host_path)
 
     def guest_spec(self, spec_json: bytes) -> bytes:
-        return spec_json  # the agent runs on the host: it sees the host's paths
+        # The agent runs on the host: it sees the host's paths.  Host mounts
+        # reach the sandbox (a slave of the host's tree), so rslave volumes
+        # work; nothing propagates back, so rshared ones cannot.
+        check_propagation(json.loads(spec_json), allowed=("rslave", "slave"),
+                          why="the sandbox's mount tree is a slave of the host's: mounts"
+                              " made in a container never reach the host")
+        return spec_json
 
     async def grow_to(self, workload: Workload) -> None:
         pass  # no VM: the containers' cgroups are the only limits
@@ -157,7 +164,7 @@ async def _launch_forked(spec: LaunchSpec, argv: list[str], env: dict[str, str],
         reply = await asyncio.to_thread(
             _launcher.request, Path(sock),
             {"op": "agent", "argv": args, "env": env, "cwd": os.getcwd(), "hostname": hostname,
-             "log": log}, timeout=10.0)
+             "log": log, "share": sorted(spec.host_namespaces)}, timeout=10.0)
     except _launcher.LauncherError as exc:
         _log.info("launcher did not start the agent (%s); starting it fresh", exc)
         return None
@@ -168,6 +175,12 @@ class ProcessBackend:
     name = "process"
 
     async def launch(self, spec: LaunchSpec) -> ProcessSandbox:
+        if "pid" in spec.host_namespaces:
+            raise InvalidArgument(
+                "the pod asks for the host's PID namespace (hostPID: the spec lists no pid"
+                " namespace); the process backend keeps a sandbox's processes in a PID"
+                " namespace of its own, so that stopping the sandbox stops them all, and"
+                " cannot run it")
         root = spec.root
         for chan in ("agent", "ops"):
             (root / f"{chan}.chan").unlink(missing_ok=True)
@@ -182,7 +195,9 @@ class ProcessBackend:
         hostname, log = spec.sandbox_id[:63], str(root / "agent.log")
         pid = await _launch_forked(spec, argv, env, hostname, log)
         if pid is None:
-            cmd = [sys.executable, "-m", "shim.vmm.process._nsinit", hostname, log, "--", *argv]
+            share = ",".join(sorted(spec.host_namespaces)) or "-"
+            cmd = [sys.executable, "-m", "shim.vmm.process._nsinit", hostname, log, share, "--",
+                   *argv]
             res = await asyncio.to_thread(
                 subprocess.run, cmd, capture_output=True, timeout=30, env=env, check=False
             )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from keel import procfs
-from keel.errors import FailedPrecondition, NotFound, Unavailable
+from keel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from keel.logs import tail
 from shim.dirs import SandboxDir
 from shim.vmm.api import LaunchSpec
@@ -87,7 +87,15 @@ class QemuBackend:
 
         Raises Unavailable with qemu's message when it cannot start; then
         nothing of the attempt is left in the sandbox directory.
+        InvalidArgument, before anything starts, for a pod that asks to share
+        the host's namespaces.
         """
+        if spec.host_namespaces:
+            kinds = ", ".join(sorted(spec.host_namespaces))
+            raise InvalidArgument(
+                f"the pod asks for the host's {kinds} namespace (hostNetwork, hostIPC or"
+                f" hostPID: its spec lists no such namespace); a VM sandbox cannot share the"
+                f" host's namespaces: run such pods with another RuntimeClass")
         cfg = self.config
         files = SandboxDir(spec.root)
         files.check_sockets(PORTS)

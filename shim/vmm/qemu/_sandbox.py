@@ -24,7 +24,7 @@ from keel.errors import FailedPrecondition, Internal, InvalidArgument, Unavailab
 from shim.dirs import SandboxDir
 from shim.vmm._dialers import ExclusiveDialer, unix_dialer
 from shim.vmm._sizing import Workload
-from shim.vmm.api import Dialer, MountSpec
+from shim.vmm.api import Dialer, MountSpec, check_propagation
 from shim.vmm.qemu import _mounts, _net
 from shim.vmm.qemu import qmp as _qmp
 from shim.vmm.qemu._initramfs import GUEST_SHARED, PORTS
@@ -125,8 +125,11 @@ class QemuSandbox:
         container shares the VM's own network (the VM is the pod's
         boundary).  Without a path the container gets a namespace of its
         own, as runc would give it.  Other fields pass unchanged.
+        InvalidArgument for a mount that asks for non-private propagation.
         """
         spec = json.loads(spec_json)
+        check_propagation(spec, allowed=(), why="a VM has a mount tree of its own; the"
+                          " host's mounts and the guest's never propagate between them")
         namespaces = (spec.get("linux") or {}).get("namespaces")
         if not namespaces or not any(ns.get("type") == "network" and ns.get("path")
                                      for ns in namespaces):
