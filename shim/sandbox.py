@@ -219,13 +219,13 @@ class Sandbox:
         guest_spec = self.vm.guest_spec(spec_json)  # refuses what it cannot give, first
         try:
             rootfs = await self.vm.share_rootfs(cid, mounts, rootfs_host)
+            guest_spec = await self.vm.share_volumes(cid, guest_spec)
             req = pb.CreateContainerRequest(
                 container_id=cid, spec_json=guest_spec, rootfs=rootfs,
                 stdio=ends.wire(terminal))
             return await agent.call(agent.stub.create_container, req)
         except BaseException:
-            if mounts:
-                await self.vm.unshare_rootfs(cid, rootfs_host)
+            await self.vm.unshare_rootfs(cid, rootfs_host)
             raise
 
     async def start(self, cid: str, eid: str) -> int:

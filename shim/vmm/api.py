@@ -117,8 +117,15 @@ class Sandbox(Protocol):
         must use.  Raises Internal when a mount fails.
         """
 
+    async def share_volumes(self, container_id: str, spec_json: bytes) -> bytes:
+        """Make the container's host bind mounts visible to the agent; returns
+        the spec with their sources as the agent sees them (after
+        ``guest_spec``).  Raises InvalidArgument for a source that does not
+        exist, Internal when a mount fails."""
+
     async def unshare_rootfs(self, container_id: str, host_path: Path) -> None:
-        """Undo ``share_rootfs``; idempotent."""
+        """Undo ``share_rootfs`` and ``share_volumes``; idempotent, and safe
+        after a partial share."""
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the sandbox and everything in it; idempotent."""

@@ -112,6 +112,9 @@ class ProcessSandbox:
                               " made in a container never reach the host")
         return spec_json
 
+    async def share_volumes(self, container_id: str, spec_json: bytes) -> bytes:
+        return spec_json  # host paths are the agent's paths
+
     async def grow_to(self, workload: Workload) -> None:
         pass  # no VM: the containers' cgroups are the only limits
 

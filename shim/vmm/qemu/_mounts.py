@@ -30,7 +30,7 @@ from keel.errors import Internal
 from shim.vmm._mountcmd import mount_argv
 from shim.vmm.api import MountSpec
 
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x2, 0x4, 0x8, 0x20
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
 MS_BIND, MS_REC = 0x1000, 0x4000
 #: qemu's 9p (security_model=none, running as root) applies the guest's
 #: mknod, chown and chmod to the share: mounted nodev,nosuid,noexec, a device
@@ -39,6 +39,7 @@ MS_BIND, MS_REC = 0x1000, 0x4000
 _SEALED = MS_NODEV | MS_NOSUID | MS_NOEXEC
 MNT_DETACH = 2
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_FILE = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -49,20 +50,25 @@ def _mount(source: str | None, target: str, flags: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _sealed_bind(source: str, parent_fd: int, name: str) -> int:
-    """Bind *source* on directory *name* of *parent_fd*, make it nodev,nosuid,noexec.
+def _sealed_bind(source: str, parent_fd: int, name: str, *, directory: bool = True,
+                 readonly: bool = False, recursive: bool = True) -> int:
+    """Bind *source* on *name* of *parent_fd* (a directory, or a file when not
+    *directory*), make it nodev,nosuid,noexec (and read-only if asked).
 
     Returns an O_PATH fd of the new mount's root (the caller closes it).
     """
-    target = os.open(name, _O_DIR, dir_fd=parent_fd)
+    how = _O_DIR if directory else _O_FILE
+    target = os.open(name, how, dir_fd=parent_fd)
     try:
-        _mount(source, f"/proc/self/fd/{target}", MS_BIND | MS_REC, f"bind mount {source}")
+        _mount(source, f"/proc/self/fd/{target}", MS_BIND | (MS_REC if recursive else 0),
+               f"bind mount {source}")
     finally:
         os.close(target)
-    mounted = os.open(name, _O_DIR, dir_fd=parent_fd)  # now crosses into the new mount
+    mounted = os.open(name, how, dir_fd=parent_fd)  # now crosses into the new mount
     try:
-        _mount(None, f"/proc/self/fd/{mounted}", MS_REMOUNT | MS_BIND | _SEALED,
-               f"remount {source} nodev,nosuid,noexec")
+        _mount(None, f"/proc/self/fd/{mounted}",
+               MS_REMOUNT | MS_BIND | _SEALED | (MS_RDONLY if readonly else 0),
+               f"remount {source} nodev,nosuid,noexec{',ro' if readonly else ''}")
     except BaseException:
         os.close(mounted)
         raise
@@ -151,17 +157,8 @@ def bind_into_share(shared: Path, marks: Path, cid: str, source: Path) -> str:
     The bind mount's id goes into *cid*'s record: the guest may rename the
     directories above it, the id still finds it.
     """
-    fds = [os.open(shared, _O_DIR)]
+    fds = walk(shared, cid, (cid, "rootfs"))
     try:
-        for name in (cid, "rootfs"):
-            try:
-                os.mkdir(name, 0o755, dir_fd=fds[-1])
-            except FileExistsError:
-                pass
-            try:
-                fds.append(os.open(name, _O_DIR, dir_fd=fds[-1]))
-            except OSError as exc:  # a symlink or a file the guest planted
-                raise Internal(f"share of {cid}: {name} is not a plain directory: {exc.strerror}") from exc
         mounted = _sealed_bind(str(source), fds[-2], "rootfs")
         fds.append(mounted)
         record = marks / cid
@@ -173,6 +170,61 @@ def bind_into_share(shared: Path, marks: Path, cid: str, source: Path) -> str:
     return f"{cid}/rootfs"
 
 
+def walk(shared: Path, cid: str, names: Sequence[str]) -> list[int]:
+    """O_PATH fds of *shared* and of each directory of *names* below it,
+    created (0755) where missing, never following a symlink the guest
+    planted.  The caller closes them; Internal if one is not a directory."""
+    fds = [os.open(shared, _O_DIR)]
+    try:
+        for name in names:
+            try:
+                os.mkdir(name, 0o755, dir_fd=fds[-1])
+            except FileExistsError:
+                pass
+            try:
+                fds.append(os.open(name, _O_DIR, dir_fd=fds[-1]))
+            except OSError as exc:  # a symlink or a file the guest planted
+                raise Internal(f"share of {cid}: {name} is not a plain directory: {exc.strerror}") from exc
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def bind_volume(parent_fd: int, name: str, source: Path, *, readonly: bool,
+                recursive: bool) -> int:
+    """Bind the host file or directory *source* at *name* (new) in *parent_fd*,
+    sealed, read-only if asked; returns the mount's id."""
+    directory = source.is_dir()
+    if directory:
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+    else:
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=parent_fd))
+    mounted = _sealed_bind(str(source), parent_fd, name, directory=directory,
+                           readonly=readonly, recursive=recursive)
+    try:
+        return _mnt_id(mounted)
+    finally:
+        os.close(mounted)
+
+
+def note_mounts(marks: Path, cid: str, mount_ids: Sequence[int]) -> None:
+    """Add *mount_ids* (binds in the share) to *cid*'s record, for :func:`unshare`."""
+    record = _record(marks, cid)
+    doc = json.loads(record.read_text()) if record.exists() else {}
+    ids = [*doc.get("volume_mount_ids", []), *mount_ids]
+    record.write_text(json.dumps({**doc, "volume_mount_ids": ids}))
+
+
+def _detach_by_id(shared: Path, mount_id: int) -> None:
+    for _ in range(20):
+        points = [p for i, p in mounts_under(shared) if i == mount_id]
+        if not points or _detach(mount_id, points[0]):
+            break
+
+
 def unshare(shared: Path, marks: Path, cid: str) -> None:
     """Undo :func:`bind_into_share` and :func:`mount_rootfs` for *cid*; idempotent."""
     record = marks / cid
@@ -180,11 +232,11 @@ def unshare(shared: Path, marks: Path, cid: str) -> None:
         doc = json.loads(record.read_text())
     except FileNotFoundError:
         doc = {}
+    # By id first: the guest may have renamed the directories above them.
+    for mount_id in reversed(doc.get("volume_mount_ids", [])):
+        _detach_by_id(shared, mount_id)
     if (mount_id := doc.get("bind_mount_id")) is not None:
-        for _ in range(20):
-            points = [p for i, p in mounts_under(shared) if i == mount_id]
-            if not points or _detach(mount_id, points[0]):
-                break
+        _detach_by_id(shared, mount_id)
     unmount_under(shared / cid)
     if doc.get("mounted"):
         unmount_under(Path(doc["host_path"]))

@@ -25,7 +25,7 @@ from shim.dirs import SandboxDir
 from shim.vmm._dialers import ExclusiveDialer, unix_dialer
 from shim.vmm._sizing import Workload
 from shim.vmm.api import Dialer, MountSpec, check_propagation
-from shim.vmm.qemu import _mounts, _net
+from shim.vmm.qemu import _mounts, _net, _volumes
 from shim.vmm.qemu import qmp as _qmp
 from shim.vmm.qemu._initramfs import GUEST_SHARED, PORTS
 from upgrade.aio import wait_readable
@@ -178,6 +178,18 @@ class QemuSandbox:
             return await asyncio.to_thread(share)
         except OSError as exc:
             raise Internal(f"sharing the rootfs of {container_id}: {exc}") from exc
+
+    async def share_volumes(self, container_id: str, spec_json: bytes) -> bytes:
+        """Bind the spec's host mounts into the share (``_volumes``)."""
+        spec = json.loads(spec_json)
+        if not any(isinstance(m, dict) and _volumes.is_bind(m) for m in spec.get("mounts") or ()):
+            return spec_json
+        try:
+            shared = await asyncio.to_thread(_volumes.share, self.files.shared,
+                                             self.files.rootfs_marks, container_id, spec)
+        except OSError as exc:
+            raise Internal(f"sharing the volumes of {container_id}: {exc}") from exc
+        return json.dumps(shared).encode()
 
     async def unshare_rootfs(self, container_id: str, host_path: Path) -> None:
         await asyncio.to_thread(_mounts.unshare, self.files.shared, self.files.rootfs_marks,
