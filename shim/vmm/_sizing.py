@@ -4,6 +4,12 @@ vCPUs: the sum of the containers' CPU fractions (CFS quota / period),
 rounded up once; memory: the sum of their limits in MiB (bytes >> 20).  A
 backend adds these to its base size (the guest's own needs), so a pod
 without limits gets the base and a limited one gets room for its limit.
+
+A CRI sandbox (pause) container carries the whole pod's limits in its
+annotations (:data:`SANDBOX_CPU_QUOTA`, :data:`SANDBOX_CPU_PERIOD`,
+:data:`SANDBOX_MEMORY`; containerd 1.6 sets them from the pod's resources,
+as Kata reads them): where present they size the pod instead of the pause
+container's own (near empty) resources.
 """
 
 from __future__ import annotations
@@ -28,10 +34,36 @@ def _fraction(cpu: Mapping[str, Any]) -> float:
     return quota / period if quota > 0 and period > 0 else 0.0
 
 
+SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+
+
+def _annotation(annotations: Mapping[str, Any], key: str) -> int:
+    value = annotations.get(key)
+    return int(value) if isinstance(value, str) and value.isdigit() else 0
+
+
+def _pod(spec: Mapping[str, Any]) -> tuple[float, int] | None:
+    """(CPUs, memory bytes) of a CRI sandbox spec's pod annotations, if it has any."""
+    ann = spec.get("annotations") or {}
+    if not isinstance(ann, Mapping) or not any(
+            k in ann for k in (SANDBOX_CPU_QUOTA, SANDBOX_CPU_PERIOD, SANDBOX_MEMORY)):
+        return None
+    cpu = {"quota": _annotation(ann, SANDBOX_CPU_QUOTA),
+           "period": _annotation(ann, SANDBOX_CPU_PERIOD)}
+    return _fraction(cpu), _annotation(ann, SANDBOX_MEMORY)
+
+
 def workload(specs: Iterable[Mapping[str, Any]]) -> Workload:
-    """The size the ``linux.resources`` of these OCI specs ask for; invalid values count 0."""
+    """The size the ``linux.resources`` (or a CRI sandbox's pod annotations)
+    of these OCI specs ask for; invalid values count 0."""
     cpus, mem = 0.0, 0
     for spec in specs:
+        if (pod := _pod(spec)) is not None:
+            cpus += pod[0]
+            mem += pod[1] >> 20
+            continue
         res = (spec.get("linux") or {}).get("resources") or {}
         cpus += _fraction(res.get("cpu") or {})
         limit = (res.get("memory") or {}).get("limit") or 0

@@ -145,3 +145,30 @@ def test_workload_size_follows_the_kata_rule() -> None:
     assert _sizing.workload(both) == _sizing.Workload(2, 128)
     assert _sizing.workload([_res(300000, 100000)]) == _sizing.Workload(3, 0)
     assert _sizing.workload([_res(-1, 100000, -1)]) == _sizing.Workload(0, 0)
+
+
+def _pod(**ann: str) -> dict[str, object]:
+    """A CRI sandbox (pause) spec: its own resources tiny, the pod's in annotations."""
+    keys = {"quota": _sizing.SANDBOX_CPU_QUOTA, "period": _sizing.SANDBOX_CPU_PERIOD,
+            "memory": _sizing.SANDBOX_MEMORY}
+    return {**_res(2000, 100000), "annotations": {keys[k]: v for k, v in ann.items()}}
+
+
+def test_a_cri_sandbox_is_sized_by_its_pod_annotations() -> None:
+    # 1.5 CPUs and 512 MiB for the pod: 2 vCPUs, 512 MiB on top of the base.
+    pod = _pod(quota="150000", period="100000", memory=str(512 << 20))
+    assert _sizing.workload([pod]) == _sizing.Workload(2, 512)
+    assert _sizing.workload([_pod(memory=str(256 << 20))]) == _sizing.Workload(0, 256)
+    # Not numbers: nothing asked (the pause container's own 0.02 CPU does not count).
+    assert _sizing.workload([_pod(quota="-1", period="x", memory="")]) == _sizing.Workload(0, 0)
+    # Without the annotations the container's resources count, as before.
+    assert _sizing.workload([_res(2000, 100000)]) == _sizing.Workload(1, 0)
+
+
+def test_launch_spec_of_a_cri_sandbox_carries_the_pods_size(tmp_path: Path) -> None:
+    from shim._prelaunch import launch_spec
+    from shim.config import ShimConfig
+
+    pod = _pod(quota="250000", period="100000", memory=str(1 << 30))
+    spec = launch_spec("p1", ShimConfig(state_root=tmp_path), tmp_path, pod)
+    assert (spec.workload_vcpus, spec.workload_memory_mib) == (3, 1024)
