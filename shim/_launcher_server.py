@@ -196,8 +196,9 @@ def _check(req: dict[str, Any], fds: list[int]) -> str:
                               and isinstance(req.get("log"), str)):
         raise LauncherError("agent needs hostname and log")
     share = req.get("share", [])
-    if not (isinstance(share, list) and set(share) <= {"network", "ipc", "uts"}):
-        raise LauncherError(f"share must list host namespaces among network, ipc, uts: {share!r}")
+    if not (isinstance(share, list) and set(share) <= {"network", "ipc", "uts", "pid"}):
+        raise LauncherError(f"share must list host namespaces among network, ipc, uts, pid:"
+                            f" {share!r}")
     return op
 
 

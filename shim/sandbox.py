@@ -294,11 +294,14 @@ class Sandbox:
             p.require("delete", State.CREATED, State.STOPPED)
             agent = self._live_agent()
             assert self.vm is not None
-            try:
-                await agent.call(agent.stub.remove_process,
-                                 pb.RemoveProcessRequest(container_id=cid, exec_id=eid))
-            except NotFound:
-                pass  # already removed (a retried Delete)
+            # A sandbox that died took its agent's process table with it:
+            # deleting never waits on an agent that cannot answer.
+            if self.vm.alive():
+                try:
+                    await agent.call(agent.stub.remove_process,
+                                     pb.RemoveProcessRequest(container_id=cid, exec_id=eid))
+                except NotFound:
+                    pass  # already removed (a retried Delete)
             exit = p.exit or exit_now(0)
             for q in (p,) if eid else c.processes():
                 await _pumps.stop(q)

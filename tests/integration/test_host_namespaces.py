@@ -5,7 +5,7 @@ spec that does not list that namespace (OCI: an unlisted type is the
 runtime's own); mountPropagation as ``rslave``/``rshared`` mount options.
 Each case runs on runc and on Keel's process backend with the same
 command.  Keel must give the same outcome, or refuse with a clear error
-where it cannot (hostPID, rshared); it never runs the pod isolated as if
+where it cannot (rshared); it never runs the pod isolated as if
 nothing had been asked.  The qemu backend refuses all of them (tests/unit,
 tests/vm).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -94,16 +95,48 @@ def test_host_ipc_and_uts(containerd: Containerd, busybox: str,
 @RUNTIMES
 def test_host_pid(containerd: Containerd, busybox: str, container_ids: Callable[[], str],
                   tmp_path: Path, runtime: str) -> None:
-    """runc joins the host's PID namespace; Keel refuses, naming hostPID."""
     cid = container_ids()
     spec = _spec(containerd, cid, tmp_path, ("pid",), "readlink", "/proc/self/ns/pid")
     res = _run(containerd, runtime, "--config", str(spec), cid)
-    if runtime == RUNC:
-        assert (res.returncode, res.stdout.strip()) == (0, _ns("pid")), res.stderr
-    else:
-        assert res.returncode != 0
-        assert "host's PID namespace (hostPID" in res.stderr, res.stderr
+    assert (res.returncode, res.stdout.strip()) == (0, _ns("pid")), res.stderr
     _gone(containerd, cid)
+
+
+def test_host_pid_pod_is_stopped_without_its_agent(containerd: Containerd,
+                                                   container_ids: Callable[[], str],
+                                                   tmp_path: Path) -> None:
+    """No PID namespace of its own: when the agent is SIGKILLed, the pod's
+    processes (a container and a child it forked) die as they would with a
+    PID 1, and deleting the task leaves nothing, through their cgroup."""
+    cid = container_ids()
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    vol = {"destination": "/pids", "type": "bind", "source": str(pids), "options": ["rbind"]}
+    spec = _spec(containerd, cid, tmp_path, ("pid",), "sh", "-c",
+                 "sleep 1000 & echo $! > /pids/child; echo $$ > /pids/init; wait", mounts=(vol,))
+    res = containerd.ctr("run", "-d", "--runtime", KEEL, "--config", str(spec), cid)
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: (pids / "child").exists() and (pids / "init").exists(), 30,
+             "the container to write its pids")
+    pod = [int((pids / n).read_text()) for n in ("init", "child")]
+    assert all(os.path.exists(f"/proc/{p}") for p in pod)  # host pids: hostPID
+    agent = [p for p, cmd in containerd.leftovers().processes if "-m agent" in cmd]
+    assert len(agent) == 1, containerd.leftovers().processes
+    os.kill(agent[0], signal.SIGKILL)
+    wait_for(lambda: not any(_alive(p) for p in pod), 30, "the pod's processes to die")
+    wait_for(lambda: "STOPPED" in containerd.ctr("tasks", "ls").stdout, 30, f"{cid} stopped")
+    res = containerd.ctr("tasks", "rm", "-f", cid)
+    assert res.returncode == 0, res.stderr
+    _gone(containerd, cid)
+    found = containerd.leftovers(grace=10.0)
+    assert not found, f"left behind:\n{found}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from shim._prelaunch import host_namespaces, launch_spec
 from shim.config import ShimConfig
 from shim.dirs import SandboxDir
 from shim.vmm.api import LaunchSpec, check_propagation
-from shim.vmm.process import ProcessBackend
+from shim.vmm.process._cgroups import resolve as resolve_cgroup
 from shim.vmm.process._nsinit import parse_share
 from shim.vmm.qemu import QemuBackend
 from shim.vmm.qemu._sandbox import QemuSandbox
@@ -88,12 +88,34 @@ def test_process_backend_allows_rslave_and_refuses_rshared() -> None:
         vm.guest_spec(json.dumps(shared).encode())
 
 
-def test_process_backend_refuses_host_pid_before_starting_anything(tmp_path: Path) -> None:
-    spec = LaunchSpec(sandbox_id="s1", root=tmp_path, agent_command=("/nonexistent",),
-                      host_namespaces=frozenset({"pid", "network"}))
-    with pytest.raises(InvalidArgument, match=r"host's PID namespace \(hostPID"):
-        asyncio.run(ProcessBackend().launch(spec))
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize(("given", "path"), [
+    ("/k8s.io/abc", "/k8s.io/abc"),
+    ("/default/../default/c1", "/default/c1"),
+    ("kubepods-besteffort-pod12.slice:cri-containerd:abc",
+     "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/"
+     "cri-containerd-abc.scope"),
+    ("system.slice:docker:x", "/system.slice/docker-x.scope"),
+])
+def test_cgroups_paths_resolve_as_runc_places_them(given: str, path: str) -> None:
+    assert resolve_cgroup(given) == path
+
+
+@pytest.mark.parametrize("given", ["", None, "relative/c1", "/", "/a/..", "a:b", "x.scope:p:n"])
+def test_a_cgroup_a_stop_cannot_reach_safely_is_refused(given: object) -> None:
+    with pytest.raises(InvalidArgument):
+        resolve_cgroup(given)
+
+
+def test_process_backend_records_a_host_pid_pods_cgroups(tmp_path: Path) -> None:
+    from shim.vmm.process import ProcessSandbox
+
+    vm = ProcessSandbox(LaunchSpec(sandbox_id="s1", root=tmp_path, agent_command=()), 0, -1,
+                        host_pid=True)
+    spec = {"linux": {"cgroupsPath": "/default/c1"}}
+    asyncio.run(vm.share_volumes("c1", json.dumps(spec).encode()))
+    assert vm.record()["cgroups"] == {"c1": "/default/c1"} and vm.record()["host_pid"]
+    with pytest.raises(InvalidArgument, match="needs linux.cgroupsPath"):
+        asyncio.run(vm.share_volumes("c2", b"{}"))
 
 
 @pytest.mark.parametrize("shared", [{"network"}, {"ipc"}, {"pid"}, {"network", "uts"}])
@@ -116,13 +138,14 @@ def test_qemu_refuses_any_propagation(option: str, tmp_path: Path) -> None:
 
 def test_nsinit_share_argument() -> None:
     assert parse_share("-") == frozenset()
-    assert parse_share("ipc,network") == {"ipc", "network"}
-    with pytest.raises(ValueError, match="pid"):
-        parse_share("pid")  # never shared by the process backend
+    assert parse_share("ipc,network,pid") == {"ipc", "network", "pid"}
+    with pytest.raises(ValueError, match="mount"):
+        parse_share("mount")  # the sandbox always has a mount namespace of its own
 
 
 @pytest.mark.parametrize(("share", "ok"), [([], True), (["network", "uts"], True),
-                                           (["pid"], False), ("network", False)])
+                                           (["pid"], True), (["mount"], False),
+                                           ("network", False)])
 def test_launcher_checks_what_an_agent_may_share(share: Any, ok: bool) -> None:
     req = {"op": "agent", "argv": [], "env": {}, "cwd": "/", "hostname": "h", "log": "/l",
            "share": share}

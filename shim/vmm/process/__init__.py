@@ -26,19 +26,28 @@ from pathlib import Path
 from typing import Any
 
 from keel import procfs
-from keel.errors import Internal, InvalidArgument, NotFound, Unavailable
+from keel.errors import Internal, NotFound, Unavailable
 from shim.vmm._mountcmd import mount_argv
 from shim.vmm._sizing import Workload
 from shim.vmm.api import AGENT_COMMAND, Dialer, LaunchSpec, MountSpec, check_propagation
+from shim.vmm.process import _cgroups
 
 _log = logging.getLogger("keel.shim.process")
 
 
 class ProcessSandbox:
-    def __init__(self, spec: LaunchSpec, pid: int, pidfd: int) -> None:
+    """The agent's process, PID 1 of the sandbox's PID namespace, or (hostPID)
+    a subreaper in the host's, with the cgroup of each of its containers
+    recorded (``_cgroups``): stopping it kills them too."""
+
+    def __init__(self, spec: LaunchSpec, pid: int, pidfd: int, *, host_pid: bool = False,
+                 cgroups: dict[str, str] | None = None) -> None:
         self._spec = spec
         self._pid = pid
         self._pidfd = pidfd
+        self._host_pid = host_pid
+        #: container id -> cgroup (hierarchy-relative), for a hostPID sandbox.
+        self._cgroups = dict(cgroups or {})
         # One reader on the pidfd for all waiters (asyncio keeps one per fd).
         self._exited: asyncio.Event | None = None
 
@@ -47,7 +56,16 @@ class ProcessSandbox:
         return self._pid
 
     def record(self) -> dict[str, Any]:
-        return {"pid": self._pid, "start_time": procfs.start_time(self._pid) if self.alive() else 0}
+        rec: dict[str, Any] = {"pid": self._pid,
+                               "start_time": procfs.start_time(self._pid) if self.alive() else 0}
+        if self._host_pid:
+            rec.update(host_pid=True, cgroups=dict(self._cgroups))
+        return rec
+
+    async def kill_containers(self) -> None:
+        """hostPID: SIGKILL every process of the pod, as a PID 1's death would."""
+        if self._cgroups:
+            await asyncio.to_thread(_cgroups.kill_all, list(self._cgroups.values()))
 
     def _socket_path(self, channel: str) -> Path:
         return self._spec.root / f"{channel}.chan"
@@ -73,13 +91,18 @@ class ProcessSandbox:
         return not select.select([self._pidfd], [], [], 0)[0]
 
     async def wait_exit(self) -> None:
-        if not self.alive():
-            return
-        if self._exited is None:
-            self._exited = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            loop.add_reader(self._pidfd, self._on_exit, loop)
-        await self._exited.wait()
+        """Return once the agent has exited and (hostPID) the pod's processes
+        are gone too, as they would be with the PID 1 of a namespace."""
+        if self.alive():
+            if self._exited is None:
+                self._exited = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                loop.add_reader(self._pidfd, self._on_exit, loop)
+            await self._exited.wait()
+        try:
+            await self.kill_containers()
+        except Internal as exc:
+            _log.error("sandbox %s: %s", self._spec.sandbox_id, exc)
 
     def _on_exit(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self._pidfd)
@@ -113,12 +136,17 @@ class ProcessSandbox:
         return spec_json
 
     async def share_volumes(self, container_id: str, spec_json: bytes) -> bytes:
+        if self._host_pid:  # the cgroup is how a stop reaches the container
+            spec = json.loads(spec_json)
+            self._cgroups[container_id] = _cgroups.resolve(
+                (spec.get("linux") or {}).get("cgroupsPath"))
         return spec_json  # host paths are the agent's paths
 
     async def grow_to(self, workload: Workload) -> None:
         pass  # no VM: the containers' cgroups are the only limits
 
     async def unshare_rootfs(self, container_id: str, host_path: Path) -> None:
+        self._cgroups.pop(container_id, None)  # deleted: runc removed its cgroup
         if not self.alive():
             return  # the mount namespace died with the sandbox
         while True:
@@ -127,6 +155,7 @@ class ProcessSandbox:
                 return  # not mounted (any more)
 
     async def stop(self, timeout: float = 5.0) -> None:
+        await self.kill_containers()  # hostPID: the kernel would not
         if not self.alive():
             return
         # PID 1 of the pid namespace: when it dies the kernel kills the rest.
@@ -178,12 +207,6 @@ class ProcessBackend:
     name = "process"
 
     async def launch(self, spec: LaunchSpec) -> ProcessSandbox:
-        if "pid" in spec.host_namespaces:
-            raise InvalidArgument(
-                "the pod asks for the host's PID namespace (hostPID: the spec lists no pid"
-                " namespace); the process backend keeps a sandbox's processes in a PID"
-                " namespace of its own, so that stopping the sandbox stops them all, and"
-                " cannot run it")
         root = spec.root
         for chan in ("agent", "ops"):
             (root / f"{chan}.chan").unlink(missing_ok=True)
@@ -213,15 +236,19 @@ class ProcessBackend:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             raise Unavailable(f"sandbox agent (pid {pid}) exited at once; see {root / 'agent.log'}") from None
-        return ProcessSandbox(spec, pid, pidfd)
+        return ProcessSandbox(spec, pid, pidfd, host_pid="pid" in spec.host_namespaces)
 
     def restore(self, spec: LaunchSpec, record: Mapping[str, Any]) -> ProcessSandbox:
         pid = int(record["pid"])
+        cgroups = {str(k): str(v) for k, v in (record.get("cgroups") or {}).items()}
         try:
             pidfd = procfs.open_pidfd(pid, int(record["start_time"]))
         except (ProcessLookupError, FileNotFoundError):
+            if cgroups:  # hostPID: the dead agent's pod dies with it, as in a PID namespace
+                _cgroups.kill_all(cgroups.values())
             raise NotFound(f"sandbox {spec.sandbox_id}: agent pid {pid} is gone") from None
-        return ProcessSandbox(spec, pid, pidfd)
+        return ProcessSandbox(spec, pid, pidfd, host_pid=bool(record.get("host_pid")),
+                              cgroups=cgroups)
 
     def close_fds(self, sandbox: Any) -> None:
         sandbox.close()

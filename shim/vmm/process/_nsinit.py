@@ -7,9 +7,10 @@ child's host pid on stdout before exiting, so the agent is owned by no
 shim: it outlives shim handoffs, and the shim watches it through a pidfd.
 
 SHARE lists the OCI namespace types the pod shares with the host
-(``network``, ``ipc``, ``uts``; comma-separated, ``-`` for none): those
-are not unshared, and with the host's UTS namespace the hostname is left
-alone.  The mount tree is a slave, not private: host mounts made later
+(``network``, ``ipc``, ``uts``, ``pid``; comma-separated, ``-`` for none):
+those are not unshared, and with the host's UTS namespace the hostname is
+left alone.  With the host's PID namespace the agent is no PID 1 but a
+subreaper, and the shim stops the pod through its cgroups (``_cgroups``).  The mount tree is a slave, not private: host mounts made later
 reach the sandbox (a container's ``rslave`` volume sees them), while
 nothing mounted in the sandbox propagates back to the host.
 
@@ -32,7 +33,8 @@ CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MS_REC, MS_SLAVE = 0x4000, 1 << 19
 #: OCI namespace type -> clone flag, for the types a sandbox may share.
-_FLAGS = {"network": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS}
+_FLAGS = {"network": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS,
+          "pid": CLONE_NEWPID}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -60,8 +62,9 @@ def parse_share(arg: str) -> frozenset[str]:
 
 def enter_namespaces(share: frozenset[str] = frozenset()) -> None:
     """Unshare the sandbox's namespaces (all but *share*) and make the mount
-    tree a slave; the next child forked is PID 1 of the new pid namespace."""
-    flags = CLONE_NEWPID | CLONE_NEWNS
+    tree a slave; the next child forked is PID 1 of the new pid namespace
+    (unless *share* has ``pid``)."""
+    flags = CLONE_NEWNS
     for kind, flag in _FLAGS.items():
         if kind not in share:
             flags |= flag
