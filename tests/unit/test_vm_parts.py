@@ -172,3 +172,13 @@ def test_launch_spec_of_a_cri_sandbox_carries_the_pods_size(tmp_path: Path) -> N
     pod = _pod(quota="250000", period="100000", memory=str(1 << 30))
     spec = launch_spec("p1", ShimConfig(state_root=tmp_path), tmp_path, pod)
     assert (spec.workload_vcpus, spec.workload_memory_mib) == (3, 1024)
+
+
+def test_guest_network_lines_carry_ipv6_and_metrics() -> None:
+    nic = _net.PodNic(netns="/run/netns/pod", veth="eth0", mac="02:42:0a:00:00:02", mtu=1500,
+                      addresses=("10.0.0.2/24", "fd00::2/64"),
+                      routes=(_net.Route("10.0.0.0/24", gateway="10.0.0.1"),
+                              _net.Route("default", gateway="fd00::1", ipv6=True, metric=1024)))
+    assert nic.guest_config().splitlines()[1:] == [
+        "addr 10.0.0.2/24", "addr6 fd00::2/64", "route 10.0.0.0/24 via 10.0.0.1",
+        "route6 default via fd00::1 metric 1024"]

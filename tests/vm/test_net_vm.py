@@ -2,6 +2,7 @@
 
 The test plays CNI: two network namespaces of its own, "pod" and "peer",
 joined by a veth pair with 10.211.0.2/24 (pod) and 10.211.0.1/24 (peer),
+plus fd00:211::2/64 and fd00:211::1/64 with an IPv6 default route,
 a default route in "pod" via the peer (plus, as CNI adds it, a route to the
 pod's own subnet via the peer next to the connected one), and 10.212.0.1/32 on the peer's
 loopback (reachable from the pod only through that route).  The container
@@ -35,6 +36,7 @@ BUSYBOX = "localhost/keel/busybox:test"
 CTR_TIMEOUT_S = 240.0
 POD_IP, PEER_IP, PEER_FAR_IP = "10.211.0.2", "10.211.0.1", "10.212.0.1"
 SUBNET = "10.211.0.0/24"
+POD_IP6, PEER_IP6 = "fd00:211::2", "fd00:211::1"
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,15 @@ def pod() -> Iterator[Pod]:
             "netns", peer_ns)
         _ip("-n", pod_ns, "addr", "add", f"{POD_IP}/24", "dev", "eth0")
         _ip("-n", peer_ns, "addr", "add", f"{PEER_IP}/24", "dev", "eth0")
+        # Dual stack, as a CNI result with an IPv6 range gives it.
+        _ip("-n", pod_ns, "addr", "add", f"{POD_IP6}/64", "dev", "eth0", "nodad")
+        _ip("-n", peer_ns, "addr", "add", f"{PEER_IP6}/64", "dev", "eth0", "nodad")
         _ip("-n", peer_ns, "addr", "add", f"{PEER_FAR_IP}/32", "dev", "lo")
         for ns in (pod_ns, peer_ns):
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", "eth0", "up")
         _ip("-n", pod_ns, "route", "add", "default", "via", PEER_IP)
+        _ip("-n", pod_ns, "-6", "route", "add", "default", "via", PEER_IP6)
         # As CNI's IPAM adds {"dst": <the pod subnet>} (without NLM_F_EXCL): it
         # sits beside the connected route of the address.
         _ip("-n", pod_ns, "route", "prepend", SUBNET, "via", PEER_IP, "dev", "eth0")
@@ -124,14 +130,16 @@ def test_pod_network_reaches_the_peer_and_back(vm_containerd: Containerd, pod: P
         assert "mirred (Egress Redirect to device tap0_keel)" in _redirects(pod), _redirects(pod)
         # The guest NIC carries the veth's name, MAC and address, and its routes.
         res = ctd.ctr("tasks", "exec", "--exec-id", "cfg", cid, "sh", "-c",
-                      "cat /sys/class/net/eth0/address; ip -o -4 addr show dev eth0; ip route",
-                      timeout=CTR_TIMEOUT_S)
+                      "cat /sys/class/net/eth0/address; ip -o addr show dev eth0; ip route;"
+                      " ip -6 route", timeout=CTR_TIMEOUT_S)
         assert res.returncode == 0, res
         assert res.stdout.splitlines()[0] == pod.mac, res.stdout
         assert f"inet {POD_IP}/24" in res.stdout, res.stdout
         assert f"default via {PEER_IP} dev eth0" in res.stdout, res.stdout
         assert f"{SUBNET} via {PEER_IP} dev eth0" in res.stdout, res.stdout
         assert f"{SUBNET} dev eth0" in res.stdout, res.stdout  # the connected route stays
+        assert f"inet6 {POD_IP6}/64" in res.stdout, res.stdout
+        assert f"default via {PEER_IP6} dev eth0" in res.stdout, res.stdout
 
         # Container -> peer: ICMP on the link, HTTP to an address behind the default
         # route (nc: a static busybox's wget needs NSS modules the image lacks).
@@ -143,6 +151,13 @@ def test_pod_network_reaches_the_peer_and_back(vm_containerd: Containerd, pod: P
         reply = res.stdout.replace("\r", "")
         assert reply.startswith("ping-ok\nHTTP/1.1 200 OK\n"), reply
         assert reply.endswith("\n\n" + peer_http), reply
+
+        # IPv6, both ways.
+        res = ctd.ctr("tasks", "exec", "--exec-id", "out6", cid, "ping6", "-c", "1", "-W", "10",
+                      PEER_IP6, timeout=CTR_TIMEOUT_S)
+        assert res.returncode == 0, res
+        ping6 = _in(pod.peer, "busybox", "ping6", "-c", "1", "-W", "10", POD_IP6)
+        assert ping6.returncode == 0, ping6
 
         # Peer -> container: the pod's address now answers from inside the VM.
         ping = _in(pod.peer, "busybox", "ping", "-c", "1", "-W", "10", POD_IP)

@@ -119,12 +119,16 @@ if [ -n "$net" ]; then
         dev=$2
         ip link set "$dev" mtu "$3" up || fail "cannot bring $dev up" ;;
       addr) err=$(ip addr add $rest dev "$dev" 2>&1) || fail "address $rest on $dev: $err" ;;
+      # The pod's netns already ran duplicate address detection for it.
+      addr6) echo 0 > "/proc/sys/net/ipv6/conf/$dev/accept_dad"
+        err=$(ip -6 addr add $rest dev "$dev" 2>&1) || fail "address $rest on $dev: $err" ;;
       # prepend, not add: CNI adds routes without NLM_F_EXCL, so a route to the
       # pod's own subnet sits beside the connected route the address made.
       route) err=$(ip route prepend $rest dev "$dev" 2>&1) || fail "route $rest on $dev: $err" ;;
+      route6) err=$(ip -6 route prepend $rest dev "$dev" 2>&1) || fail "route $rest on $dev: $err" ;;
     esac
   done < /net.conf
-  say "network: $(ip -4 -o addr show dev "$dev")"
+  say "network: $(ip -o addr show dev "$dev" scope global | tr -s " " | cut -d" " -f2-4 | tr "\n" " ")"
 fi
 mount_root /newroot
 set --

@@ -11,7 +11,7 @@ addresses and routes.  The VM cannot use the veth itself, so:
   one: frames pass between the wire and the guest without the namespace's
   own IP stack (which keeps the addresses, so CNI DEL finds what it made);
 * the guest NIC gets the veth's MAC, and the guest is told the veth's name,
-  MTU, IPv4 addresses and routes (``guest_config``: lines the guest init
+  MTU, IPv4 and IPv6 addresses and routes (``guest_config``: lines the guest init
   applies with ``ip`` before the agent starts).
 
 The tap is not persistent: it disappears with qemu's fd, and its filter
@@ -46,6 +46,8 @@ _CLONE_NEWNET = 0x40000000
 _ETH_P_ALL = 0x0003
 _INGRESS = 0xFFFF0000
 _RTPROT_KERNEL = 2
+_RTPROT_RA = 9  # learnt from a router advertisement: the guest learns its own
+_RT_SCOPE_UNIVERSE = 0
 _RT_SCOPE_LINK = 253
 _RT_TABLE_MAIN = 254
 
@@ -55,13 +57,18 @@ class Route:
     dst: str  # "default" or "10.1.0.0/16"
     gateway: str = ""
     link_scope: bool = False
+    ipv6: bool = False
+    #: RTA_PRIORITY (IPv6 routes carry one: CNI's get 1024); 0 for none.
+    metric: int = 0
 
     def line(self) -> str:
-        words = ["route", self.dst]
+        words = ["route6" if self.ipv6 else "route", self.dst]
         if self.gateway:
             words += ["via", self.gateway]
         if self.link_scope:
             words += ["scope", "link"]
+        if self.metric:
+            words += ["metric", str(self.metric)]
         return " ".join(words)
 
 
@@ -79,7 +86,7 @@ class PodNic:
     def guest_config(self) -> str:
         """What the guest init applies (``link MAC NAME MTU``, ``addr CIDR``, ``route ...``)."""
         lines = [f"link {self.mac} {self.veth} {self.mtu}"]
-        lines += [f"addr {a}" for a in self.addresses]
+        lines += [f"{'addr6' if ':' in a else 'addr'} {a}" for a in self.addresses]
         lines += [r.line() for r in self.routes]
         return "".join(f"{line}\n" for line in lines)
 
@@ -99,15 +106,26 @@ def _find_veth(ipr: Any, netns: str) -> Any:
     return (veths or ether)[0]
 
 
+def _addresses(ipr: Any, index: int) -> tuple[str, ...]:
+    """Global IPv4 and IPv6 addresses (a link-local one the guest makes itself)."""
+    return tuple(f"{_attr(a, 'IFA_ADDRESS')}/{a['prefixlen']}"
+                 for family in (socket.AF_INET, socket.AF_INET6)
+                 for a in ipr.get_addr(family=family, index=index)
+                 if a["scope"] == _RT_SCOPE_UNIVERSE)
+
+
 def _routes(ipr: Any, index: int) -> tuple[Route, ...]:
     found = []
-    for r in ipr.get_routes(family=socket.AF_INET, table=_RT_TABLE_MAIN):
-        if _attr(r, "RTA_OIF") != index or r["proto"] == _RTPROT_KERNEL:
-            continue
-        dst = _attr(r, "RTA_DST")
-        found.append(Route(dst=f"{dst}/{r['dst_len']}" if dst else "default",
-                           gateway=_attr(r, "RTA_GATEWAY") or "",
-                           link_scope=r["scope"] == _RT_SCOPE_LINK))
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for r in ipr.get_routes(family=family, table=_RT_TABLE_MAIN):
+            if _attr(r, "RTA_OIF") != index or r["proto"] in (_RTPROT_KERNEL, _RTPROT_RA):
+                continue
+            dst = _attr(r, "RTA_DST")
+            found.append(Route(dst=f"{dst}/{r['dst_len']}" if dst else "default",
+                               gateway=_attr(r, "RTA_GATEWAY") or "",
+                               link_scope=r["scope"] == _RT_SCOPE_LINK,
+                               ipv6=family == socket.AF_INET6,
+                               metric=_attr(r, "RTA_PRIORITY") or 0))
     # Link-scope routes first: a gateway must be reachable when its route is added.
     return tuple(sorted(found, key=lambda r: (bool(r.gateway), r.dst == "default")))
 
@@ -213,9 +231,7 @@ def _attach(netns: str) -> tuple[PodNic, int]:
         nic = PodNic(
             netns=netns, veth=_attr(link, "IFLA_IFNAME"), mac=_attr(link, "IFLA_ADDRESS"),
             mtu=_attr(link, "IFLA_MTU") or 1500,
-            addresses=tuple(f"{_attr(a, 'IFA_ADDRESS')}/{a['prefixlen']}"
-                            for a in ipr.get_addr(family=socket.AF_INET, index=index)),
-            routes=_routes(ipr, index))
+            addresses=_addresses(ipr, index), routes=_routes(ipr, index))
         fd = _open_tap(TAP_NAME)
         try:
             tap = ipr.link_lookup(ifname=TAP_NAME)[0]
