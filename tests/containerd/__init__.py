@@ -9,7 +9,8 @@ Everything lives under a temp root the caller owns:
     <tmp>/bin                first on containerd's PATH: put containerd-shim-keel-v2 here
     <tmp>/opt                the io.containerd.internal.v1.opt plugin's path
 
-The CRI plugin is disabled (fast boot, no CNI), logging is at debug level,
+The CRI plugin is disabled by default (fast boot, no CNI; tests/cri turns
+it on and runs containerd in a network namespace), logging is at debug level,
 and containerd runs with cwd = the temp root, so the only shims it finds are
 the ones in `<tmp>/bin`, `<tmp>/opt/bin` and the system PATH (it resolves a
 runtime name once and caches the answer for its lifetime: install the shim
@@ -43,6 +44,7 @@ from tests.containerd.cleanup import (
 )
 from tests.containerd.daemon import (
     BOOTED,
+    DISABLED_PLUGINS,
     NAMESPACE,
     SHIM_NAME,
     Containerd,
@@ -54,6 +56,7 @@ from tests.containerd.terminal import PtyResult, run_on_pty
 
 __all__ = [
     "BOOTED",
+    "DISABLED_PLUGINS",
     "NAMESPACE",
     "SHIM_NAME",
     "Containerd",

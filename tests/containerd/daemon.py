@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +94,17 @@ class Containerd:
 
     def __init__(self, tmp_root: Path | str, *, namespace: str = NAMESPACE,
                  env: Mapping[str, str] | None = None, log_level: str = "debug",
-                 extra_config: str = "", die_with_parent: bool = True) -> None:
+                 extra_config: str = "", die_with_parent: bool = True,
+                 disabled_plugins: Sequence[str] = DISABLED_PLUGINS,
+                 netns: Path | str | None = None) -> None:
         """`env` is added to containerd's (and so every shim's) environment.
         `extra_config` is appended to config.toml verbatim; it must not repeat
         a table this module writes ([grpc], [ttrpc], [debug], the opt plugin).
+        `disabled_plugins` replaces `DISABLED_PLUGINS` (the CRI suite enables
+        the CRI plugin).  `netns`: the path of a network namespace (e.g.
+        ``/run/netns/<name>``) that containerd runs in, entered with
+        ``nsenter --net`` (which, unlike ``ip netns exec``, leaves the mount
+        namespace and so ``/sys/fs/cgroup`` alone); containerd keeps its PID.
         `die_with_parent`: containerd gets SIGTERM if the thread that started
         it dies (PR_SET_PDEATHSIG via util-linux `setpriv`, when present), so
         a killed test run does not leave it behind; start it from a
@@ -110,8 +117,11 @@ class Containerd:
         self._extra_env = dict(env or {})
         self._log_level = log_level
         self._extra_config = extra_config
+        self._disabled_plugins = tuple(disabled_plugins)
         setpriv = shutil.which("setpriv", path=DEFAULT_PATH)
         self._launcher = [setpriv, "--pdeathsig", "TERM"] if die_with_parent and setpriv else []
+        if netns is not None:  # nsenter execs containerd: the PID stays containerd's
+            self._launcher += [which("nsenter"), f"--net={os.fspath(netns)}", "--"]
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -218,7 +228,7 @@ class Containerd:
     def render_config(self) -> str:
         """The config.toml text for these paths."""
         p = self.paths
-        disabled = ", ".join(f'"{name}"' for name in DISABLED_PLUGINS)
+        disabled = ", ".join(f'"{name}"' for name in self._disabled_plugins)
         return (
             "version = 2\n"
             f'root = "{p.root}"\n'

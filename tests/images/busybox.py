@@ -5,13 +5,16 @@
 `/bin/busybox`, a symlink `/bin/<applet>` for every applet that
 `busybox --list` prints, a minimal `/etc/passwd` and `/etc/group`, and the
 usual empty mount-point directories.  The image config runs `sh` with a
-standard PATH.
+standard PATH, or the command given as `cmd`: `build_pause_image` makes
+the CRI suite's sandbox ("pause") image that way, the same layer with a
+command that waits until it is signalled.
 
 Builds are deterministic: every entry has mtime 0, uid/gid 0 and a fixed
 mode, and entries are written in sorted order, so the same busybox binary
 always gives the same layer, config, manifest and image digests.  The
 tarball's file name carries a key over (builder version, busybox bytes,
-ref), so a second call with the same inputs returns the existing file.
+ref, command), so a second call with the same inputs returns the existing
+file.
 
 `import_image(ctr_cmd_prefix, tar)` loads it with `ctr images import`.  The
 index descriptor carries `io.containerd.image.name` (the full ref, which
@@ -43,7 +46,14 @@ from typing import Any
 BUSYBOX_REF = "localhost/keel/busybox:test"
 """The name the image gets in containerd after `import_image`."""
 
+PAUSE_REF = "localhost/keel/pause:test"
+"""The CRI suite's sandbox image (`build_pause_image`)."""
+#: What the pause image runs: wait for a signal; SIGTERM and SIGINT end it
+#: with 0 (a shell as PID 1 would ignore them without a trap).
+PAUSE_CMD = ("sh", "-c", 'trap "exit 0" TERM INT; while :; do sleep 3600 & wait $!; done')
+
 BUSYBOX_PATH = Path("/bin/busybox")
+_DEFAULT_CMD = ("sh",)
 # Bump when the layout or content changes, so cached tarballs are rebuilt.
 _BUILDER_VERSION = "1"
 _PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -76,11 +86,12 @@ def applets(busybox: Path = BUSYBOX_PATH) -> list[str]:
 
 
 def build_image(dest_dir: Path | str, ref: str = BUSYBOX_REF,
-                busybox: Path = BUSYBOX_PATH) -> Path:
+                busybox: Path = BUSYBOX_PATH, cmd: Sequence[str] = _DEFAULT_CMD) -> Path:
     """Build (or reuse) the OCI image tarball in `dest_dir` and return its path.
 
-    The result is content-addressed: `busybox-<key>.tar`, where the key
-    hashes the builder version, the busybox binary and `ref`.  The file is
+    `cmd` is the image config's Cmd.  The result is content-addressed:
+    `busybox-<key>.tar`, where the key hashes the builder version, the
+    busybox binary, `ref` and (when not the default) `cmd`.  The file is
     written to a temporary name and renamed, so concurrent builders and
     interrupted builds never leave a partial tarball under the final name.
     Raises FileNotFoundError when `busybox` is missing.
@@ -88,13 +99,14 @@ def build_image(dest_dir: Path | str, ref: str = BUSYBOX_REF,
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     binary = busybox.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([_BUILDER_VERSION.encode(), hashlib.sha256(binary).digest(), ref.encode()])
-    ).hexdigest()[:16]
+    parts = [_BUILDER_VERSION.encode(), hashlib.sha256(binary).digest(), ref.encode()]
+    if tuple(cmd) != _DEFAULT_CMD:  # keeps the default image's key (and cached file) as it was
+        parts.append(json.dumps(list(cmd)).encode())
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     out = dest / f"busybox-{key}.tar"
     if out.exists():
         return out
-    layout = _layout(binary, applets(busybox), ref)
+    layout = _layout(binary, applets(busybox), ref, list(cmd))
     fd, tmp = tempfile.mkstemp(dir=dest, prefix=".busybox-", suffix=".tar")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -105,6 +117,11 @@ def build_image(dest_dir: Path | str, ref: str = BUSYBOX_REF,
         os.unlink(tmp)
         raise
     return out
+
+
+def build_pause_image(dest_dir: Path | str, busybox: Path = BUSYBOX_PATH) -> Path:
+    """`build_image` of the sandbox image: `PAUSE_REF`, running `PAUSE_CMD`."""
+    return build_image(dest_dir, PAUSE_REF, busybox, PAUSE_CMD)
 
 
 def image_ref(tar: Path | str) -> str:
@@ -146,14 +163,14 @@ def import_image(ctr_cmd_prefix: Sequence[str], tar: Path | str, timeout: float 
 
 # --- building blocks --------------------------------------------------------
 
-def _layout(binary: bytes, names: list[str], ref: str) -> dict[str, bytes]:
+def _layout(binary: bytes, names: list[str], ref: str, cmd: list[str]) -> dict[str, bytes]:
     """The OCI layout's files, keyed by path inside the tarball."""
     layer = _tar(_rootfs(binary, names))
     arch = _ARCH.get(platform.machine(), platform.machine())
     config = _json({
         "architecture": arch,
         "os": "linux",
-        "config": {"Env": [_PATH_ENV], "Cmd": ["sh"], "WorkingDir": "/"},
+        "config": {"Env": [_PATH_ENV], "Cmd": cmd, "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [_digest(layer)]},
     })
     manifest = _json({

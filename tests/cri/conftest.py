@@ -1,0 +1,54 @@
+"""Fixtures of the CRI suite (see tests/cri/node.py and tests/cri/kubelet.py).
+
+* `cri_node` (session): a private containerd with the CRI plugin in a
+  network namespace of its own, runtimes ``runc`` and ``keel``, the pause
+  and busybox images.  At the end it is stopped and everything it left
+  (processes, mounts, the namespace, CNI cache entries, cgroups) is
+  removed; the run fails if anything had to be.
+* `kubelet` (function): plays the kubelet for one test on the handler of
+  the test's ``handler`` parameter, and afterwards stops and removes the
+  test's pods and fails the test if a pod, process, mount or socket of the
+  node outlived them.
+
+Each case takes ``handler`` through `handlers()` (tests/cri/kubelet.py), so
+that a case runs for both runtimes and asserts one outcome for both.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cri import node as cri
+from tests.cri.kubelet import Kubelet
+from tests.prereq import skip_or_fail
+
+IMAGE_CACHE = Path(os.environ.get("KEEL_TEST_CACHE", "/var/tmp/keel-test-cache")) / "images"
+
+
+@pytest.fixture(scope="session")
+def cri_node(require_env: Callable[[str], None]) -> Iterator[cri.CriNode]:
+    require_env("integration")
+    if reasons := cri.missing_prerequisites():
+        skip_or_fail("; ".join(reasons), what="cri")
+    # Short: Keel's sandbox sockets live below it (tests/cri/node.py).
+    tmp = Path(tempfile.mkdtemp(prefix="k", dir="/tmp"))
+    node = cri.start_node(tmp, IMAGE_CACHE)
+    yield node
+    if problems := cri.stop_node(node):
+        pytest.fail("CRI node teardown:\n" + "\n".join(problems)
+                    + f"\n--- containerd log tail ({node.containerd.paths.log}) ---\n"
+                    + node.containerd.log_tail(), pytrace=False)
+
+
+@pytest.fixture
+def kubelet(cri_node: cri.CriNode, handler: str, request: pytest.FixtureRequest
+            ) -> Iterator[Kubelet]:
+    k = Kubelet(cri_node, handler, request.node.originalname)
+    yield k
+    problems = k.cleanup()
+    assert not problems, f"{request.node.name} left behind:\n" + "\n".join(problems)
