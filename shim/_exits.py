@@ -65,7 +65,9 @@ class Exits:
                     await asyncio.gather(*pending)
             except TimeoutError:
                 log.info("%s exited; its output is still open (held by another process)", p.name)
-        self.record(p, Exit(resp.exit_status, resp.exited_at_ns))
+        # The time is the host's, when the shim learns of the exit (as Kata's
+        # shim does): a guest's clock drifts (TCG) and the guest is untrusted.
+        self.record(p, exit_now(resp.exit_status))
 
     def record(self, p: Process, exit: Exit, *, again: bool = False) -> None:
         """Record *p*'s exit and queue TaskExit; a second exit is ignored

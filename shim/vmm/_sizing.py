@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -70,6 +71,39 @@ def workload(specs: Iterable[Mapping[str, Any]]) -> Workload:
         if isinstance(limit, int) and limit > 0:
             mem += limit >> 20
     return Workload(vcpus=math.ceil(round(cpus, 6)), memory_mib=mem)
+
+
+def shm_bytes(spec: Mapping[str, Any]) -> int:
+    """The size of the host tmpfs *spec* binds at /dev/shm (CRI's pod shm), or 0."""
+    for m in spec.get("mounts") or ():
+        if isinstance(m, Mapping) and m.get("destination") == "/dev/shm" and (
+                m.get("type") == "bind" or "rbind" in (m.get("options") or ())):
+            return tmpfs_bytes(str(m.get("source")))
+    return 0
+
+
+def tmpfs_bytes(path: str) -> int:
+    """The size limit of the tmpfs mounted at *path*, or 0 (none, unknown)."""
+    try:
+        real = os.path.realpath(path)
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                after = fields[fields.index("-") + 1:]
+                if fields[4] == real and after[0] == "tmpfs":
+                    for opt in after[2].split(","):
+                        if opt.startswith("size="):
+                            return _bytes(opt[5:])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _bytes(value: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    if value[-1:].lower() in units:
+        return int(value[:-1]) * units[value[-1].lower()]
+    return int(value)
 
 
 def of_update(resources_json: bytes) -> Workload:

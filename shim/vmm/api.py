@@ -67,6 +67,9 @@ class LaunchSpec:
     #: an unlisted type is the runtime's own).  A backend honours them or
     #: refuses the launch with InvalidArgument; it never silently isolates.
     host_namespaces: frozenset[str] = frozenset()
+    #: Size of the pod's shared memory (the host tmpfs the first container
+    #: binds at /dev/shm), for a VM's own /dev/shm; 0: the guest's default.
+    shm_bytes: int = 0
 
 
 #: Mount propagation options of the OCI spec that let mounts cross the

@@ -45,9 +45,20 @@ def cri_node(require_env: Callable[[str], None]) -> Iterator[cri.CriNode]:
                     + node.containerd.log_tail(), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def vm_config(cri_node: cri.CriNode) -> Path:
+    """The ``keel-vm`` handler's config, once the guest image is built."""
+    from tests.vm.conftest import build_vm_image, write_keel_config
+
+    path = cri.vm_config_path(cri_node.tmp_root)
+    return write_keel_config(path, build_vm_image())  # state root: the node's KEEL_STATE_ROOT
+
+
 @pytest.fixture
 def kubelet(cri_node: cri.CriNode, handler: str, request: pytest.FixtureRequest
             ) -> Iterator[Kubelet]:
+    if handler == "keel-vm":
+        request.getfixturevalue("vm_config")
     k = Kubelet(cri_node, handler, request.node.originalname)
     yield k
     problems = k.cleanup()

@@ -38,16 +38,19 @@ IDLE = ("sh", "-c", 'trap "exit 0" TERM; while :; do sleep 1 & wait $!; done')
 LEFTOVER_GRACE_S = 15.0
 
 
-def handlers(*, keel_xfail: str = "") -> list[Any]:
-    """Values of a case's ``handler`` parameter: ``runc``, then ``keel``.
+def handlers(*, keel_xfail: str = "", vm_xfail: str = "") -> list[Any]:
+    """Values of a case's ``handler`` parameter: ``runc``, ``keel`` (the
+    process backend), then ``keel-vm`` (the qemu backend, marked ``vm``).
 
-    `keel_xfail` names the exact symptom of a Keel bug that makes the keel
-    case fail where runc passes; the keel case is then a strict xfail, so
+    `keel_xfail` (`vm_xfail`) names the exact symptom of a Keel bug that
+    makes that case fail where runc passes; it is then a strict xfail, so
     it turns into a failure the day the bug is fixed.
     """
-    if not keel_xfail:
-        return ["runc", "keel"]
-    return ["runc", pytest.param("keel", marks=pytest.mark.xfail(strict=True, reason=keel_xfail))]
+    def xfail(reason: str) -> tuple[Any, ...]:
+        return (pytest.mark.xfail(strict=True, reason=reason),) if reason else ()
+
+    return ["runc", pytest.param("keel", marks=xfail(keel_xfail)),
+            pytest.param("keel-vm", marks=(pytest.mark.vm, pytest.mark.slow, *xfail(vm_xfail)))]
 
 
 @dataclass(frozen=True, slots=True)

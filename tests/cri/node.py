@@ -58,7 +58,8 @@ REPO = Path(__file__).resolve().parents[2]
 #: The only namespace CRI sees.
 K8S_NAMESPACE = "k8s.io"
 #: CRI runtime handlers: name -> runtime_type.
-HANDLERS = {"runc": "io.containerd.runc.v2", "keel": "io.containerd.keel.v2"}
+HANDLERS = {"runc": "io.containerd.runc.v2", "keel": "io.containerd.keel.v2",
+            "keel-vm": "io.containerd.keel.v2"}
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 READY_TIMEOUT_S = 60.0
 #: The longest temp root (= Keel state root) whose sandbox sockets fit:
@@ -197,6 +198,11 @@ def _wait_image(client: CriClient, ref: str) -> None:
     wait_for(listed, READY_TIMEOUT_S, f"CRI to list image {ref}")
 
 
+def vm_config_path(tmp: Path) -> Path:
+    """The ``keel-vm`` handler's Keel config (the qemu backend)."""
+    return tmp / "keel-vm.toml"
+
+
 def _cri_config(tmp: Path, keel_config: Path) -> str:
     cri = f'[plugins."{CRI_PLUGIN}"]'
     runtimes = f'[plugins."{CRI_PLUGIN}".containerd.runtimes'
@@ -220,6 +226,12 @@ def _cri_config(tmp: Path, keel_config: Path) -> str:
         f'  runtime_type = "{HANDLERS["keel"]}"',
         f"{runtimes}.keel.options]",
         f'  ConfigPath = "{keel_config}"',
+        # The qemu backend: its config is written once the guest image is
+        # built (`vm_config`), before the first pod of a `vm` case.
+        f"{runtimes}.keel-vm]",
+        f'  runtime_type = "{HANDLERS["keel-vm"]}"',
+        f"{runtimes}.keel-vm.options]",
+        f'  ConfigPath = "{vm_config_path(tmp)}"',
         f'[plugins."{CRI_PLUGIN}".cni]',
         f'  bin_dir = "{network.CNI_BIN_DIR}"',
         f'  conf_dir = "{tmp / "cni" / "conf"}"',

@@ -100,10 +100,27 @@ def test_a_missing_or_relative_source_is_invalid(share: tuple[Path, Path],
         _volumes.share(*share, "c2", {"mounts": [_bind(Path("rel"), "/d")]})
 
 
-def test_dev_shm_becomes_guest_memory_of_the_host_size(tmp_path: Path) -> None:
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    m = _volumes.guest_shm(_bind(plain, "/dev/shm"))
-    assert (m["type"], m["destination"]) == ("tmpfs", "/dev/shm")
-    assert f"size={_volumes.DEFAULT_SHM_BYTES}" in m["options"]
-    assert _volumes.shm_bytes(Path("/dev/shm")) > 0
+def test_dev_shm_is_the_guests_own_shared_by_the_pod(tmp_path: Path) -> None:
+    m = _volumes.guest_shm(_bind(tmp_path, "/dev/shm", "ro"))
+    assert m == {"destination": "/dev/shm", "type": "bind", "source": "/dev/shm",
+                 "options": ["rbind", "rprivate", "nosuid", "nodev", "ro"]}
+
+
+def test_the_pods_shm_size_is_the_host_tmpfs_size(tmp_path: Path) -> None:
+    from shim.vmm import _sizing
+
+    if os.geteuid() != 0:
+        skip_or_fail("mounting a tmpfs needs root", what="requires_root")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    spec = {"mounts": [{"destination": "/dev/shm", "type": "bind", "source": str(shm),
+                        "options": ["rbind"]}]}
+    assert _sizing.shm_bytes(spec) == 0  # not a tmpfs: the guest's default
+    import subprocess
+
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "shm", str(shm)], check=True)
+    try:
+        assert _sizing.shm_bytes(spec) == 8 << 20
+    finally:
+        subprocess.run(["umount", str(shm)], check=True)
+    assert _sizing.shm_bytes({"mounts": []}) == 0

@@ -51,6 +51,12 @@ def _missing() -> list[str]:
 @pytest.fixture(scope="session")
 def vm_image() -> image.Image:
     """The guest image for the working tree (built or reused), or a loud skip."""
+    return build_vm_image()
+
+
+def build_vm_image() -> image.Image:
+    """The guest image for the working tree (built or reused), or a loud skip
+    (a failure under CI=true)."""
     if missing := _missing():
         skip_or_fail("; ".join(missing), what="vm")
     started = time.monotonic()

@@ -127,7 +127,8 @@ class QemuBackend:
                 cfg, accel, files, name=spec.sandbox_id[:32], kernel=kernel, initrd=initrd,
                 rootfs=rootfs, vcpus=vcpus, memory_mib=memory,
                 cmdline=_cmdline.kernel_cmdline(cfg, accel, spec.agent_args,
-                                                nic.guest_config() if nic else ""),
+                                                nic.guest_config() if nic else "",
+                                                shm_bytes=spec.shm_bytes),
                 tap=(tap_fd, nic.mac) if nic else None)
             await asyncio.to_thread(self._prepare, files)
             pid = await self._start(argv, files, (tap_fd,) if nic else ())

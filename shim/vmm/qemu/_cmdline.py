@@ -41,7 +41,7 @@ def shell_word(path: Path) -> str:
 
 
 def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str],
-                   net: str = "", *, template: bool = False) -> str:
+                   net: str = "", *, template: bool = False, shm_bytes: int = 0) -> str:
     """The guest kernel command line; InvalidArgument if the agent args cannot travel on it.
 
     *net* is the pod network for the guest init (``_net.PodNic.guest_config``).
@@ -65,6 +65,8 @@ def kernel_cmdline(config: QemuConfig, accel: Accel, agent_args: Sequence[str],
         words.append("keel.args=" + base64.b64encode(lines.encode()).decode())
     if net:
         words.append("keel.net=" + base64.b64encode(net.encode()).decode())
+    if shm_bytes > 0:
+        words.append(f"keel.shm={shm_bytes}")
     words += config.kernel_args
     line = " ".join(words)
     if len(line) > _KERNEL_CMDLINE_MAX:

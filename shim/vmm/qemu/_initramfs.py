@@ -58,7 +58,8 @@ mount_root() {
   mount --move /dev $R/dev
   mkdir -p $R/dev/pts $R/dev/shm $R/dev/virtio-ports
   mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts $R/dev/pts
-  mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs $R/dev/shm
+  # The pod's shared memory: every container's /dev/shm binds this one.
+  mount -t tmpfs -o mode=1777,nosuid,nodev${shm:+,size=$shm} tmpfs $R/dev/shm
   mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs $R/tmp
   for p in /sys/class/virtio-ports/*; do
     n=$(cat "$p/name" 2>/dev/null); [ -n "$n" ] && ln -sf "../${p##*/}" "$R/dev/virtio-ports/$n"
@@ -77,11 +78,12 @@ fi
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-args= ; net= ; debug= ; template=
+args= ; net= ; debug= ; template= ; shm=
 for w in $(cat /proc/cmdline); do
   case "$w" in
     keel.args=*) args="${w#keel.args=}" ;;
     keel.net=*) net="${w#keel.net=}" ;;
+    keel.shm=*) shm="${w#keel.shm=}" ;;
     keel.debug=1) debug=1 ;;
     keel.template=1) template=1 ;;
   esac

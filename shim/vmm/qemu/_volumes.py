@@ -18,9 +18,11 @@ the guest (``/run/keel/shared/<cid>/mounts/<n>``):
 - the share is mounted ``cache=none`` in the guest: a file the host
   rewrites later (a ConfigMap update) is read afresh;
 - ``/dev/shm`` bound from the host (CRI's per-pod shm tmpfs) becomes a
-  tmpfs in the guest of the host mount's size: shared memory stays in the
-  guest's RAM and never crosses 9p.  Each container gets its own; the
-  pod's containers do not share it yet (README, limits).
+  bind of the guest's own ``/dev/shm``, a tmpfs the guest init mounts at
+  boot with the size of the first container's host mount (``keel.shm=``):
+  shared memory stays in the guest's RAM, never crosses 9p, and the pod's
+  containers share it as they share the pod's shm tmpfs on runc (one VM
+  is one pod).
 
 All functions block: call them in a thread.
 """
@@ -37,8 +39,6 @@ from shim.vmm.qemu import _mounts
 from shim.vmm.qemu._initramfs import GUEST_SHARED
 
 SHM = "/dev/shm"
-#: CRI's default pod shm size, when the host source says none.
-DEFAULT_SHM_BYTES = 64 << 20
 
 
 def is_bind(m: Mapping[str, Any]) -> bool:
@@ -87,35 +87,7 @@ def _source(m: Mapping[str, Any]) -> Path:
 
 
 def guest_shm(m: Mapping[str, Any]) -> dict[str, Any]:
-    """A guest tmpfs in place of a host ``/dev/shm`` bind, of the host's size."""
-    size = shm_bytes(Path(str(m.get("source"))))
-    options = ["nosuid", "noexec", "nodev", "mode=1777", f"size={size}"]
-    if "ro" in (m.get("options") or ()):
-        options.append("ro")
-    return {"destination": SHM, "type": "tmpfs", "source": "shm", "options": options}
-
-
-def shm_bytes(source: Path) -> int:
-    """The size of the tmpfs mounted at *source*, or :data:`DEFAULT_SHM_BYTES`."""
-    try:
-        real = os.path.realpath(source)
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] != real:
-                    continue
-                after = fields[fields.index("-") + 1:]
-                if after[0] == "tmpfs":
-                    for opt in after[2].split(","):
-                        if opt.startswith("size="):
-                            return _bytes(opt[5:])
-    except (OSError, ValueError, IndexError):
-        pass
-    return DEFAULT_SHM_BYTES
-
-
-def _bytes(value: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    if value[-1:].lower() in units:
-        return int(value[:-1]) * units[value[-1].lower()]
-    return int(value)
+    """What a host ``/dev/shm`` bind becomes: a bind of the guest's /dev/shm."""
+    ro = ["ro"] if "ro" in (m.get("options") or ()) else []
+    return {"destination": SHM, "type": "bind", "source": SHM,
+            "options": ["rbind", "rprivate", "nosuid", "nodev", *ro]}
