@@ -39,6 +39,7 @@ from tests.containerd.cleanup import (
     keel_launchers,
     leftovers,
     processes_of,
+    remove_root,
     stop_keel_launchers,
     wait_no_leftovers,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "install_shim_wrapper",
     "keel_launchers",
     "leftovers",
+    "remove_root",
     "missing_prerequisites",
     "processes_of",
     "run_on_pty",

@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import os
 import re
+import shutil
 import signal
 import stat
 import time
@@ -299,3 +300,13 @@ def _cgroup_dirs(pid: int) -> set[str]:
                 dirs.add(d)
                 break
     return dirs
+
+
+def remove_root(tmp: Path, problems: list[str]) -> None:
+    """Remove a test's temp root once all went well; never through a mount
+    (then it is kept and *problems* says so)."""
+    still = leftovers(tmp)
+    if still.mounts:
+        problems.append(f"could not unmount; kept {tmp}:\n{still}")
+    elif not problems:
+        shutil.rmtree(tmp, ignore_errors=True)

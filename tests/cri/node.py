@@ -30,7 +30,6 @@ its config file, which CRI hands the shim as ``options.ConfigPath``.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from tests.containerd import (
     force_cleanup,
     install_shim_wrapper,
     leftovers,
+    remove_root,
     wait_for,
 )
 from tests.cri import network
@@ -151,12 +151,7 @@ def _take_down(ctd: Containerd, netns: NetNs, cni_cache: CniCache,
     netns.delete()
     cni_cache.remove()
     problems += [f"cgroup not removed: {d}" for d in remove_cgroups(cgroup_parent)]
-    tmp = ctd.paths.tmp_root
-    still = leftovers(tmp)
-    if still.mounts:  # never rmtree through a mount
-        problems.append(f"could not unmount; kept {tmp}:\n{still}")
-    elif not problems:
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_root(ctd.paths.tmp_root, problems)
     return problems
 
 

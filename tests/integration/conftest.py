@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.containerd import Containerd, force_cleanup, install_shim_wrapper, leftovers
+from tests.containerd import Containerd, force_cleanup, install_shim_wrapper, remove_root
 from tests.images.busybox import BUSYBOX_REF, build_image, import_image
 
 if TYPE_CHECKING:
@@ -68,12 +67,7 @@ def _teardown(ctd: Containerd) -> None:
     if found:
         problems.append(f"left behind after containerd stopped:\n{found}")
         force_cleanup(found)
-    tmp = ctd.paths.tmp_root
-    still = leftovers(tmp)
-    if still.mounts:  # never rmtree through a mount
-        problems.append(f"could not unmount; kept {tmp}:\n{still}")
-    elif not problems:
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_root(ctd.paths.tmp_root, problems)
     if problems:
         pytest.fail("private containerd teardown:\n" + "\n".join(problems)
                     + f"\n--- containerd log tail ({ctd.paths.log}) ---\n{ctd.log_tail()}",
