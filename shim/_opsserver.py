@@ -71,7 +71,7 @@ async def serve_ops(daemon: Daemon) -> Server:
     """
     daemon.sandbox.dir.create()
     path = daemon.sandbox.dir.ops_socket
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = daemon.sandbox.dir.ops_socket_tmp(os.getpid())
     tmp.unlink(missing_ok=True)
     server = Server([ShimOps(daemon)], status_details_codec=NO_STATUS_DETAILS)
     old = os.umask(0o177)

@@ -19,6 +19,7 @@ from pathlib import Path
 from shim._bundle import sandbox_id, socket_path
 from shim._flags import Flags
 from shim.config import ShimConfig
+from shim.dirs import SandboxDir
 
 #: glibc malloc settings for the daemon and what it starts (the process
 #: backend's agent inherits them).  The output path allocates buffers of up to
@@ -114,6 +115,7 @@ def start(flags: Flags) -> int:
         config_path = _read_options()
         cfg = config_mod.load(config_path or None)
         sandbox = sandbox_id(bundle, flags.id)
+        SandboxDir.of(cfg.state_root, sandbox).check_fits()
         path = socket_path(cfg.state_root, flags.address, flags.namespace, sandbox)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         address = f"unix://{path}"

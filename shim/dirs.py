@@ -19,6 +19,8 @@ from keel.errors import InvalidArgument
 
 #: sun_path holds 108 bytes including the terminating NUL.
 SUN_PATH_MAX = 107
+#: The largest pid Linux hands out (pid_max's ceiling, 2**22).
+PID_MAX = 4194304
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,11 @@ class SandboxDir:
     @property
     def ops_socket(self) -> Path:
         return self.root / "ops.sock"
+
+    def ops_socket_tmp(self, pid: int) -> Path:
+        """Where the shim of *pid* binds ops.sock before renaming it into place
+        (short: it must fit where ops.sock does, ``check_fits``)."""
+        return self.root / f".o{pid}"
 
     def channel(self, name: str) -> Path:
         """Host end of a sandbox channel ("agent", "ops"): the agent's socket
@@ -88,6 +95,21 @@ class SandboxDir:
         for sock in self.sockets(channels):
             if len(str(sock).encode()) > SUN_PATH_MAX:
                 raise InvalidArgument(f"sandbox path too long for a unix socket: {sock}")
+
+    def check_fits(self) -> None:
+        """InvalidArgument, naming the state root, if any socket of this
+        sandbox (ops.sock, the channels, a VM's QMP) would not fit in
+        sun_path: checked at ``start``, before a daemon exists."""
+        longest = max((self.ops_socket, self.ops_socket_tmp(PID_MAX), *self.sockets(("agent", "ops"))),
+                      key=lambda p: len(str(p).encode()))
+        size = len(str(longest).encode())
+        if size > SUN_PATH_MAX:
+            root = self.root.parent.parent
+            raise InvalidArgument(
+                f"state root {root} is too long for sandbox {self.id}: its socket {longest}"
+                f" would be {size} bytes, and a unix socket path takes at most {SUN_PATH_MAX};"
+                f" use a state_root of at most {len(str(root).encode()) - size + SUN_PATH_MAX}"
+                f" bytes")
 
     def create(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -77,3 +77,33 @@ def test_hand_encoded_delete_response_parses(status: int, ns: int) -> None:
     stamp = resp.exited_at
     assert int(stamp.timestamp()) == ns // 1_000_000_000
     assert stamp.microsecond == ns % 1_000_000_000 // 1000
+
+
+def test_start_refuses_a_state_root_too_long_for_its_sockets(tmp_path: Path) -> None:
+    """A 64-character CRI pod id under a long state root: `start` says which
+    root and how long it may be, instead of a daemon dying at bind time."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from shim.dirs import SandboxDir
+
+    pod = "a" * 64
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(
+        {"annotations": {"io.kubernetes.cri.sandbox-id": pod}}))
+    long_root = tmp_path / "state"  # well over the ~22 bytes a 64-character id leaves
+    assert len(str(SandboxDir.of(long_root, pod).ops_socket_tmp(4194304))) > 107
+    res = subprocess.run(
+        [sys.executable, "-m", "shim", "-namespace", "k8s.io", "-address", "/run/c.sock",
+         "-id", pod, "start"], cwd=bundle, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "KEEL_STATE_ROOT": str(long_root)}, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1
+    assert res.stdout.startswith(f"keel shim start failed: state root {long_root} is too long"), \
+        res.stdout
+    assert "use a state_root of at most" in res.stdout
+    assert not long_root.exists()  # nothing made before the refusal
+    short = SandboxDir.of(Path("/run/keel"), pod)
+    short.check_fits()  # the default root fits CRI's ids
