@@ -8,6 +8,7 @@ unrelated process that now has its pid.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -53,3 +54,31 @@ def open_pidfd(pid: int, started: int | None = None) -> int:
         os.close(fd)
         raise ProcessLookupError(f"pid {pid} is no longer the recorded process")
     return fd
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mount:
+    """One line of /proc/self/mountinfo."""
+
+    id: int
+    #: Unescaped (the file writes a space in a path as ``\\040``).
+    point: str
+    fstype: str
+    #: The superblock's options (``size=65536k`` of a tmpfs, ...).
+    options: tuple[str, ...]
+
+
+def mounts() -> list[Mount]:
+    """This process's mounts, oldest first."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-") + 1:]
+            found.append(Mount(int(fields[0]), _unescape(fields[4]), rest[0],
+                               tuple(rest[2].split(",")) if len(rest) > 2 else ()))
+    return found
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")

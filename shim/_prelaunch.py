@@ -42,7 +42,7 @@ def launch_spec(sandbox_id: str, config: ShimConfig, root: Path,
                       netns=netns_path(spec) if spec else None,
                       workload_vcpus=size.vcpus, workload_memory_mib=size.memory_mib,
                       host_namespaces=host_namespaces(spec) if spec else frozenset(),
-                      shm_bytes=_sizing.shm_bytes(spec) if spec else 0)
+                      shm_source=_sizing.shm_source(spec) if spec else "")
 
 
 #: Namespace types a sandbox may share with the host (Kubernetes hostNetwork,

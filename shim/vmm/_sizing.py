@@ -21,6 +21,9 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from keel import procfs
+from shim.vmm.api import is_host_bind
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Workload:
@@ -73,27 +76,24 @@ def workload(specs: Iterable[Mapping[str, Any]]) -> Workload:
     return Workload(vcpus=math.ceil(round(cpus, 6)), memory_mib=mem)
 
 
-def shm_bytes(spec: Mapping[str, Any]) -> int:
-    """The size of the host tmpfs *spec* binds at /dev/shm (CRI's pod shm), or 0."""
+def shm_source(spec: Mapping[str, Any]) -> str:
+    """The host path *spec* binds at /dev/shm (CRI's pod shm tmpfs), or ""."""
     for m in spec.get("mounts") or ():
-        if isinstance(m, Mapping) and m.get("destination") == "/dev/shm" and (
-                m.get("type") == "bind" or "rbind" in (m.get("options") or ())):
-            return tmpfs_bytes(str(m.get("source")))
-    return 0
+        if isinstance(m, Mapping) and m.get("destination") == "/dev/shm" and is_host_bind(m):
+            return str(m.get("source") or "")
+    return ""
 
 
 def tmpfs_bytes(path: str) -> int:
-    """The size limit of the tmpfs mounted at *path*, or 0 (none, unknown)."""
+    """The size limit of the tmpfs mounted at *path*, or 0 (none, unknown).
+    Reads the mount table: call it only where the size is used."""
     try:
         real = os.path.realpath(path)
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                after = fields[fields.index("-") + 1:]
-                if fields[4] == real and after[0] == "tmpfs":
-                    for opt in after[2].split(","):
-                        if opt.startswith("size="):
-                            return _bytes(opt[5:])
+        for m in procfs.mounts():
+            if m.point == real and m.fstype == "tmpfs":
+                for opt in m.options:
+                    if opt.startswith("size="):
+                        return _bytes(opt[5:])
     except (OSError, ValueError, IndexError):
         pass
     return 0

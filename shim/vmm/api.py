@@ -67,9 +67,14 @@ class LaunchSpec:
     #: an unlisted type is the runtime's own).  A backend honours them or
     #: refuses the launch with InvalidArgument; it never silently isolates.
     host_namespaces: frozenset[str] = frozenset()
-    #: Size of the pod's shared memory (the host tmpfs the first container
-    #: binds at /dev/shm), for a VM's own /dev/shm; 0: the guest's default.
-    shm_bytes: int = 0
+    #: The host tmpfs the first container binds at /dev/shm (the pod's shared
+    #: memory), whose size a VM gives its own /dev/shm; "": none.
+    shm_source: str = ""
+
+
+def is_host_bind(m: Mapping[str, Any]) -> bool:
+    """True for an OCI mount of a host path (type "bind" or a bind option)."""
+    return m.get("type") == "bind" or bool({"bind", "rbind"} & set(m.get("options") or ()))
 
 
 #: Mount propagation options of the OCI spec that let mounts cross the

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from keel import procfs
 from tests.containerd.host import POLL_S, wait_for
 
 
@@ -261,16 +262,9 @@ def _self_and_ancestors() -> set[int]:
 # --- mounts, sockets, cgroups ------------------------------------------------
 
 def _mounts_under(root: str) -> Iterator[str]:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = _unescape_mount(line.split()[4])
-            if point == root or point.startswith(root + "/"):
-                yield point
-
-
-def _unescape_mount(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    for m in procfs.mounts():
+        if m.point == root or m.point.startswith(root + "/"):
+            yield m.point
 
 
 def _sockets_under(root: str) -> Iterator[str]:

@@ -22,6 +22,7 @@ import tenacity
 from keel import clock, errors, ids, logs, peercred, procfs, retry
 from keel.errors import Code, FailedPrecondition, InvalidArgument, KeelError
 from keel.lifecycle import Lifecycle, State
+from tests.prereq import skip_or_fail
 
 # -- keel.ids ----------------------------------------------------------------
 
@@ -395,3 +396,24 @@ def test_codes_without_a_class_keep_their_code(wire: int, code: Code) -> None:
     assert type(err) is KeelError
     assert err.code is code and errors.code_of(err) is code
     assert str(err) == "from the peer"
+
+
+def test_mounts_unescape_their_points(tmp_path: Path) -> None:
+    """mountinfo writes a space as \\040; every reader gets the real path."""
+    import subprocess
+
+    from keel import procfs
+    from shim.vmm import _sizing
+
+    if os.geteuid() != 0:
+        skip_or_fail("mounting a tmpfs needs root", what="requires_root")
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "t", str(spaced)], check=True)
+    try:
+        found = [m for m in procfs.mounts() if m.point == str(spaced)]
+        assert [(m.fstype, "size=4096k" in m.options) for m in found] == [("tmpfs", True)]
+        assert _sizing.tmpfs_bytes(str(spaced)) == 4 << 20
+    finally:
+        subprocess.run(["umount", str(spaced)], check=True)
+    assert not any(m.point == str(spaced) for m in procfs.mounts())

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from keel.errors import Internal, InvalidArgument
+from shim.vmm.api import is_host_bind
 from shim.vmm.qemu import _mounts, _volumes
 from tests.prereq import skip_or_fail
 
@@ -40,7 +41,7 @@ def _bind(src: Path, dst: str, *opts: str) -> dict[str, Any]:
     ({"type": "proc"}, False),
 ])
 def test_what_counts_as_a_host_bind(mount: dict[str, Any], bind: bool) -> None:
-    assert _volumes.is_bind(mount) is bind
+    assert is_host_bind(mount) is bind
 
 
 def test_a_spec_without_binds_is_returned_as_is(share: tuple[Path, Path]) -> None:
@@ -115,12 +116,13 @@ def test_the_pods_shm_size_is_the_host_tmpfs_size(tmp_path: Path) -> None:
     shm.mkdir()
     spec = {"mounts": [{"destination": "/dev/shm", "type": "bind", "source": str(shm),
                         "options": ["rbind"]}]}
-    assert _sizing.shm_bytes(spec) == 0  # not a tmpfs: the guest's default
+    assert _sizing.shm_source(spec) == str(shm)
+    assert _sizing.tmpfs_bytes(str(shm)) == 0  # not a tmpfs: the guest's default
     import subprocess
 
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "shm", str(shm)], check=True)
     try:
-        assert _sizing.shm_bytes(spec) == 8 << 20
+        assert _sizing.tmpfs_bytes(_sizing.shm_source(spec)) == 8 << 20
     finally:
         subprocess.run(["umount", str(shm)], check=True)
-    assert _sizing.shm_bytes({"mounts": []}) == 0
+    assert _sizing.shm_source({"mounts": []}) == ""

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from keel import procfs
 from keel.errors import Internal, InvalidArgument
 
 
@@ -65,14 +66,7 @@ def expand_slice(slice_: str) -> str:
 
 def _hierarchies() -> list[Path]:
     """Mount points of every cgroup (v1) and cgroup2 hierarchy."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            fstype = fields[fields.index("-") + 1]
-            if fstype in ("cgroup", "cgroup2"):
-                found.append(Path(fields[4]))
-    return found
+    return [Path(m.point) for m in procfs.mounts() if m.fstype in ("cgroup", "cgroup2")]
 
 
 def members(paths: Iterable[str]) -> set[int]:

@@ -28,6 +28,7 @@ from keel import procfs
 from keel.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from keel.logs import tail
 from shim.dirs import SandboxDir
+from shim.vmm import _sizing
 from shim.vmm.api import LaunchSpec
 from shim.vmm.qemu import _accel, _cmdline, _mounts, _net, _template
 from shim.vmm.qemu._initramfs import PORTS
@@ -128,7 +129,8 @@ class QemuBackend:
                 rootfs=rootfs, vcpus=vcpus, memory_mib=memory,
                 cmdline=_cmdline.kernel_cmdline(cfg, accel, spec.agent_args,
                                                 nic.guest_config() if nic else "",
-                                                shm_bytes=spec.shm_bytes),
+                                                shm_bytes=_sizing.tmpfs_bytes(spec.shm_source)
+                                                if spec.shm_source else 0),
                 tap=(tap_fd, nic.mac) if nic else None)
             await asyncio.to_thread(self._prepare, files)
             pid = await self._start(argv, files, (tap_fd,) if nic else ())

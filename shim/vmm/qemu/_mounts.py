@@ -26,6 +26,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from keel import procfs
 from keel.errors import Internal
 from shim.vmm._mountcmd import mount_argv
 from shim.vmm.api import MountSpec
@@ -91,21 +92,11 @@ def _mnt_id(fd: int) -> int:
     raise Internal("no mnt_id in fdinfo")
 
 
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
-
-
 def mounts_under(prefix: Path) -> list[tuple[int, str]]:
     """(mount id, mount point) of every mount at or below *prefix*, newest first."""
-    found = []
     base = str(prefix)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            point = _unescape(fields[4])
-            if point == base or point.startswith(base + "/"):
-                found.append((int(fields[0]), point))
-    return found[::-1]
+    return [(m.id, m.point) for m in reversed(procfs.mounts())
+            if m.point == base or m.point.startswith(base + "/")]
 
 
 def _detach(mount_id: int, point: str) -> bool:

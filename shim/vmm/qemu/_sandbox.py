@@ -24,7 +24,7 @@ from keel.errors import FailedPrecondition, Internal, InvalidArgument, Unavailab
 from shim.dirs import SandboxDir
 from shim.vmm._dialers import ExclusiveDialer, unix_dialer
 from shim.vmm._sizing import Workload
-from shim.vmm.api import Dialer, MountSpec, check_propagation
+from shim.vmm.api import Dialer, MountSpec, check_propagation, is_host_bind
 from shim.vmm.qemu import _mounts, _net, _volumes
 from shim.vmm.qemu import qmp as _qmp
 from shim.vmm.qemu._initramfs import GUEST_SHARED, PORTS
@@ -182,7 +182,7 @@ class QemuSandbox:
     async def share_volumes(self, container_id: str, spec_json: bytes) -> bytes:
         """Bind the spec's host mounts into the share (``_volumes``)."""
         spec = json.loads(spec_json)
-        if not any(isinstance(m, dict) and _volumes.is_bind(m) for m in spec.get("mounts") or ()):
+        if not any(isinstance(m, dict) and is_host_bind(m) for m in spec.get("mounts") or ()):
             return spec_json
         try:
             shared = await asyncio.to_thread(_volumes.share, self.files.shared,

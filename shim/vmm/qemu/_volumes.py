@@ -35,15 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from keel.errors import InvalidArgument
+from shim.vmm.api import is_host_bind
 from shim.vmm.qemu import _mounts
 from shim.vmm.qemu._initramfs import GUEST_SHARED
 
 SHM = "/dev/shm"
-
-
-def is_bind(m: Mapping[str, Any]) -> bool:
-    """True for a mount of a host path (OCI: type "bind" or a bind option)."""
-    return m.get("type") == "bind" or bool({"bind", "rbind"} & set(m.get("options") or ()))
 
 
 def share(shared: Path, marks: Path, cid: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +48,7 @@ def share(shared: Path, marks: Path, cid: str, spec: dict[str, Any]) -> dict[str
     InvalidArgument for a source that is not an absolute, existing host path.
     """
     mounts = list(spec.get("mounts") or ())
-    binds = [i for i, m in enumerate(mounts) if isinstance(m, dict) and is_bind(m)]
+    binds = [i for i, m in enumerate(mounts) if isinstance(m, dict) and is_host_bind(m)]
     if not binds:
         return spec
     fds = _mounts.walk(shared, cid, (cid, "mounts"))
