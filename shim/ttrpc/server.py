@@ -224,13 +224,20 @@ class TtrpcServer:
             self._accept_on()
 
     def release_all(self) -> None:
-        """After a successful hand-off: drop every frozen connection silently.
+        """After a successful hand-off: drop every frozen connection silently,
+        and close this process's copy of the listener.
 
-        The server stays frozen (accepts nothing) until aclose().
+        The new shim holds the listener now.  A copy kept open until this
+        process exits would keep accepting into the backlog, so containerd's
+        ``delete`` would take the socket of a new shim that died after the
+        commit for a live one and leave it behind.  The server stays frozen
+        (accepts nothing) until aclose().
         """
         for conn in self.connections():
             if conn.frozen:
                 conn.release()
+        if self._listener is not None and self._frozen:
+            self._listener.close()
 
     # -- internals ------------------------------------------------------------------
 
