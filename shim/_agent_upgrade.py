@@ -43,7 +43,7 @@ async def upgrade_agent(sb: Sandbox, agent_path: str,
         resp: ops_pb.UpgradeAgentResponse = await sb.agent.call(
             stub.upgrade_agent,
             ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),
-            timeout=UPGRADE_CALL_S, retry_for=0)
+            timeout=UPGRADE_CALL_S, attempt_s=None, retry_for=0, resend=False)
     finally:
         channel.close()
     began = asyncio.get_running_loop().time()

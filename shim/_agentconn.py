@@ -6,6 +6,14 @@ idempotent or keyed (agent/PROTOCOL.md), so a call that fails because the
 connection dropped (agent upgrade, shim handoff) is retried with bounded
 backoff; every new connection starts with Hello, which negotiates the API
 version.  gRPC errors come back as our error classes.
+
+Every call has a deadline (:data:`CALL_DEADLINE_S` unless the caller names
+one; only the long waits, WaitProcess and a stdin write held back by a full
+pipe, have none).  A call unanswered for one *attempt* (the connection's
+timeout) drops the connection and is sent again on a new one: a
+virtio-serial stream can stall without ever closing (agent/_serial.py), and
+a resent call joins the agent's first one (agent/PROTOCOL.md).  Calls that
+must not be sent twice (a signal, pause, an upgrade) say ``resend=False``.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from h2.settings import SettingCodes
 
 from agent.api import API_VERSION, MIN_API_VERSION, pb
 from keel import retry
-from keel.errors import FailedPrecondition, Unavailable, from_code
+from keel.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
 from keel.grpc import NO_STATUS_DETAILS, quiet_h2_frames
 from shim.vmm.api import Dialer
 
@@ -34,6 +42,22 @@ MAX_FRAME_BYTES = 1 << 20
 
 #: Errors that mean "the connection is gone", never "the call failed".
 _TRANSIENT = (OSError, StreamTerminatedError, ProtocolError, ConnectionError, EOFError)
+
+#: Seconds an agent call may take in all, resends included: above the
+#: agent's own deadline on the OCI runtime (agent/config.py,
+#: runtime_timeout_s 60), below kubelet's runtime request timeout (2 min).
+CALL_DEADLINE_S = 90.0
+
+
+class _Default:
+    """The default of a keyword whose None means something else."""
+
+
+DEFAULT: Any = _Default()
+
+
+class _Unanswered(Exception):
+    """One attempt got no answer in time (not an OSError: never retried as a dial failure)."""
 
 
 class DialChannel(Channel):
@@ -95,19 +119,53 @@ class AgentConnection:
             self._hello_generation = self._channel.generation
 
     async def call(self, fn: Callable[..., Awaitable[T]], request: Any, *,
-                   timeout: float | None = None, retry_for: float | None = None) -> T:
+                   timeout: float | None = DEFAULT, attempt_s: float | None = DEFAULT,
+                   retry_for: float | None = None, resend: bool = True) -> T:
         """``await fn(request)`` on the stub, reconnecting for up to *retry_for* s.
 
-        Raises our error classes for gRPC errors, Unavailable when the agent
-        stays unreachable.
+        *timeout* bounds the whole call (default :data:`CALL_DEADLINE_S`;
+        None: no deadline).  An attempt unanswered for *attempt_s* (default:
+        the connection's timeout; None: no bound) drops the connection and,
+        with *resend*, sends the call again until *timeout*.  Raises our
+        error classes for gRPC errors, Unavailable when the agent stays
+        unreachable, DeadlineExceeded when it does not answer in time.
         """
+        loop = asyncio.get_running_loop()
+        total = CALL_DEADLINE_S if timeout is DEFAULT else timeout
+        attempt_cap = self._timeout if attempt_s is DEFAULT else attempt_s
+        end = None if total is None else loop.time() + total
+        sent = 0
+        while True:
+            bounds = [b for b in (attempt_cap, None if end is None else end - loop.time())
+                      if b is not None]
+            bound = max(min(bounds), 0.001) if bounds else None
+            try:
+                sent += 1
+                return await self._attempt(fn, request, bound, retry_for)
+            except _Unanswered:
+                self._channel.close()  # whatever stalled, the next attempt dials anew
+                name = _method(fn)
+                if not resend:
+                    raise DeadlineExceeded(f"agent did not answer {name} within {bound:g}s") from None
+                if end is not None and loop.time() >= end - 0.001:
+                    raise DeadlineExceeded(
+                        f"agent did not answer {name} within {total:g}s"
+                        f" ({sent} attempt{'s' if sent > 1 else ''})") from None
+                log.warning("agent call %s unanswered after %.0fs: redialing and sending it again",
+                            name, bound)
+
+    async def _attempt(self, fn: Callable[..., Awaitable[T]], request: Any,
+                       bound: float | None, retry_for: float | None) -> T:
         retrying = retry.retrying(first=0.01, cap=0.25, on=_TRANSIENT,
                                   within=self._timeout if retry_for is None else retry_for)
         try:
-            async for attempt in retrying:
-                with attempt:
-                    await self._ensure_hello()
-                    return await fn(request, timeout=timeout)
+            async with asyncio.timeout(bound):
+                async for attempt in retrying:
+                    with attempt:
+                        await self._ensure_hello()
+                        return await fn(request)
+        except TimeoutError:
+            raise _Unanswered from None
         except GRPCError as exc:
             raise from_code(exc.status.value, exc.message or exc.status.name) from exc
         except _TRANSIENT as exc:
@@ -151,3 +209,9 @@ class AgentConnection:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _method(fn: Callable[..., Any]) -> str:
+    """A stub method's RPC name for messages (``create_container`` -> CreateContainer)."""
+    name = getattr(fn, "__name__", "call")
+    return "".join(part.title() for part in name.split("_"))

@@ -175,7 +175,8 @@ async def _remove_container(conn, pb, cid: str) -> None:  # type: ignore[no-unty
 
     try:
         await conn.call(conn.stub.signal_process, pb.SignalProcessRequest(
-            container_id=cid, signal=signal.SIGKILL, all=True), retry_for=0.5)
+            container_id=cid, signal=signal.SIGKILL, all=True), timeout=2.0, retry_for=0.5,
+            resend=False)
     except (NotFound, FailedPrecondition):
         pass
     try:
@@ -185,7 +186,7 @@ async def _remove_container(conn, pb, cid: str) -> None:  # type: ignore[no-unty
         return
     try:
         await conn.call(conn.stub.remove_process, pb.RemoveProcessRequest(container_id=cid),
-                        retry_for=0.5)
+                        timeout=10.0, retry_for=0.5)
     except NotFound:
         pass
 

@@ -57,7 +57,9 @@ class Exits:
 
     async def _wait(self, p: Process, agent: AgentConnection) -> None:
         req = pb.WaitProcessRequest(container_id=p.cid, exec_id=p.eid)
-        resp = await agent.call(agent.stub.wait_process, req, retry_for=WAIT_RETRY_S)
+        # A long wait: no deadline, the exit comes when it comes.
+        resp = await agent.call(agent.stub.wait_process, req, timeout=None, attempt_s=None,
+                                retry_for=WAIT_RETRY_S)
         pending = [o.eof.wait() for o in p.outputs.values()]
         if pending:
             try:

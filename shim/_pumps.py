@@ -35,6 +35,8 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: round trip moves everything it holds.
 CHUNK = 1 << 20
 POLL_MS = 10_000
+#: A read unanswered this long (the poll and then some) is taken as a stalled connection.
+READ_ATTEMPT_S = POLL_MS / 1000 + 30
 #: Kernel buffer asked for an output fifo (best effort), so a chunk goes to
 #: containerd's reader in a few writes rather than one per 64 KiB.
 FIFO_BYTES = 1 << 20
@@ -74,7 +76,8 @@ class OutputPump(_Pump):
             req = pb.ReadOutputRequest(container_id=self._cid, exec_id=self._eid,
                                        stream=self._stream, offset=self.offset,
                                        max_bytes=CHUNK, wait_ms=POLL_MS)
-            resp = await self._conn.call(stub.read_output, req, retry_for=30)
+            resp = await self._conn.call(stub.read_output, req, timeout=None,
+                                        attempt_s=READ_ATTEMPT_S, retry_for=30)
             if resp.data:
                 self._busy = True
                 try:
@@ -117,7 +120,9 @@ class InputPump(_Pump):
         try:
             req = pb.WriteStdinRequest(container_id=self._cid, exec_id=self._eid,
                                        offset=self.offset, data=data)
-            resp = await self._conn.call(self._conn.stub.write_stdin, req, retry_for=30)
+            # No deadline: the agent holds a write while the process's stdin is full.
+            resp = await self._conn.call(self._conn.stub.write_stdin, req, timeout=None,
+                                         attempt_s=None, retry_for=30)
             self.offset = resp.offset
         finally:
             self._busy = False

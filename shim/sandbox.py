@@ -263,7 +263,7 @@ class Sandbox:
             raise NotFound(f"process {p.name} already finished")
         agent = self._live_agent()
         await agent.call(agent.stub.signal_process, pb.SignalProcessRequest(
-            container_id=cid, exec_id=eid, signal=sig, all=all_))
+            container_id=cid, exec_id=eid, signal=sig, all=all_), resend=False)
 
     async def exec(self, cid: str, eid: str, process_json: bytes, stdio: Stdio) -> None:
         c = self.container(cid)
@@ -348,7 +348,7 @@ class Sandbox:
         c.init.require(action, before)
         agent = self._live_agent()
         call = agent.stub.pause_container if pause else agent.stub.resume_container
-        await agent.call(call, pb.ContainerRequest(container_id=cid))
+        await agent.call(call, pb.ContainerRequest(container_id=cid), resend=False)
         c.init.to(after, action)
         if pause:
             self._events.publish_nowait("/tasks/paused", events_pb.TaskPaused(container_id=cid))

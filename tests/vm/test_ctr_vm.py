@@ -58,6 +58,13 @@ def _shim_log(ctd: Containerd, cid: str) -> str:
                      if "runtime=keel" in line and cid in line)
 
 
+def _why(ctd: Containerd, cid: str) -> str:
+    """What a failed run shows: the shim's log and the guest console (the agent's log)."""
+    console = ctd.paths.tmp_root / "keel" / "sandboxes" / cid / "agent.log"
+    guest = console.read_text(errors="replace")[-3000:] if console.exists() else "(no console log)"
+    return f"{_shim_log(ctd, cid)[-3000:]}\n--- guest console ---\n{guest}"
+
+
 def _rss_mib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -74,7 +81,7 @@ def test_run_rm_output_and_exit_code(vm_containerd: Containerd, vm_image: image.
     ctd, cid = vm_containerd, _cid("rm")
     res = ctd.ctr("run", "--rm", "--runtime", KEEL_RUNTIME, BUSYBOX, cid, "sh", "-c",
                   "echo hello; echo err >&2; uname -r; exit 3", timeout=CTR_TIMEOUT_S)
-    assert (res.returncode, res.stderr) == (3, "err\n"), (res, _shim_log(ctd, cid)[-3000:])
+    assert (res.returncode, res.stderr) == (3, "err\n"), (res, _why(ctd, cid))
     hello, kernel = res.stdout.splitlines()
     # The process ran on the guest's kernel, not the host's.
     assert (hello, kernel) == ("hello", _guest_kernel(vm_image)), res.stdout
@@ -112,7 +119,7 @@ def test_detached_exec_rootfs_write_kill_delete(vm_containerd: Containerd, vm_im
     res = ctd.ctr("run", "-d", "--runtime", KEEL_RUNTIME, "--runtime-config-path", str(config),
                   BUSYBOX, cid, "sh", "-c",
                   "echo written-in-the-vm > /data.txt; exec sleep 1000", timeout=CTR_TIMEOUT_S)
-    assert res.returncode == 0, (res, _shim_log(ctd, cid)[-3000:])
+    assert res.returncode == 0, (res, _why(ctd, cid))
     task = wait_for(lambda: _task(ctd, cid), 30, f"{cid} to be listed")
     assert task[0] > 0 and task[1] == "RUNNING", task
     sandbox = _sandbox_dir(ctd, cid)
@@ -168,7 +175,7 @@ def test_run_tty(vm_containerd: Containerd) -> None:
     res = ctd.ctr_pty("run", "--rm", "-t", "--runtime", KEEL_RUNTIME, BUSYBOX, cid, "sh",
                       input="tty; echo $((6*7)); exit 7\n", timeout=CTR_TIMEOUT_S)
     lines = res.output.replace("\r", "").splitlines()
-    assert res.returncode == 7, (res.output, _shim_log(ctd, cid)[-3000:])
+    assert res.returncode == 7, (res.output, _why(ctd, cid))
     assert "/dev/pts/0" in lines and "42" in lines, res.output
     _no_leftovers(ctd, "ctr run -t")
 
@@ -181,7 +188,7 @@ def test_vm_size_follows_the_cgroup_limits(vm_containerd: Containerd) -> None:
                   "--memory-limit", str(256 << 20), BUSYBOX, cid, "sh", "-c",
                   "cat /sys/devices/system/cpu/online; grep MemTotal /proc/meminfo",
                   timeout=CTR_TIMEOUT_S)
-    assert res.returncode == 0, (res, _shim_log(ctd, cid)[-3000:])
+    assert res.returncode == 0, (res, _why(ctd, cid))
     online, meminfo = res.stdout.splitlines()
     mem_mib = int(meminfo.split()[1]) >> 10
     print(f"[vm] --cpus 0.5 --memory-limit 256M: guest CPUs {online}, MemTotal {mem_mib} MiB")
@@ -228,7 +235,7 @@ def test_update_hotplugs_vcpus_and_memory(vm_containerd: Containerd, q35_config:
     show = "cat /sys/devices/system/cpu/online; grep MemTotal /proc/meminfo"
     res = ctd.ctr("run", "-d", "--runtime", KEEL_RUNTIME, BUSYBOX, cid, "sleep", "1000",
                   timeout=CTR_TIMEOUT_S)
-    assert res.returncode == 0, (res, _shim_log(ctd, cid)[-3000:])
+    assert res.returncode == 0, (res, _why(ctd, cid))
     try:
         wait_for(lambda: (_task(ctd, cid) or (0, ""))[1] == "RUNNING", 60, f"{cid} to run")
         before = ctd.ctr("tasks", "exec", "--exec-id", "b", cid, "sh", "-c", show,
@@ -251,7 +258,7 @@ def test_update_hotplugs_vcpus_and_memory(vm_containerd: Containerd, q35_config:
         grown = int(after.split()[-2]) - int(before.stdout.split()[-2])
         print(f"[vm] Update: vCPUs 0 -> {online}, MemTotal +{grown >> 10} MiB")
         assert 200 << 10 <= grown <= 256 << 10, (before.stdout, after)
-        assert "grown to 2 vCPU / 768 MiB" in _shim_log(ctd, cid), _shim_log(ctd, cid)[-3000:]
+        assert "grown to 2 vCPU / 768 MiB" in _shim_log(ctd, cid), _why(ctd, cid)
     finally:
         ctd.ctr("tasks", "kill", "-s", "SIGKILL", cid)
         wait_for(lambda: (_task(ctd, cid) or (0, "STOPPED"))[1] == "STOPPED", 60, f"{cid} to stop")
