@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from agent import _bundle, state
+from agent import _bundle, _sysctls, state
 from agent._fds import FdTable
 from agent._ops import Activity
 from agent._processes import ChildPipes, Container, ExitInfo, Process, Stdio
@@ -121,16 +121,20 @@ class AgentCore:
     async def create_container(self, cid: str, spec_json: bytes, rootfs: str, stdio: Stdio) -> int:
         """Create (not start) a container; an identical retry answers the same pid."""
         spec = _bundle.container_spec(spec_json, rootfs, stdio.terminal)
+        net_sysctls = _sysctls.take_net_sysctls(spec)
         fp = fingerprint(spec_json, rootfs, stdio)
-        return await self._ops.run(self._create(cid, spec, fp, stdio), f"create {cid}")
+        return await self._ops.run(self._create(cid, spec, net_sysctls, fp, stdio),
+                                   f"create {cid}")
 
-    async def _create(self, cid: str, spec: dict[str, object], fp: str, stdio: Stdio) -> int:
+    async def _create(self, cid: str, spec: dict[str, object], net_sysctls: dict[str, str],
+                      fp: str, stdio: Stdio) -> int:
         async with self._locks.hold(cid):
             existing = self._containers.get(cid)
             if existing is not None:
                 if existing.init.fingerprint != fp:
                     raise AlreadyExists(f"container {cid} exists with a different request")
                 return existing.init.pid
+            _sysctls.apply(net_sysctls)  # the netns the container will share: ours
             bundle = _bundle.Bundle(self._bundles, cid)
             bundle.create(spec)
             proc = Process(cid, "", stdio, fp, self._config.output_buffer_bytes)

@@ -20,4 +20,10 @@ MIN_API_VERSION = 1
 AGENT_PORT = 1024
 OPS_PORT = 1025
 
-__all__ = ["API_VERSION", "MIN_API_VERSION", "AGENT_PORT", "OPS_PORT", "pb", "ops_pb"]
+#: Spec annotation (a JSON object, name -> value) of the ``net.*`` sysctls
+#: the agent sets in its own network namespace before ``runc create``: a VM's
+#: containers share the guest's, where runc refuses them (``agent/_sysctls.py``).
+NET_SYSCTLS_ANNOTATION = "io.keel.agent.net-sysctls"
+
+__all__ = ["API_VERSION", "MIN_API_VERSION", "AGENT_PORT", "OPS_PORT", "NET_SYSCTLS_ANNOTATION",
+           "pb", "ops_pb"]

@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 import grpclib.const
@@ -29,7 +29,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
-from agent import _bundle, _ops
+from agent import _bundle, _dial, _ops
 from agent._core import AgentCore
 from agent._processes import Stdio
 from agent._upgrade import Upgrader
@@ -235,6 +235,15 @@ class AgentService(pb.AgentServiceBase):
         return pb.ListProcessesResponse(
             processes=[pb.ProcessEntry(pid=pid, exec_id=eid) for pid, eid in found]
         )
+
+    async def dial(self, frames: AsyncIterator[pb.DialFrame]) -> AsyncIterator[pb.DialFrame]:
+        """A stream handler, not an ``@rpc``: our errors map to statuses here."""
+        try:
+            async for frame in _dial.dial(frames, MAX_IO_BYTES):
+                yield frame
+        except KeelError as exc:
+            log.info("dial -> %s: %s", exc.code.name, exc)
+            raise to_grpc_error(exc) from exc
 
     @rpc
     async def get_state(self, req: pb.Empty) -> pb.GetStateResponse:

@@ -118,6 +118,10 @@ class AgentConnection:
             self.hello = resp
             self._hello_generation = self._channel.generation
 
+    async def ready(self) -> None:
+        """Say Hello on the current connection if it has not (before a streaming call)."""
+        await self._ensure_hello()
+
     async def call(self, fn: Callable[..., Awaitable[T]], request: Any, *,
                    timeout: float | None = DEFAULT, attempt_s: float | None = DEFAULT,
                    retry_for: float | None = None, resend: bool = True) -> T:

@@ -23,6 +23,7 @@ from agent.api import pb
 from keel.errors import FailedPrecondition
 from keel.lifecycle import State
 from shim import _pumps
+from shim._background import spawn
 from shim._pumps import Endpoints
 from shim.state import SandboxRecord
 
@@ -114,6 +115,8 @@ class SandboxHandoff:
             for p in c.processes():
                 self._resume(p, Endpoints.reopen(p.stdio, p.resume_from))
         sb.watch_sandbox()
+        # This shim's relay replaces the old one's (a new port, the chain rewritten).
+        spawn(sb.tasks, sb.relay_ports(), "port-forward relay", f"ports-{sb.id}")
         sb.persist()
 
     def _resume(self, p: Process, ends: Endpoints) -> None:

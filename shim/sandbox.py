@@ -37,6 +37,7 @@ from shim._agentconn import AgentConnection
 from shim._bundle import read_spec
 from shim._events import EventPublisher
 from shim._exits import Exits
+from shim._portforward import PortRelay
 from shim._prelaunch import Prelaunch, launch_spec
 from shim._process import Container, Process, exit_now
 from shim._pumps import Endpoints
@@ -77,6 +78,7 @@ class Sandbox:
         self._events = events
         self._backend = get_backend(config.backend)
         self._sandbox_watch: asyncio.Task[None] | None = None
+        self._ports: PortRelay | None = None
 
     # -- the sandbox itself ------------------------------------------------
 
@@ -107,6 +109,7 @@ class Sandbox:
         log.info("agent %s ready (API %d, pid %d)", hello.agent_version, hello.api_version,
                  hello.agent_pid)
         self.watch_sandbox()
+        await self.relay_ports()
         self.persist()
         return agent
 
@@ -138,7 +141,16 @@ class Sandbox:
         log.error("sandbox %s died; reporting its processes as exited", self.id)
         self.exits.sandbox_died(p for c in self.containers.values() for p in c.processes())
 
+    async def relay_ports(self) -> None:
+        """Relay the pod's host-side localhost into the sandbox, where the backend needs it."""
+        netns = self.vm.pod_netns() if self.vm is not None else None
+        if netns and self.agent is not None and self._ports is None:
+            self._ports = await PortRelay.start(self.id, netns, self.agent)
+
     async def _stop_vm(self) -> None:
+        if self._ports is not None:
+            self._ports.close()
+            self._ports = None
         self.unwatch_sandbox()
         vm, self.vm = self.vm, None
         if self.agent is not None:

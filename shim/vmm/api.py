@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.api import NET_SYSCTLS_ANNOTATION
 from keel.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -96,6 +97,14 @@ def check_propagation(spec: Mapping[str, Any], *, allowed: Sequence[str], why: s
                                   f" backend cannot give: {why}")
 
 
+def check_no_agent_annotations(spec: Mapping[str, Any]) -> None:
+    """InvalidArgument if *spec* already carries an annotation that only a
+    backend's ``guest_spec`` may write (the agent acts on it)."""
+    if NET_SYSCTLS_ANNOTATION in (spec.get("annotations") or {}):
+        raise InvalidArgument(f"annotation {NET_SYSCTLS_ANNOTATION} is Keel's own; a container"
+                              " spec may not set it")
+
+
 class Sandbox(Protocol):
     """A running sandbox as one backend sees it."""
 
@@ -111,6 +120,11 @@ class Sandbox(Protocol):
 
     def alive(self) -> bool:
         """True while the sandbox process runs (pidfd, not a pid guess)."""
+
+    def pod_netns(self) -> str | None:
+        """The pod's network namespace on the host when the pod's servers are
+        not reachable from it (a VM): its localhost is relayed into the
+        sandbox for CRI PortForward (shim/_portforward.py).  None otherwise."""
 
     async def wait_exit(self) -> None:
         """Return when the sandbox process has ended."""

@@ -179,6 +179,14 @@ class Kubelet:
         return self.cri.call(self._rt.exec_sync(
             pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=timeout)))
 
+    def update_resources(self, cid: str, resources: pb.LinuxContainerResources) -> None:
+        self.cri.call(self._rt.update_container_resources(
+            pb.UpdateContainerResourcesRequest(container_id=cid, linux=resources)))
+
+    def reopen_log(self, cid: str) -> None:
+        self.cri.call(self._rt.reopen_container_log(
+            pb.ReopenContainerLogRequest(container_id=cid)))
+
     def stats(self, cid: str) -> pb.ContainerStats:
         return self.cri.call(self._rt.container_stats(
             pb.ContainerStatsRequest(container_id=cid))).stats

@@ -21,12 +21,9 @@ namespace is per thread) and handed to the WebSocket client.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ from urllib.parse import urlsplit
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from keel.netns import in_netns
 from tests.cri.client import pb
 
 if TYPE_CHECKING:
@@ -43,34 +41,11 @@ if TYPE_CHECKING:
 
 STDIN, STDOUT, STDERR, ERROR, RESIZE = range(5)
 PROTOCOL = "v4.channel.k8s.io"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def connect_in_netns(netns: Path, host: str, port: int, timeout: float = 10.0) -> socket.socket:
     """A TCP connection to *host*:*port* made inside network namespace *netns*."""
-    out: dict[str, Any] = {}
-
-    def body() -> None:  # this thread alone enters the namespace, and then it ends
-        try:
-            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            out["sock"] = socket.create_connection((host, port), timeout)
-        except BaseException as exc:
-            out["error"] = exc
-
-    thread = threading.Thread(target=body, name="netns-dial")
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    sock: socket.socket = out["sock"]
-    return sock
+    return in_netns(str(netns), lambda: socket.create_connection((host, port), timeout))
 
 
 def open_stream(netns: Path, url: str, timeout: float = 10.0) -> ClientConnection:

@@ -87,12 +87,11 @@ def test_attach_to_a_container_reading_stdin(kubelet: Kubelet, handler: str) -> 
     assert " stdout F attached-42\n" in log and " stderr F bye\n" in log, log
 
 
-@pytest.mark.parametrize("handler", handlers(
-    vm_xfail="containerd dials the port in the pod's network namespace on the host, "
-             "where nothing of the VM listens"))
+@pytest.mark.parametrize("handler", handlers())
 def test_port_forward_reaches_a_server_in_the_pod(kubelet: Kubelet, handler: str) -> None:
     """``kubectl port-forward``: bytes reach a server listening in the pod on
-    localhost:8080, and its answer comes back."""
+    localhost:8080, and its answer comes back.  (For a VM pod through the
+    shim's relay on the pod's host-side localhost: shim/_portforward.py.)"""
     pod = kubelet.run_pod()
     server = kubelet.run(pod, "server", SERVER)
     netns = kubelet.node.netns.path

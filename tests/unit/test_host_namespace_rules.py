@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agent.api import NET_SYSCTLS_ANNOTATION
 from keel.errors import InvalidArgument
 from shim._launcher_server import _check as check_launcher_request
 from shim._launcher_wire import LauncherError
@@ -86,6 +87,12 @@ def test_process_backend_allows_rslave_and_refuses_rshared() -> None:
     shared = _spec(*ALL, mounts=({"destination": "/v", "options": ["rbind", "rshared"]},))
     with pytest.raises(InvalidArgument, match="mount /v asks for rshared.*slave of the host"):
         vm.guest_spec(json.dumps(shared).encode())
+
+
+def test_process_backend_refuses_the_agents_own_annotation() -> None:
+    spec = {**_spec(*ALL), "annotations": {NET_SYSCTLS_ANNOTATION: '{"net.ipv4.ip_forward": "1"}'}}
+    with pytest.raises(InvalidArgument, match=f"annotation {NET_SYSCTLS_ANNOTATION} is Keel's"):
+        _process_sandbox().guest_spec(json.dumps(spec).encode())
 
 
 @pytest.mark.parametrize(("given", "path"), [

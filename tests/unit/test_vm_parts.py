@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent import _vmguest
+from agent.api import NET_SYSCTLS_ANNOTATION
 from keel.errors import InvalidArgument
 from shim import config
 from shim._prelaunch import netns_path
@@ -128,6 +129,28 @@ def test_guest_spec_drops_only_a_host_network_namespace_path() -> None:
     own = json.dumps(_spec({"type": "network"}, {"type": "mount"})).encode()
     assert vm.guest_spec(own) == own  # a namespace of its own: unchanged
     assert netns_path(json.loads(own)) is None
+
+
+def test_guest_spec_moves_net_sysctls_of_the_pod_netns_to_the_agent() -> None:
+    vm = QemuSandbox.__new__(QemuSandbox)
+    pod = {**_spec({"type": "ipc"}, {"type": "network", "path": "/run/netns/pod"}),
+           "annotations": {"io.kubernetes.cri.container-type": "sandbox"}}
+    pod["linux"]["sysctl"] = {"kernel.shm_rmid_forced": "1",  # type: ignore[index]
+                              "net.ipv4.ip_unprivileged_port_start": "1000"}
+    adapted = json.loads(vm.guest_spec(json.dumps(pod).encode()))
+    # runc still sets the IPC one; the agent sets the net one in the VM's namespace.
+    assert adapted["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1"}
+    assert adapted["annotations"] == {
+        "io.kubernetes.cri.container-type": "sandbox",
+        NET_SYSCTLS_ANNOTATION: '{"net.ipv4.ip_unprivileged_port_start": "1000"}'}
+    # A namespace of its own: runc sets net sysctls there itself.
+    own = _spec({"type": "network"})
+    own["linux"]["sysctl"] = {"net.ipv4.ip_forward": "1"}  # type: ignore[index]
+    assert vm.guest_spec(json.dumps(own).encode()) == json.dumps(own).encode()
+    # Only guest_spec writes the annotation the agent acts on.
+    forged = {**_spec({"type": "network"}), "annotations": {NET_SYSCTLS_ANNOTATION: "{}"}}
+    with pytest.raises(InvalidArgument, match="is Keel's own"):
+        vm.guest_spec(json.dumps(forged).encode())
 
 
 def _res(quota: int | None = None, period: int | None = None,

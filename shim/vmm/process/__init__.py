@@ -29,7 +29,14 @@ from keel import procfs
 from keel.errors import Internal, NotFound, Unavailable
 from shim.vmm._mountcmd import mount_argv
 from shim.vmm._sizing import Workload
-from shim.vmm.api import AGENT_COMMAND, Dialer, LaunchSpec, MountSpec, check_propagation
+from shim.vmm.api import (
+    AGENT_COMMAND,
+    Dialer,
+    LaunchSpec,
+    MountSpec,
+    check_no_agent_annotations,
+    check_propagation,
+)
 from shim.vmm.process import _cgroups
 
 _log = logging.getLogger("keel.shim.process")
@@ -85,6 +92,9 @@ class ProcessSandbox:
 
         return dial
 
+    def pod_netns(self) -> str | None:
+        return None  # the agent and the containers live in the pod's namespace itself
+
     def alive(self) -> bool:
         if self._pidfd < 0:
             return False
@@ -130,7 +140,9 @@ class ProcessSandbox:
         # The agent runs on the host: it sees the host's paths.  Host mounts
         # reach the sandbox (a slave of the host's tree), so rslave volumes
         # work; nothing propagates back, so rshared ones cannot.
-        check_propagation(json.loads(spec_json), allowed=("rslave", "slave"),
+        spec = json.loads(spec_json)
+        check_no_agent_annotations(spec)
+        check_propagation(spec, allowed=("rslave", "slave"),
                           why="the sandbox's mount tree is a slave of the host's: mounts"
                               " made in a container never reach the host")
         return spec_json

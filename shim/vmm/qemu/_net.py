@@ -22,27 +22,24 @@ IPv6 is not carried yet.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import logging
 import os
 import socket
 import struct
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
+from collections.abc import Iterator
+from typing import Any
 
 from keel.errors import FailedPrecondition, Internal, KeelError
+from keel.netns import in_netns
 
 log = logging.getLogger("keel.shim.qemu")
-T = TypeVar("T")
 
 TAP_NAME = "tap0_keel"
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
-_CLONE_NEWNET = 0x40000000
 _ETH_P_ALL = 0x0003
 _INGRESS = 0xFFFF0000
 _RTPROT_KERNEL = 2
@@ -130,48 +127,6 @@ def _routes(ipr: Any, index: int) -> tuple[Route, ...]:
     return tuple(sorted(found, key=lambda r: (bool(r.gateway), r.dst == "default")))
 
 
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-def _in_netns(netns: str, fn: Callable[[], T]) -> T:
-    """``fn()`` in a thread of its own that entered *netns* (and leaves it before it ends).
-
-    A network namespace is per thread: netlink sockets and tap devices are
-    created in the creating thread's.  (pyroute2's own ``netns=`` forks a
-    child of this process for it, which a daemon with signal handlers and
-    an event loop cannot afford.)
-    """
-    result: list[Any] = []
-
-    def work() -> None:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(target)
-            finally:
-                os.close(target)
-            try:
-                result.append(fn())
-            finally:
-                _setns(own)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            result.append(exc)
-        finally:
-            os.close(own)
-
-    thread = threading.Thread(target=work, name="keel-netns")
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return cast(T, result[0])
-
-
 def _open_tap(name: str) -> int:
     """A new tap named *name* in this thread's network namespace; its fd (the
     device lives while the fd is open)."""
@@ -212,7 +167,7 @@ def attach(netns: str) -> tuple[PodNic, int]:
     is left then).
     """
     try:
-        nic, fd = _in_netns(netns, lambda: _attach(netns))
+        nic, fd = in_netns(netns, lambda: _attach(netns))
     except OSError as exc:
         raise Internal(f"network namespace {netns}: {exc}") from exc
     except KeelError:
@@ -258,6 +213,6 @@ def teardown(netns: str, veth: str) -> None:
                 ipr.tc("del", "ingress", found[0], _INGRESS)
 
     try:
-        _in_netns(netns, remove)
+        in_netns(netns, remove)
     except Exception as exc:  # noqa: BLE001 - gone already, or the namespace is being deleted
         log.debug("pod network %s: removing the redirect on %s: %s", netns, veth, exc)

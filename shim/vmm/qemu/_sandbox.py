@@ -19,12 +19,19 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.api import NET_SYSCTLS_ANNOTATION
 from keel import procfs
 from keel.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable, Unimplemented
 from shim.dirs import SandboxDir
 from shim.vmm._dialers import ExclusiveDialer, unix_dialer
 from shim.vmm._sizing import Workload
-from shim.vmm.api import Dialer, MountSpec, check_propagation, is_host_bind
+from shim.vmm.api import (
+    Dialer,
+    MountSpec,
+    check_no_agent_annotations,
+    check_propagation,
+    is_host_bind,
+)
 from shim.vmm.qemu import _mounts, _net, _volumes
 from shim.vmm.qemu import qmp as _qmp
 from shim.vmm.qemu._initramfs import GUEST_SHARED, PORTS
@@ -70,6 +77,10 @@ class QemuSandbox:
             return self._dialers[channel]
         except KeyError:
             raise InvalidArgument(f"unknown channel {channel!r} (known: {', '.join(PORTS)})") from None
+
+    def pod_netns(self) -> str | None:
+        netns = (self.info.get("network") or {}).get("netns")
+        return str(netns) if netns else None
 
     def alive(self) -> bool:
         if self._pidfd < 0:
@@ -123,19 +134,31 @@ class QemuSandbox:
         A network namespace given by path is the pod's, on the host: its
         veth was bridged into this VM (``_net``), so in the guest the
         container shares the VM's own network (the VM is the pod's
-        boundary).  Without a path the container gets a namespace of its
-        own, as runc would give it.  Other fields pass unchanged.
-        InvalidArgument for a mount that asks for non-private propagation.
+        boundary).  Its ``net.*`` sysctls, which runc refuses for a
+        container without a network namespace of its own, move to the
+        annotation ``NET_SYSCTLS_ANNOTATION``: the agent sets them in the
+        VM's namespace (``agent/_sysctls.py``).  Without a path the
+        container gets a namespace of its own, as runc would give it.
+        Other fields pass unchanged.  InvalidArgument for a mount that asks
+        for non-private propagation, or a spec that sets that annotation.
         """
         spec = json.loads(spec_json)
+        check_no_agent_annotations(spec)
         check_propagation(spec, allowed=(), why="a VM has a mount tree of its own; the"
                           " host's mounts and the guest's never propagate between them")
         namespaces = (spec.get("linux") or {}).get("namespaces")
         if not namespaces or not any(ns.get("type") == "network" and ns.get("path")
                                      for ns in namespaces):
             return spec_json
-        spec["linux"]["namespaces"] = [ns for ns in namespaces
-                                       if not (ns.get("type") == "network" and ns.get("path"))]
+        linux = spec["linux"]
+        linux["namespaces"] = [ns for ns in namespaces
+                               if not (ns.get("type") == "network" and ns.get("path"))]
+        sysctl = linux.get("sysctl") or {}
+        net = {k: v for k, v in sysctl.items() if k.startswith("net.")}
+        if net:
+            linux["sysctl"] = {k: v for k, v in sysctl.items() if k not in net}
+            annotations = spec.get("annotations") or {}
+            spec["annotations"] = {**annotations, NET_SYSCTLS_ANNOTATION: json.dumps(net)}
         return json.dumps(spec).encode()
 
     async def grow_to(self, workload: Workload) -> None:

@@ -6,9 +6,13 @@
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
+    AsyncIterable,
+    AsyncIterator,
     Dict,
+    Iterable,
     List,
     Optional,
+    Union,
 )
 
 import betterproto
@@ -33,6 +37,12 @@ class ProcessState(betterproto.Enum):
     RUNNING = 2
     STOPPED = 3
     PAUSED = 4
+
+
+@dataclass(eq=False, repr=False)
+class DialFrame(betterproto.Message):
+    port: int = betterproto.uint32_field(1)
+    data: bytes = betterproto.bytes_field(2)
 
 
 @dataclass(eq=False, repr=False)
@@ -565,6 +575,25 @@ class AgentServiceStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
+    async def dial(
+        self,
+        dial_frame_iterator: Union[AsyncIterable[DialFrame], Iterable[DialFrame]],
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> AsyncIterator[DialFrame]:
+        async for response in self._stream_stream(
+            "/keel.agent.v1.AgentService/Dial",
+            dial_frame_iterator,
+            DialFrame,
+            DialFrame,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
 
 class AgentServiceBase(ServiceBase):
 
@@ -640,6 +669,12 @@ class AgentServiceBase(ServiceBase):
 
     async def get_state(self, empty: "Empty") -> "GetStateResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def dial(
+        self, dial_frame_iterator: AsyncIterator[DialFrame]
+    ) -> AsyncIterator[DialFrame]:
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield DialFrame()
 
     async def __rpc_hello(
         self, stream: "grpclib.server.Stream[HelloRequest, HelloResponse]"
@@ -761,6 +796,16 @@ class AgentServiceBase(ServiceBase):
         response = await self.get_state(request)
         await stream.send_message(response)
 
+    async def __rpc_dial(
+        self, stream: "grpclib.server.Stream[DialFrame, DialFrame]"
+    ) -> None:
+        request = stream.__aiter__()
+        await self._call_rpc_handler_server_stream(
+            self.dial,
+            stream,
+            request,
+        )
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/keel.agent.v1.AgentService/Hello": grpclib.const.Handler(
@@ -864,5 +909,11 @@ class AgentServiceBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 Empty,
                 GetStateResponse,
+            ),
+            "/keel.agent.v1.AgentService/Dial": grpclib.const.Handler(
+                self.__rpc_dial,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                DialFrame,
+                DialFrame,
             ),
         }
