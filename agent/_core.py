@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from agent import _bundle, _sysctls, state
+from agent import _bundle, _oom, _sysctls, state
 from agent._fds import FdTable
 from agent._ops import Activity
 from agent._processes import ChildPipes, Container, ExitInfo, Process, Stdio
@@ -248,6 +248,15 @@ class AgentCore:
         """(exit, pid) once the process has exited; kept until RemoveProcess."""
         proc = self.process(cid, eid)
         return await proc.wait_exit(), proc.pid
+
+    def oom_killed(self, cid: str) -> bool:
+        """Whether the kernel OOM-killed a process of container *cid* (read
+        from its cgroup, which lives until the container is removed)."""
+        container = self._containers.get(cid)
+        if container is None:
+            return False
+        kills = _oom.oom_kills(_oom.cgroups_path(_bundle.Bundle(self._bundles, cid).config))
+        return bool(kills)
 
     async def remove_process(self, cid: str, eid: str) -> None:
         """Forget an exited (or never started) process; for the init, delete the container."""

@@ -167,9 +167,10 @@ class AgentService(pb.AgentServiceBase):
 
     @rpc
     async def wait_process(self, req: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
-        exit, pid = await self._core.wait_process(*_ids(req))
+        cid, eid = _ids(req)
+        exit, pid = await self._core.wait_process(cid, eid)
         return pb.WaitProcessResponse(exit_status=exit.status, exited_at_ns=exit.exited_at_ns,
-                                      pid=pid)
+                                      pid=pid, oom_killed=not eid and self._core.oom_killed(cid))
 
     @rpc
     async def remove_process(self, req: pb.RemoveProcessRequest) -> pb.Empty:

@@ -49,7 +49,7 @@ class EventPublisher:
             timestamp=datetime.datetime.now(datetime.UTC),
             namespace=self._namespace,
             topic=topic,
-            event=PbAny(type_url=f"containerd.events.{type(event).__name__}", value=bytes(event)),
+            event=PbAny(type_url=f"containerd.events.{proto_name(event)}", value=bytes(event)),
         )
         await self._client.call(SERVICE, "Forward", events_pb.ForwardRequest(envelope=envelope),
                                 Empty, timeout=5.0,
@@ -89,3 +89,13 @@ class EventPublisher:
 
     async def aclose(self) -> None:
         await self._reset()
+
+
+#: Message names betterproto changed (its class names are CamelCase words).
+_RENAMED = {"TaskOom": "TaskOOM", "TaskIo": "TaskIO"}
+
+
+def proto_name(event: object) -> str:
+    """The proto message name of an event (containerd resolves ``type_url`` by it)."""
+    name = type(event).__name__
+    return _RENAMED.get(name, name)

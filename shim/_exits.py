@@ -67,6 +67,10 @@ class Exits:
                     await asyncio.gather(*pending)
             except TimeoutError:
                 log.info("%s exited; its output is still open (held by another process)", p.name)
+        if resp.oom_killed and not p.eid:
+            # Before TaskExit, as runc's shim: CRI then reports reason OOMKilled.
+            log.info("%s: the kernel OOM-killed a process of the container", p.name)
+            self._events.publish_nowait("/tasks/oom", events_pb.TaskOom(container_id=p.cid))
         # The time is the host's, when the shim learns of the exit (as Kata's
         # shim does): a guest's clock drifts (TCG) and the guest is untrusted.
         self.record(p, exit_now(resp.exit_status))

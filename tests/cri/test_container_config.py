@@ -214,14 +214,12 @@ def test_reopen_container_log(kubelet: Kubelet, handler: str) -> None:
     assert kubelet.status(cid).status.log_path == log_path
 
 
-@pytest.mark.parametrize("handler", handlers(
-    keel_xfail="ContainerStatus reason is 'Error', not 'OOMKilled': the shim never publishes"
-               " a TaskOOM event (exit code 137 is right)",
-    vm_xfail="ContainerStatus reason is 'Error', not 'OOMKilled': the shim never publishes"
-             " a TaskOOM event (exit code 137 is right)"))
+@pytest.mark.parametrize("handler", handlers())
 def test_oom_killed(kubelet: Kubelet, handler: str) -> None:
     """A container that touches 200 MiB under a 32 MiB limit is killed by the
-    kernel's OOM killer, and CRI reports it as OOMKilled with exit code 137."""
+    kernel's OOM killer, and CRI reports it as OOMKilled with exit code 137
+    (Keel: the agent reads the cgroup's oom_kill count, agent/_oom.py, and the
+    shim publishes /tasks/oom before the exit)."""
     pod = kubelet.run_pod()
     config = kubelet.container_config(
         "hog", ("sh", "-c", "echo allocating; exec dd if=/dev/zero of=/dev/null bs=200M count=1"),

@@ -149,6 +149,11 @@ class WaitProcessResponse(betterproto.Message):
     """Unix time in nanoseconds."""
 
     pid: int = betterproto.uint32_field(3)
+    oom_killed: bool = betterproto.bool_field(4)
+    """
+    The init only: the kernel OOM-killed a process of the container
+     (its memory cgroup counted an oom_kill).
+    """
 
 
 @dataclass(eq=False, repr=False)
