@@ -9,14 +9,13 @@ the process start time, which execve does not reset.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import os
 import time
 from collections.abc import Callable
 
 from agent import state
 from agent.api import API_VERSION
-from keel import procfs
+from keel import procfs, release
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,11 +31,8 @@ class Health:
 
 
 def agent_version() -> str:
-    """The installed ``keel`` distribution's version, or ``0+unknown`` from a checkout."""
-    try:
-        return importlib.metadata.version("keel")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+    """This agent's release (keel.release: package metadata, or the guest image's marker)."""
+    return release.version()
 
 
 def health(boot_id: str, containers: int) -> Health:

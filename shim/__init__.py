@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 
-
-@functools.cache
 def version() -> str:
-    """This release's version (package metadata; '0+unknown' from a tree)."""
-    from importlib import metadata
+    """This release's version (keel.release: package metadata; '0+unknown' from a tree)."""
+    from keel import release
 
-    try:
-        return metadata.version("keel")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    return release.version()
 
 
 def __getattr__(name: str):  # lazy: the start/delete paths must stay light

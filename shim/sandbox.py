@@ -106,8 +106,8 @@ class Sandbox:
             agent_log = tail(self.dir.agent_log, 600)
             await self._stop_vm()
             raise Unavailable(f"{exc}; agent log: {agent_log}") from exc
-        log.info("agent %s ready (API %d, pid %d)", hello.agent_version, hello.api_version,
-                 hello.agent_pid)
+        log.info("sandbox %s: agent %s ready (API %d, pid %d)", self.id, hello.agent_version,
+                 hello.api_version, hello.agent_pid)
         self.watch_sandbox()
         await self.relay_ports()
         self.persist()

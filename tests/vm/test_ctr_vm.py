@@ -20,6 +20,7 @@ import pytest
 from betterproto.lib.google.protobuf import Any as PbAny
 from betterproto.lib.google.protobuf import Empty
 
+from shim import version as shim_version
 from shim._pb.containerd.task.v2 import UpdateTaskRequest
 from shim.ttrpc import TtrpcClient
 from shim.vmm.qemu import image
@@ -89,7 +90,11 @@ def test_run_rm_output_and_exit_code(vm_containerd: Containerd, vm_image: image.
     log = _shim_log(ctd, cid)
     accel = re.search(r"qemu pid \d+, microvm/(kvm|tcg)", log)
     assert accel, log[-3000:]
-    print(f"[vm] ctr run --rm through a microvm/{accel.group(1)} sandbox: ok")
+    # The agent in the VM names the release its image was built from: this one.
+    release = shim_version()
+    assert release != "0+unknown"
+    assert re.search(rf"agent {re.escape(release)} ready \(API", log), log[-3000:]
+    print(f"[vm] ctr run --rm through a microvm/{accel.group(1)} sandbox, agent {release}: ok")
     assert cid not in ctd.ctr("containers", "ls", "-q").stdout.split()
     _no_leftovers(ctd, "ctr run --rm")
 

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from keel import release
 from keel.errors import Internal
 
 SUITE = "bookworm"
@@ -99,9 +100,12 @@ def install_py_deps(target: Path, pins: dict[str, str]) -> None:
     compile_in_guest(target, DEPS_DIR)
 
 
-def install_agent(target: Path, repo: Path, tree_hash: str) -> str:
-    """Copy the agent tree into the root (once per hash); returns its guest path."""
-    guest = f"/opt/keel/agent-{tree_hash[:16]}"
+def install_agent(target: Path, repo: Path, tree_hash: str, keel_release: str) -> str:
+    """Copy the agent tree of release *keel_release* into the root (once per
+    tree and release); returns its guest path.  The copy names its release
+    (``keel/RELEASE``): the agent in the VM reports it."""
+    ident = hashlib.sha256(f"{tree_hash}\0{keel_release}".encode()).hexdigest()
+    guest = f"/opt/keel/agent-{ident[:16]}"
     dest = target / guest.lstrip("/")
     if (dest / ".complete").exists():
         return guest
@@ -114,6 +118,7 @@ def install_agent(target: Path, repo: Path, tree_hash: str) -> str:
         # caching this copy under the old hash would serve the wrong code.
         shutil.rmtree(tmp, ignore_errors=True)
         raise Internal(f"the agent tree under {repo} changed while it was copied; try again")
+    release.write_marker(tmp / "keel", keel_release)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     compile_in_guest(target, guest)

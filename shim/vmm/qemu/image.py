@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from keel import release
 from keel.errors import Internal, NotFound
 from shim.vmm.qemu import _initramfs, _kernel, _preload, _rootfs
 
@@ -105,6 +106,8 @@ def _inputs(repo: Path) -> dict[str, object]:
                  "packages": {p: meta[p]["Version"] for p in _rootfs.PACKAGES},
                  "python": _rootfs.py_pins()},
         "keel_tree": _rootfs.keel_tree_hash(repo),
+        # The release the agent reports: the image is this release's.
+        "keel_release": release.version(),
         "init": hashlib.sha256(_initramfs._INIT.encode()).hexdigest(),
         "preload": hashlib.sha256(Path(_preload.__file__).read_bytes()).hexdigest(),
     }
@@ -200,7 +203,8 @@ def build(out: Path | None = None, *, repo: Path = REPO, force: bool = False,
         kernel = _kernel_part(cache, inputs["kernel"], say)  # type: ignore[arg-type]
         busybox = _busybox_part(cache, str(inputs["busybox"]))
         root = _base_part(cache, inputs["base"], say)  # type: ignore[arg-type]
-        agent_dir = _rootfs.install_agent(root, repo, str(inputs["keel_tree"]))
+        agent_dir = _rootfs.install_agent(root, repo, str(inputs["keel_tree"]),
+                                          str(inputs["keel_release"]))
         pythonpath = f"{agent_dir}:{_rootfs.DEPS_DIR}"
         say("preload archive: listing what the agent's Python loads")
         preload = _preload.build(root, agent_dir, pythonpath)
