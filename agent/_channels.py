@@ -22,7 +22,7 @@ from grpclib.server import Server
 from agent._fds import FdTable
 from agent.config import Listen
 from keel.errors import InvalidArgument
-from keel.grpc import NO_STATUS_DETAILS, quiet_h2_frames
+from keel.grpc import NO_STATUS_DETAILS, limit_messages, quiet_h2_frames
 
 log = logging.getLogger("keel.agent.channels")
 
@@ -95,6 +95,7 @@ class Channels:
     async def start(self, listeners: dict[str, socket.socket],
                     handlers: dict[str, Collection[Any]]) -> None:
         quiet_h2_frames()
+        limit_messages()
         for channel, sock in listeners.items():
             server = Server(handlers[channel], status_details_codec=NO_STATUS_DETAILS)
             await server.start(sock=sock)

@@ -1,6 +1,13 @@
 """grpclib settings that every Keel gRPC endpoint uses (shim, agent, opsd).
 
-Two things, both for start-up time and per-byte cost on the output path:
+:func:`limit_messages`: grpclib reads a message of whatever size its
+5-byte prefix declares, buffering it whole (a peer declaring 4 GiB grows
+the reader by as much as it sends).  Every Keel process caps what it reads
+at :data:`MAX_MESSAGE_BYTES` and answers a larger declaration with
+RESOURCE_EXHAUSTED before reading a byte of it: the guest and the local
+sockets are not trusted with the host's memory.
+
+And two things for start-up time and per-byte cost on the output path:
 
 - :data:`NO_STATUS_DETAILS`, the status details codec of peers that send
   none (Keel's errors are a code and a message).  Given to every grpclib
@@ -19,10 +26,16 @@ Two things, both for start-up time and per-byte cost on the output path:
 from __future__ import annotations
 
 import binascii
+import struct
 from typing import Any
 
 from grpclib.const import Status
 from grpclib.encoding.base import StatusDetailsCodecBase
+from grpclib.exceptions import GRPCError, ProtocolError
+
+#: Largest gRPC message a Keel endpoint reads (an output or stdin chunk is
+#: at most 1 MiB, an OCI spec at most 1 MiB).
+MAX_MESSAGE_BYTES = 4 << 20
 
 #: Payload bytes a DATA frame's repr shows.
 _SHOWN = 10
@@ -55,3 +68,43 @@ def quiet_h2_frames() -> None:
     from hyperframe.frame import DataFrame
 
     DataFrame._body_repr = _body_repr  # type: ignore[method-assign]
+
+
+def limit_messages(limit: int = MAX_MESSAGE_BYTES) -> None:
+    """Make grpclib's clients and servers in this process refuse a message
+    declared larger than *limit* (RESOURCE_EXHAUSTED) instead of buffering
+    it; idempotent.  grpclib has no setting for it: its ``recv_message`` is
+    replaced where client and server call it."""
+    import grpclib.client
+    import grpclib.server
+
+    async def recv_message(stream: Any, codec: Any, message_type: Any) -> Any:
+        meta = await stream.recv_data(5)
+        if not meta:
+            return None
+        if len(meta) != 5:
+            raise ProtocolError(f"truncated message prefix ({len(meta)} bytes)")
+        compressed, size = struct.unpack(">?I", meta)
+        if compressed:
+            raise NotImplementedError("Compression not implemented")
+        if size > limit:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED,
+                            f"a message of {size} bytes is over the limit of {limit}")
+        data = await stream.recv_data(size)
+        if len(data) != size:
+            raise ProtocolError(f"message ended after {len(data)} of {size} bytes")
+        return codec.decode(data, message_type)
+
+    grpclib.client.recv_message = recv_message  # type: ignore[assignment]
+    grpclib.server.recv_message = recv_message  # type: ignore[assignment]
+
+
+def guest_text(value: object, limit: int = 200) -> str:
+    """A string a peer sent, fit for a log line or a CLI column: non-printable
+    characters escaped, at most *limit* characters (longer ones cut, marked)."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")

@@ -25,6 +25,7 @@ from pathlib import Path
 from grpclib.server import Server
 
 from keel.errors import FailedPrecondition, KeelError
+from keel.grpc import limit_messages
 from opsd._auth import require_uids
 from opsd._discovery import ShimClient
 from opsd._manager import Manager, status_line
@@ -108,6 +109,7 @@ async def serve(args: argparse.Namespace) -> None:
     manager = Manager(store=plan_store(args.state_dir), releases=releases, shims=shims,
                       config=config, on_change=lambda p: notifier.status(status_line(p)))
     manager.load()
+    limit_messages()
     server = Server([OpsdService(manager, shims, releases)])
     require_uids(server, {0, *args.allow_uid})
     await _listen(server, args.socket)

@@ -31,7 +31,7 @@ from h2.settings import SettingCodes
 from agent.api import API_VERSION, MIN_API_VERSION, pb
 from keel import retry
 from keel.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
-from keel.grpc import NO_STATUS_DETAILS, quiet_h2_frames
+from keel.grpc import NO_STATUS_DETAILS, guest_text, limit_messages, quiet_h2_frames
 from shim.vmm.api import Dialer
 
 log = logging.getLogger("keel.shim.agent")
@@ -47,6 +47,9 @@ _TRANSIENT = (OSError, StreamTerminatedError, ProtocolError, ConnectionError, EO
 #: agent's own deadline on the OCI runtime (agent/config.py,
 #: runtime_timeout_s 60), below kubelet's runtime request timeout (2 min).
 CALL_DEADLINE_S = 90.0
+#: Characters kept of what the guest says (versions, error messages).
+MAX_VERSION_CHARS = 64
+MAX_ERROR_CHARS = 1000
 
 
 class _Default:
@@ -70,6 +73,7 @@ class DialChannel(Channel):
 
     def __init__(self, dialer: Dialer) -> None:
         quiet_h2_frames()
+        limit_messages()
         super().__init__(path="<keel-channel>", status_details_codec=NO_STATUS_DETAILS)
         self._dialer = dialer
         self.generation = 0
@@ -108,6 +112,8 @@ class AgentConnection:
             req = pb.HelloRequest(api_version=API_VERSION, client_version=self._client_version,
                                   session=self._session)
             resp = await self.stub.hello(req, timeout=self._timeout if timeout is None else timeout)
+            # The guest's words: capped and escaped before logs, opsctl and releases see them.
+            resp.agent_version = guest_text(resp.agent_version, MAX_VERSION_CHARS)
             if not MIN_API_VERSION <= resp.api_version <= API_VERSION:
                 raise FailedPrecondition(
                     f"agent {resp.agent_version} speaks API {resp.min_api_version}-"
@@ -171,7 +177,8 @@ class AgentConnection:
         except TimeoutError:
             raise _Unanswered from None
         except GRPCError as exc:
-            raise from_code(exc.status.value, exc.message or exc.status.name) from exc
+            raise from_code(exc.status.value, guest_text(exc.message or exc.status.name,
+                                                         MAX_ERROR_CHARS)) from exc
         except _TRANSIENT as exc:
             raise Unavailable(f"agent unreachable: {exc!r}") from exc
         raise AssertionError("unreachable")
@@ -203,7 +210,8 @@ class AgentConnection:
                     left = max(end - loop.time(), 0.01)
                     await self._ensure_hello(left if attempt_s is None else min(left, attempt_s))
         except GRPCError as exc:
-            raise from_code(exc.status.value, exc.message or exc.status.name) from exc
+            raise from_code(exc.status.value, guest_text(exc.message or exc.status.name,
+                                                         MAX_ERROR_CHARS)) from exc
         except _TRANSIENT as exc:
             if not alive():
                 raise Unavailable("sandbox exited before its agent answered") from exc

@@ -11,7 +11,7 @@ from grpclib.server import Server
 
 from agent.api import ops_pb
 from keel.errors import KeelError
-from keel.grpc import NO_STATUS_DETAILS
+from keel.grpc import NO_STATUS_DETAILS, limit_messages
 from shim import version
 from shim._agent_upgrade import upgrade_agent
 from shim.state import SCHEMA_VERSION
@@ -73,6 +73,7 @@ async def serve_ops(daemon: Daemon) -> Server:
     path = daemon.sandbox.dir.ops_socket
     tmp = daemon.sandbox.dir.ops_socket_tmp(os.getpid())
     tmp.unlink(missing_ok=True)
+    limit_messages()
     server = Server([ShimOps(daemon)], status_details_codec=NO_STATUS_DETAILS)
     old = os.umask(0o177)
     try:

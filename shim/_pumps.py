@@ -7,6 +7,12 @@ state: a pump stopped at a known offset (``stop()``) can be resumed by a
 new pump, in this process or another, without losing or duplicating a
 byte.  ``stop()`` cancels a pump only while it waits for data; a chunk
 being delivered is delivered first.
+
+The agent is not trusted: an answer at another offset than asked, or
+larger than asked, is a protocol violation that ends the pump (logged,
+nothing of it delivered).  An agent that is unreachable for a while (an
+upgrade, a stalled connection) is retried with backoff until it answers or
+the process is deleted: a pump never dies of a transient error.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fcntl
+import functools
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from agent.api import pb
+from keel.errors import DeadlineExceeded, Internal, Unavailable
 from keel.lifecycle import State
 from shim._agentconn import AgentConnection
 from shim._background import finish, spawn
@@ -28,6 +37,7 @@ if TYPE_CHECKING:
     from shim._process import Process
 
 log = logging.getLogger("keel.shim.pumps")
+T = TypeVar("T")
 #: fcntl.F_SETPIPE_SZ (Linux; the constant is missing from older Pythons).
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -42,11 +52,37 @@ READ_ATTEMPT_S = POLL_MS / 1000 + 30
 FIFO_BYTES = 1 << 20
 
 
+#: Backoff between attempts while the agent is unreachable.
+RETRY_FIRST_S, RETRY_CAP_S = 0.5, 5.0
+
+
+class ProtocolViolation(Internal):
+    """The agent answered what no correct agent would: the pump stops."""
+
+
 class _Pump:
     def __init__(self) -> None:
         self.task: asyncio.Task[None] | None = None
         self._busy = False  # delivering: must not be cancelled
         self._stopping = False
+
+    async def _persist(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()``, again with backoff while the agent is unreachable."""
+        wait = RETRY_FIRST_S
+        failing = False
+        while True:
+            try:
+                result = await call()
+            except (Unavailable, DeadlineExceeded) as exc:
+                if not failing:
+                    log.warning("%s: %s; retrying until it answers", what, exc)
+                    failing = True
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, RETRY_CAP_S)
+                continue
+            if failing:
+                log.info("%s: the agent answers again", what)
+            return result
 
     async def stop(self) -> None:
         """Stop at a chunk boundary; the offset is final afterwards."""
@@ -72,12 +108,18 @@ class OutputPump(_Pump):
     async def run(self) -> None:
         """Copy until EOF, then close the sink (containerd then sees EOF)."""
         stub = self._conn.stub
+        what = f"{str(self._stream.name).lower()} of {self._cid}{'/' if self._eid else ''}{self._eid}"
         while not self._stopping:
             req = pb.ReadOutputRequest(container_id=self._cid, exec_id=self._eid,
                                        stream=self._stream, offset=self.offset,
                                        max_bytes=CHUNK, wait_ms=POLL_MS)
-            resp = await self._conn.call(stub.read_output, req, timeout=None,
-                                        attempt_s=READ_ATTEMPT_S, retry_for=30)
+            resp = await self._persist(what, functools.partial(
+                self._conn.call, stub.read_output, req, timeout=None, attempt_s=READ_ATTEMPT_S,
+                retry_for=30))
+            if resp.offset != req.offset or len(resp.data) > req.max_bytes:
+                raise ProtocolViolation(
+                    f"{what}: the agent answered {len(resp.data)} bytes at offset {resp.offset}"
+                    f" to a read of at most {req.max_bytes} at {req.offset}; output stops here")
             if resp.data:
                 self._busy = True
                 try:
@@ -121,8 +163,12 @@ class InputPump(_Pump):
             req = pb.WriteStdinRequest(container_id=self._cid, exec_id=self._eid,
                                        offset=self.offset, data=data)
             # No deadline: the agent holds a write while the process's stdin is full.
-            resp = await self._conn.call(self._conn.stub.write_stdin, req, timeout=None,
-                                         attempt_s=None, retry_for=30)
+            resp = await self._persist(f"stdin of {self._cid}/{self._eid}", lambda: self._conn.call(
+                self._conn.stub.write_stdin, req, timeout=None, attempt_s=None, retry_for=30))
+            if not req.offset <= resp.offset <= req.offset + len(data):
+                raise ProtocolViolation(
+                    f"stdin of {self._cid}/{self._eid}: the agent accepted up to offset "
+                    f"{resp.offset} after a write of {len(data)} bytes at {req.offset}")
             self.offset = resp.offset
         finally:
             self._busy = False
