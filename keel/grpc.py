@@ -26,12 +26,22 @@ And two things for start-up time and per-byte cost on the output path:
 from __future__ import annotations
 
 import binascii
+import logging
+import socket
 import struct
+from collections.abc import Collection
 from typing import Any
 
 from grpclib.const import Status
 from grpclib.encoding.base import StatusDetailsCodecBase
+from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError
+from grpclib.server import Server
+
+from keel import peercred
+from keel.peercred import PeerCred
+
+log = logging.getLogger("keel.grpc")
 
 #: Largest gRPC message a Keel endpoint reads (an output or stdin chunk is
 #: at most 1 MiB, an OCI spec at most 1 MiB).
@@ -108,3 +118,36 @@ def guest_text(value: object, limit: int = 200) -> str:
     if text.isprintable():
         return text
     return text.encode("unicode_escape").decode("ascii")
+
+
+def _cred_of(event: RecvRequest) -> PeerCred | None:
+    # grpclib hands listeners only a Peer; its socket is reached through
+    # Peer._transport (private, stable since grpclib 0.3).
+    transport = getattr(event.peer, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    return peercred.of(sock)
+
+
+def require_uids(server: Server, allowed: Collection[int], who: str) -> None:
+    """Refuse every call on *server* whose peer uid (SO_PEERCRED) is not in
+    *allowed*: PERMISSION_DENIED naming *who* refuses, and a log line.
+
+    The second wall after a socket file's 0600 mode (a mode loosened by
+    hand, a descriptor passed to another process).
+    """
+    allowed = frozenset(allowed)
+
+    async def check(event: RecvRequest) -> None:
+        cred = _cred_of(event)
+        if cred is None:
+            log.warning("%s refused %s: peer credentials unavailable", who, event.method_name)
+            raise GRPCError(Status.PERMISSION_DENIED, f"{who}: cannot verify the caller")
+        if cred.uid not in allowed:
+            log.warning("%s refused %s from uid %d (pid %d): not allowed", who,
+                        event.method_name, cred.uid, cred.pid)
+            raise GRPCError(Status.PERMISSION_DENIED,
+                            f"{who} refuses uid {cred.uid}: only root may use it")
+
+    listen(server, RecvRequest, check)

@@ -25,8 +25,7 @@ from pathlib import Path
 from grpclib.server import Server
 
 from keel.errors import FailedPrecondition, KeelError
-from keel.grpc import limit_messages
-from opsd._auth import require_uids
+from keel.grpc import limit_messages, require_uids
 from opsd._discovery import ShimClient
 from opsd._manager import Manager, status_line
 from opsd._notify import Notifier, setup_logging
@@ -111,7 +110,7 @@ async def serve(args: argparse.Namespace) -> None:
     manager.load()
     limit_messages()
     server = Server([OpsdService(manager, shims, releases)])
-    require_uids(server, {0, *args.allow_uid})
+    require_uids(server, {0, *args.allow_uid}, "opsd")
     await _listen(server, args.socket)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

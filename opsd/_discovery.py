@@ -23,9 +23,9 @@ from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from agent.api import ops_pb
-from keel import ids
-from keel.errors import DeadlineExceeded, Unavailable, from_code
-from shim.api import SandboxDir
+from keel import ids, procfs
+from keel.errors import DeadlineExceeded, KeelError, NotFound, Unavailable, from_code
+from shim.api import SandboxDir, load_record
 
 _FANOUT = 16
 
@@ -90,6 +90,11 @@ class Shims(Protocol):
     async def upgrade(self, sandbox_id: str, component: str, path: Path,
                       to_version: str) -> Switched: ...
 
+    def owner_problem(self, view: SandboxView) -> str | None:
+        """None if the shim that answered *view* owns the sandbox and runs;
+        else what is wrong (``lost: ...`` when no live shim owns it)."""
+        ...
+
 
 def check_id(sandbox_id: str) -> str:
     """*sandbox_id* if it follows the id rule (it becomes a path under the state root)."""
@@ -136,6 +141,26 @@ class ShimClient:
                 raise Unavailable(f"sandbox {sandbox_id}: agent {to_version} failed and went back"
                                   f" to {a.from_version}: {a.message}")
             return Switched(a.from_version, a.to_version, 0, f"gap {a.gap_s * 1000:.0f} ms")
+
+    def owner_problem(self, view: SandboxView) -> str | None:
+        """Checked against the sandbox's state file: the shim that answered may
+        be one that handed the sandbox off and is about to exit.  Without a
+        state file there is nothing to check against (None)."""
+        sdir = SandboxDir.of(self.state_root, check_id(view.id))
+        try:
+            owner = load_record(sdir).shim
+        except NotFound:
+            return None
+        except KeelError as exc:
+            return f"lost: its state cannot be read: {exc}"
+        if owner is None:
+            return "lost: no shim owns it"
+        if not procfs.is_running(owner.pid, owner.start_time):
+            return f"lost: the shim that owns it (pid {owner.pid}) is gone"
+        if owner.pid != view.shim_pid:
+            return (f"shim pid {view.shim_pid} answered, but the sandbox belongs to pid"
+                    f" {owner.pid}")
+        return None
 
     @asynccontextmanager
     async def _stub(self, sandbox_id: str) -> AsyncIterator[ops_pb.ShimOpsStub]:

@@ -270,9 +270,16 @@ class Rollout:
             for component in reversed(self._plan.components):
                 view = await self._switch(sid, component, original(t)[component], view, batch)
             problem = await self._problem_after(sid, t)
+            # The answer may come from a shim that handed the sandbox to one
+            # that died since: "rolled back" only for the sandbox's live owner.
+            owner = self._shims.owner_problem(view)
         except Exception as exc:  # reported in the plan
             self._move(sid, _T.ROLLBACK_FAILED, f"{cause}; rollback failed: {exc}")
             self._event(f"{self._tag(batch)} {sid}: rollback failed: {exc}")
+            return
+        if owner is not None:
+            self._move(sid, _T.ROLLBACK_FAILED, f"{cause}; {owner}")
+            self._event(f"{self._tag(batch)} {sid}: {owner}")
             return
         note = f" (but: {problem})" if problem else ""
         self._move(sid, _T.ROLLED_BACK, f"{cause}; rolled back{note}")

@@ -3,7 +3,7 @@
 Generated types stop here: handlers validate, call the Manager or the
 discovery code with our dataclasses, and map KeelError to its gRPC code
 once (:func:`_errors`).  Peer credentials are checked before any handler
-runs (opsd._auth).
+runs (keel.grpc.require_uids).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from grpclib.server import Server
 
 from agent.api import ops_pb
 from keel.errors import KeelError
-from keel.grpc import NO_STATUS_DETAILS, limit_messages
+from keel.grpc import NO_STATUS_DETAILS, limit_messages, require_uids
 from shim import version
 from shim._agent_upgrade import upgrade_agent
 from shim.state import SCHEMA_VERSION
@@ -62,7 +62,7 @@ class ShimOps(ops_pb.ShimOpsBase):
 
 
 async def serve_ops(daemon: Daemon) -> Server:
-    """Listen on the sandbox's ops.sock (0600, root only).
+    """Listen on the sandbox's ops.sock (0600, and peer credentials checked on every call).
 
     Bound under a temporary name and renamed over the path: after a
     handoff the old shim's socket answers until the very moment the new
@@ -75,6 +75,8 @@ async def serve_ops(daemon: Daemon) -> Server:
     tmp.unlink(missing_ok=True)
     limit_messages()
     server = Server([ShimOps(daemon)], status_details_codec=NO_STATUS_DETAILS)
+    # UpgradeShim runs a program as this shim's user: its own user and root only.
+    require_uids(server, {0, os.geteuid()}, f"shim of sandbox {daemon.sandbox.id}")
     old = os.umask(0o177)
     try:
         await server.start(path=str(tmp))

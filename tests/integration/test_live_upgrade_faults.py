@@ -10,6 +10,10 @@ is always "the old shim keeps serving and containerd notices nothing".
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,5 +188,46 @@ def test_unknown_and_incompatible_versions_are_refused(containerd: Containerd, w
         assert res.returncode == 1 and "skips a minor release" in res.stderr, res
         assert "no sandbox touched" in res.stderr, res
     assert_serving(w, A, A, pid)
+    w.untouched()
+    w.finish_in_order()
+
+
+_STATUS_AS_NOBODY = """
+import asyncio, os, sys
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError
+from agent.api import ops_pb
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+
+async def main():
+    channel = Channel(path=sys.argv[1])
+    try:
+        await ops_pb.ShimOpsStub(channel).status(ops_pb.StatusRequest(), timeout=10)
+        print("answered")
+    except GRPCError as exc:
+        print(exc.status.name, exc.message)
+    finally:
+        channel.close()
+asyncio.run(main())
+"""
+
+
+def test_ops_socket_checks_peer_credentials(w: CtrCounter) -> None:
+    """ops.sock is 0600; with its mode loosened by hand, the shim still
+    refuses another user (UpgradeShim would run a program as root)."""
+    open_dir = Path(tempfile.mkdtemp(prefix="kops-open-", dir="/tmp"))
+    try:
+        open_dir.chmod(0o755)
+        exposed = open_dir / "ops.sock"
+        os.link(w.sandbox.ops_socket, exposed)
+        exposed.chmod(0o666)
+        r = subprocess.run([sys.executable, "-c", _STATUS_AS_NOBODY, str(exposed)],
+                           capture_output=True, text=True, cwd=REPO, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.stdout.startswith("PERMISSION_DENIED "), (r.stdout, r.stderr)
+        assert "refuses uid 65534: only root may use it" in r.stdout
+        assert status(w).shim_version == A  # root still gets in
+    finally:
+        shutil.rmtree(open_dir)
     w.untouched()
     w.finish_in_order()

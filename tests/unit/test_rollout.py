@@ -54,6 +54,8 @@ class FakeShims:
     def __init__(self, boxes: dict[str, Box]) -> None:
         self.boxes = boxes
         self.hooks: dict[tuple[str, str, str], Callable[[Box], None]] = {}
+        #: Sandboxes whose answering shim is not their live owner: why.
+        self.not_owner: dict[str, str] = {}
 
     def ids(self) -> list[str]:
         return sorted(self.boxes)
@@ -65,6 +67,9 @@ class FakeShims:
         return SandboxView(sandbox_id, b.shim, b.agent, b.shim_pid, "process", "default",
                            tuple(ContainerView(c, 1, s, 0) for c, s in b.containers.items()),
                            b.schema)
+
+    def owner_problem(self, view: SandboxView) -> str | None:
+        return self.not_owner.get(view.id)
 
     async def upgrade(self, sandbox_id: str, component: str, path: Path,
                       to_version: str) -> Switched:
@@ -240,6 +245,27 @@ def test_failed_rollback_fails_the_plan(tmp_path: Path) -> None:
     assert "rollback failed" in final.targets[0].message
     # Left where the failures left it, for an operator to see.
     assert (shims.boxes["sb0"].shim, shims.boxes["sb0"].agent) == ("0.2.0", "0.1.0")
+
+
+def test_a_sandbox_whose_new_shim_died_after_commit_is_lost_not_rolled_back(
+        tmp_path: Path) -> None:
+    """The new shim took the sandbox over and died; the old one still answers
+    Status with the old version for a moment before it exits.  opsd must not
+    call that "rolled back"."""
+    shims = fleet(1)
+
+    def die_after_commit(b: Box) -> None:
+        shims.not_owner["sb0"] = "lost: the shim that owns it (pid 4242) is gone"
+        raise Unavailable("the new shim exited after commit")
+
+    shims.hooks[("sb0", "shim", "0.2.0")] = die_after_commit
+    releases = make_releases(tmp_path / "rel", "0.1.0", "0.2.0")
+    final = run_plan(plan_for(shims), shims, releases, tmp_path / "st")
+    assert final.state is PlanState.FAILED, final
+    t = final.targets[0]
+    assert t.state is TargetState.ROLLBACK_FAILED, t
+    assert "lost: the shim that owns it (pid 4242) is gone" in t.message
+    assert "rolled back" not in t.message
 
 
 def test_abort_during_pause_leaves_later_batches(tmp_path: Path) -> None:
