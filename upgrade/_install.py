@@ -35,14 +35,22 @@ _SKIP = shutil.ignore_patterns(".git", ".venv", "venv*", "__pycache__", "*.egg-i
                                "dist", ".mypy_cache", ".pytest_cache", ".ruff_cache",
                                ".hypothesis", "*.pyc")
 
+#: What the new release's own interpreter reports: its version, its state
+#: schemas, and whether the modules its shim and agent daemons run import
+#: (a release whose shim fails at import would be refused only at upgrade).
 _PROBE = """
-import json, importlib.metadata as m
+import importlib, json, importlib.metadata as m
 out = {"version": m.version("keel")}
 try:
     import agent.state, shim.state
     out["shim_state"], out["agent_state"] = shim.state.SCHEMA_VERSION, agent.state.SCHEMA_VERSION
-except Exception as exc:  # --no-deps: the release cannot import its dependencies
+    for name in ("shim._start", "shim._daemon", "shim._delete", "agent.__main__", "agent._daemon"):
+        importlib.import_module(name)
+except Exception as exc:
     out["error"] = repr(exc)
+    out["missing_dependency"] = (isinstance(exc, ModuleNotFoundError)
+                                 and (exc.name or "").split(".")[0] not in ("keel", "shim",
+                                 "agent", "upgrade", "opsd", "observability"))
 print(json.dumps(out))
 """
 
@@ -93,23 +101,29 @@ def wheel_version(wheel: Path) -> str:
     return parts[1]
 
 
+def _own_env() -> dict[str, str]:
+    """This environment without PYTHONPATH and PYTHONHOME (a release runs its own code)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
 def run(argv: list[str]) -> None:
     """Run *argv*; FailedPrecondition with its last output lines if it fails.
 
     PYTHONPATH and PYTHONHOME are dropped: what is installed must not
     depend on the caller's source tree.
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, check=False, env=env)
+                          stderr=subprocess.STDOUT, text=True, check=False, env=_own_env())
     if proc.returncode != 0:
         tail = "\n".join("  | " + line for line in proc.stdout.splitlines()[-15:])
         raise FailedPrecondition(f"{Path(argv[0]).name} {' '.join(argv[1:4])} ... failed"
                                  f" (exit {proc.returncode}):\n{tail}")
 
 
-def probe(python: Path, progress: Progress) -> dict[str, Any]:
-    """Ask the new release's interpreter for its version and state schemas."""
+def probe(python: Path, progress: Progress, *, no_deps: bool = False) -> dict[str, Any]:
+    """Ask the new release's interpreter for its version and state schemas;
+    FailedPrecondition when its own modules do not import (with *no_deps*, a
+    missing third-party dependency is only a warning)."""
     proc = subprocess.run([str(python), "-I", "-c", _PROBE], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, check=False)
     try:
@@ -117,9 +131,24 @@ def probe(python: Path, progress: Progress) -> dict[str, Any]:
     except (IndexError, json.JSONDecodeError) as exc:
         raise FailedPrecondition(f"the new release does not run: {proc.stderr[-500:]}") from exc
     if "error" in facts:
+        if not (no_deps and facts.get("missing_dependency")):
+            raise FailedPrecondition(f"the new release's shim or agent does not import:"
+                                     f" {facts['error']}")
         progress(f"warning: the release cannot import its modules ({facts['error']});"
                  f" its entry points will not run until its dependencies are installed")
     return facts
+
+
+def check_shim_runs(shim: Path, version: str) -> None:
+    """The shim entry point starts and names *version* (``-v``); FailedPrecondition if not."""
+    try:
+        proc = subprocess.run([str(shim), "-v"], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, check=False, timeout=60, env=_own_env())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FailedPrecondition(f"the new release's shim does not run: {exc}") from exc
+    if proc.returncode != 0 or proc.stdout.split()[-1:] != [version]:
+        raise FailedPrecondition(f"the new release's shim -v answered {proc.stdout.strip()!r}"
+                                 f" (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
 
 
 def relocate(stage: Path, final: Path) -> None:

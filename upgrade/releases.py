@@ -239,12 +239,13 @@ class ReleaseStore:
         _build.run([str(stage / "bin/python"), "-m", "pip", "install", "--no-input",
                     "--disable-pip-version-check", *(["--no-deps"] if no_deps else []),
                     *pip_args, str(wheel)])
-        facts = _build.probe(stage / "bin/python", progress)
+        facts = _build.probe(stage / "bin/python", progress, no_deps=no_deps)
         if facts.get("version") != version:
             raise FailedPrecondition(f"{wheel.name} installed keel {facts.get('version')!r}")
         for entry in (SHIM_ENTRY, AGENT_ENTRY):
             if not (stage / entry).exists():
                 raise FailedPrecondition(f"{wheel.name} has no {entry} entry point")
+        _build.check_shim_runs(stage / SHIM_ENTRY, version)
         _build.relocate(stage, final)
         manifest_store(stage).save(Manifest(
             version=version, installed_at=time.time(), source=str(wheel.name),

@@ -148,6 +148,20 @@ def test_reinstall_needs_force(installed: ReleaseStore, tmp_path: Path) -> None:
                           progress=lambda s: None)
 
 
+@pytest.mark.slow
+def test_a_release_whose_shim_does_not_import_is_refused(tmp_path: Path) -> None:
+    """Found at install, not at the first upgrade: the daemon modules are imported
+    by the release's own interpreter, and nothing of it stays behind."""
+    src = _source(tmp_path, "0.3.0")
+    with open(src / "shim" / "_daemon.py", "a") as f:
+        f.write("\nraise ImportError('simulated: this shim cannot be imported')\n")
+    store = ReleaseStore(tmp_path / "rel")
+    with pytest.raises(FailedPrecondition, match=r"shim or agent does not import: .*simulated"):
+        store.install(src, build_isolation=False, progress=lambda s: None)
+    assert store.list() == []
+    assert [p.name for p in store.root.iterdir() if not p.name.startswith(".0.3.0.lock")] == []
+
+
 def _opsctl(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "opsd.cli", "--socket", "/nonexistent/opsd.sock",
