@@ -58,6 +58,11 @@ class Manager:
     def plan(self) -> Plan | None:
         return self._plan
 
+    @property
+    def broken(self) -> str | None:
+        """Why the persisted plan could not be read (upgrades are refused), or None."""
+        return self._broken
+
     def load(self) -> None:
         """Read the persisted plan; call before serving, so no request races a resume."""
         try:

@@ -93,6 +93,11 @@ class OpsdService(pb.OpsdBase):
     async def upgrade_status(self, upgrade_status_request: pb.UpgradeStatusRequest
                              ) -> pb.PlanStatus:
         plan = self._manager.plan
+        if plan is None and self._manager.broken:
+            # Not "no upgrade has run": one may have, and its record is unreadable.
+            raise GRPCError(Status.FAILED_PRECONDITION,
+                            f"the upgrade plan cannot be read, upgrades are refused until it is"
+                            f" repaired or removed: {self._manager.broken}")
         if plan is None:
             return pb.PlanStatus(found=False)
         return pb.PlanStatus(found=True, plan=plan_pb(plan))

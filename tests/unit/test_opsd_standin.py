@@ -234,3 +234,21 @@ def test_progress_bar_on_a_terminal(opsd: Opsd, fleet: Fleet) -> None:
     assert "\x1b[K[" in text and "2/2 sandboxes  batch 2/2" in text
     assert "[##############################] 2/2" in text
     assert fleet["sb1"].versions() == ("0.2.0", "0.1.0")
+
+
+def test_a_corrupt_plan_is_reported_not_forgotten(opsd: Opsd, fleet: Fleet) -> None:
+    """An unreadable plan.json: status says so (not "no upgrade has run"), and
+    a new upgrade is refused until an operator repairs or removes it."""
+    fleet.add("sb0")
+    opsd.stop()
+    plan = opsd.base / "opsd-state/plan.json"
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_text('{"schema_version": 1, "kind": "keel-opsd-plan", "id": ')  # cut short
+    opsd.start()
+    r = opsctl(opsd.socket, "upgrade", "status")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no upgrade has run" not in r.stdout
+    assert "the upgrade plan cannot be read" in r.stderr and str(plan) in r.stderr, r.stderr
+    r = opsctl(opsd.socket, "upgrade", "--to", "0.2.0")
+    assert r.returncode != 0 and "upgrades are disabled" in r.stderr, r.stdout + r.stderr
+    assert fleet["sb0"].versions() == ("0.1.0", "0.1.0")
