@@ -22,6 +22,9 @@ from upgrade.scm import close_all
 
 #: Seconds the launcher waits for a forked child to report its pid.
 FORK_TIMEOUT_S = 10.0
+#: A caller's whole request must arrive within this (README: at most 5 s):
+#: one trickling a byte at a time cannot hold the launcher.
+REQUEST_S = 5.0
 #: What the launcher imports before it serves: the daemon's and the
 #: process agent's working set (a forked child imports anything else on
 #: first use, as the exec path does).  Not the qemu backend: a VM's agent
@@ -115,7 +118,8 @@ class Launcher:
             pid, uid = cred.pid, cred.uid
             # Read first, refuse after: a refusal sent while the caller still
             # writes would reach it as a broken pipe instead of the reason.
-            req, fds = recv(conn)
+            req, fds = recv(conn, within=REQUEST_S)
+            conn.settimeout(5.0)  # recv left its own, shorter, timeout behind
             if uid != os.getuid():
                 raise LauncherError(f"peer uid {uid} is not {os.getuid()}")
             reply, go = self._fork(req, fds, pid, conn)

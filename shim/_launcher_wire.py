@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,16 +56,31 @@ def send(sock: socket.socket, doc: Mapping[str, Any], fds: Sequence[int] = ()) -
         sock.sendall(data[sent:])
 
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+def recv(sock: socket.socket, within: float | None = None) -> tuple[dict[str, Any], list[int]]:
     """One framed message and its fds (the caller owns them); LauncherError
-    on anything malformed, with every received fd closed."""
+    on anything malformed, with every received fd closed.  With *within*,
+    the whole message must arrive in that many seconds (a peer trickling
+    bytes cannot hold the reader longer)."""
     fds: list[int] = []
     buf = b""
+    end = None if within is None else time.monotonic() + within
     while len(buf) < 4 or len(buf) < 4 + struct.unpack(">I", buf[:4])[0]:
         if len(buf) >= 4 and struct.unpack(">I", buf[:4])[0] > MAX_MESSAGE:
             close_all(fds)
             raise LauncherError("message over the size limit")
-        data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+        if end is not None:
+            left = end - time.monotonic()
+            if left <= 0:
+                close_all(fds)
+                raise LauncherError(f"the request did not arrive within {within:g}s")
+            sock.settimeout(left)
+        try:
+            data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+        except TimeoutError:
+            close_all(fds)
+            if within is None:
+                raise  # the socket's own timeout: the caller's to report
+            raise LauncherError(f"the request did not arrive within {within:g}s") from None
         fds.extend(fds_of(anc))
         if flags & socket.MSG_CTRUNC:
             close_all(fds)

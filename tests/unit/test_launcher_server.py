@@ -107,6 +107,37 @@ def test_bad_requests_get_an_error_and_the_launcher_serves_on(
         _launcher.request(sock, {"op": "nothing", **GOOD})
 
 
+def test_a_trickling_caller_is_dropped_within_the_request_deadline(
+        launcher: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """A byte every second never completes a request: the launcher answers
+    with an error after 5 s in all (not 5 s per byte) and serves on."""
+    sock, proc = launcher
+    data = _frame({"op": "shim", **GOOD})
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        s.connect(str(sock))
+        t0 = time.monotonic()
+        s.setblocking(False)
+        reply = b""
+        for b in data:
+            try:
+                s.send(bytes([b]))
+            except OSError:
+                break  # the launcher closed the connection
+            time.sleep(1.0)
+            try:
+                reply = s.recv(4096)
+            except BlockingIOError:
+                continue
+            break
+        took = time.monotonic() - t0
+    assert b"did not arrive within 5s" in reply, reply
+    assert took < 8, f"held for {took:.1f}s"
+    assert proc.poll() is None
+    with pytest.raises(_launcher.LauncherError, match="unknown op"):
+        _launcher.request(sock, {"op": "nothing", **GOOD})
+
+
 def test_shim_with_an_action_is_refused(launcher: tuple[Path, subprocess.Popen[bytes]]) -> None:
     sock, _ = launcher
     r, w = os.pipe()
