@@ -93,8 +93,8 @@ class Exits:
         except OSError as exc:
             log.error("cannot persist state: %s", exc)
 
-    def sandbox_died(self, processes: Iterable[Process]) -> None:
-        """The sandbox is gone: every started, unfinished process exited with 255."""
+    def sandbox_died(self, processes: Iterable[Process], status: int = 255) -> None:
+        """The sandbox is gone: every started, unfinished process exited with *status*."""
         for p in processes:
             if p.state is not State.STOPPED and p.state is not State.CREATED:
-                self.record(p, exit_now(255))
+                self.record(p, exit_now(status))

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from agent.api import pb
 from keel import clock, procfs
 from keel.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     KeelError,
     NotFound,
@@ -50,6 +52,9 @@ from shim.vmm.api import LaunchSpec, MountSpec
 from shim.vmm.api import Sandbox as VmmSandbox
 
 log = logging.getLogger("keel.shim")
+#: Seconds a signal may take in the agent (at most; the connection's timeout
+#: if shorter) before a SIGKILL to the sandbox stops it through its VMM.
+KILL_DEADLINE_S = 10.0
 
 
 class Sandbox:
@@ -79,6 +84,9 @@ class Sandbox:
         self._backend = get_backend(config.backend)
         self._sandbox_watch: asyncio.Task[None] | None = None
         self._ports: PortRelay | None = None
+        #: What the processes of a sandbox that dies are reported with: 255,
+        #: or 137 when the shim killed it for a SIGKILL the agent did not take.
+        self._death_status = 255
 
     # -- the sandbox itself ------------------------------------------------
 
@@ -138,8 +146,10 @@ class Sandbox:
         await vm.wait_exit()
         if self.vm is not vm:
             return
-        log.error("sandbox %s died; reporting its processes as exited", self.id)
-        self.exits.sandbox_died(p for c in self.containers.values() for p in c.processes())
+        log.error("sandbox %s died; reporting its processes as exited (%d)", self.id,
+                  self._death_status)
+        self.exits.sandbox_died((p for c in self.containers.values() for p in c.processes()),
+                                self._death_status)
 
     async def relay_ports(self) -> None:
         """Relay the pod's host-side localhost into the sandbox, where the backend needs it."""
@@ -270,12 +280,25 @@ class Sandbox:
         return p.exit
 
     async def kill(self, cid: str, eid: str, sig: int, all_: bool) -> None:
+        """Signal a process through the agent.  Killing the pod never depends
+        on the agent: a SIGKILL to the sandbox's own container that the agent
+        does not take (dead, stuck) stops the sandbox through its VMM, and
+        every process of it is reported killed (137)."""
         p = self.container(cid).process(eid)
         if p.state is State.STOPPED:
             raise NotFound(f"process {p.name} already finished")
         agent = self._live_agent()
-        await agent.call(agent.stub.signal_process, pb.SignalProcessRequest(
-            container_id=cid, exec_id=eid, signal=sig, all=all_), resend=False)
+        try:
+            await agent.call(agent.stub.signal_process, pb.SignalProcessRequest(
+                container_id=cid, exec_id=eid, signal=sig, all=all_),
+                timeout=min(self.config.agent_timeout_s, KILL_DEADLINE_S), resend=False)
+        except (DeadlineExceeded, Unavailable) as exc:
+            if not (sig == signal.SIGKILL and not eid and cid == self.id and self.vm is not None):
+                raise
+            log.warning("sandbox %s: the agent did not take SIGKILL (%s); stopping the sandbox"
+                        " through its %s backend", self.id, exc, self._backend.name)
+            self._death_status = 128 + signal.SIGKILL
+            await self.vm.stop()  # the sandbox watch reports every process as killed
 
     async def exec(self, cid: str, eid: str, process_json: bytes, stdio: Stdio) -> None:
         c = self.container(cid)

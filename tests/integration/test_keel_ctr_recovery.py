@@ -7,10 +7,12 @@ sandbox and leave nothing behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -165,3 +167,38 @@ def test_grouped_shim_killed_is_cleaned_up(containerd: Containerd, busybox: str,
     for cid in (first, second):
         assert containerd.ctr("containers", "rm", cid).returncode == 0
     assert pod not in sandbox_dirs(containerd)
+
+
+# --- 9. the agent stops answering ------------------------------------------------
+
+def test_sigkill_does_not_depend_on_a_stuck_agent(containerd: Containerd, busybox: str,
+                                                  container_ids: Callable[[], str]) -> None:
+    """The agent is frozen (SIGSTOP): ``ctr task kill -s SIGKILL`` still ends
+    the pod.  The shim's signal call gets no answer within its deadline, so
+    the shim stops the sandbox through its backend and reports the task
+    killed (137); delete and container rm then work, and nothing is left."""
+    cid = container_ids()
+    run_detached(containerd, busybox, cid, "sleep", "1000")
+    state = json.loads((containerd.paths.tmp_root / "keel" / "sandboxes" / cid / "state.json")
+                       .read_text())
+    agent = int(state["vmm"]["pid"])
+    start = len(containerd.log_text())
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        res = containerd.ctr("tasks", "kill", "-s", "SIGKILL", cid, timeout=60)
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: status(containerd, cid) == "STOPPED", 30, f"{cid} to stop")
+        took = time.monotonic() - t0
+    finally:
+        if alive(agent):
+            os.kill(agent, signal.SIGCONT)
+    print(f"[recovery] SIGKILL with a frozen agent: STOPPED after {took:.1f}s")
+    assert took < 25, took
+    assert not alive(agent)
+    assert "the agent did not take SIGKILL" in log_since(containerd, start)
+    res = containerd.ctr("tasks", "rm", cid)
+    assert res.returncode == 0, res.stderr
+    assert "exit with non-zero exit code 137" in res.stderr, res.stderr
+    assert containerd.ctr("containers", "rm", cid).returncode == 0
+    assert cid not in sandbox_dirs(containerd)
