@@ -52,3 +52,27 @@ def socket_path(state_root: Path, address: str, namespace: str, sandbox: str) ->
     """Where the sandbox's shim listens; short enough for sun_path (108)."""
     digest = hashlib.sha256(f"{address}/{namespace}/{sandbox}".encode()).hexdigest()[:32]
     return state_root / "s" / digest
+
+
+#: In a task's bundle: the runtime config file ``start`` was given (CRI's
+#: ``ConfigPath``, ``ctr --runtime-config-path``).  ``delete`` gets no runtime
+#: options from containerd, and must clean up under that config's state root.
+CONFIG_NOTE = "keel-config"
+
+
+def note_config(bundle: Path, config_path: str) -> None:
+    """Record *config_path* in *bundle* for a later ``delete`` (nothing when empty)."""
+    if not config_path:
+        return
+    tmp = bundle / f".{CONFIG_NOTE}"
+    tmp.write_text(config_path)
+    tmp.replace(bundle / CONFIG_NOTE)
+
+
+def noted_config(bundle: Path) -> str | None:
+    """The config path ``start`` recorded in *bundle*, or None."""
+    try:
+        text = (bundle / CONFIG_NOTE).read_text().strip()
+    except OSError:
+        return None
+    return text or None

@@ -55,11 +55,11 @@ def _cleaned_up(flags: Flags) -> bool:
     """True when the task's sandbox directory is gone (the stale socket, if
     any, is removed here); False when :func:`_cleanup` has work to do."""
     from shim import config as config_mod
-    from shim._bundle import sandbox_id, socket_path
+    from shim._bundle import noted_config, sandbox_id, socket_path
     from shim.dirs import SandboxDir
 
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
-    cfg = config_mod.load()
+    cfg = config_mod.load(noted_config(bundle))  # the pod's own config, as start had it
     sid = sandbox_id(bundle, flags.id)
     if SandboxDir.of(cfg.state_root, sid).root.exists():
         return False
@@ -88,11 +88,11 @@ def _varint(n: int) -> bytes:
 
 async def _cleanup(flags: Flags) -> None:
     from shim import config as config_mod
-    from shim._bundle import sandbox_id, socket_path
+    from shim._bundle import noted_config, sandbox_id, socket_path
     from shim.dirs import SandboxDir
 
     bundle = Path(flags.bundle) if flags.bundle else Path.cwd()
-    cfg = config_mod.load()
+    cfg = config_mod.load(noted_config(bundle))  # the pod's own config, as start had it
     sid = sandbox_id(bundle, flags.id)
     sdir = SandboxDir.of(cfg.state_root, sid)
     shim_socket = socket_path(cfg.state_root, flags.address, flags.namespace, sid)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shim._bundle import sandbox_id, socket_path
+from shim._bundle import note_config, sandbox_id, socket_path
 from shim._flags import Flags
 from shim.config import ShimConfig
 from shim.dirs import SandboxDir
@@ -133,6 +133,7 @@ def start(flags: Flags) -> int:
                 flags_argv.append("-debug")
             _spawn_daemon(cfg, flags_argv, env, bundle, listener)
             listener.close()
+        note_config(bundle, config_path)
         _write_address(bundle, address)
     except Exception as exc:  # containerd shows this text in its error
         where = f" (runtime config {config_path})" if config_path and config_path not in str(exc) else ""

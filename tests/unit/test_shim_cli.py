@@ -107,3 +107,37 @@ def test_start_refuses_a_state_root_too_long_for_its_sockets(tmp_path: Path) -> 
     assert not long_root.exists()  # nothing made before the refusal
     short = SandboxDir.of(Path("/run/keel"), pod)
     short.check_fits()  # the default root fits CRI's ids
+
+
+def test_delete_cleans_up_under_the_pods_own_config(tmp_path: Path) -> None:
+    """containerd gives ``delete`` no runtime options: it finds the config that
+    ``start`` was given (CRI's ConfigPath) in the bundle, and cleans up under
+    that config's state root, not the default one."""
+    import os
+    import subprocess
+    import sys
+
+    from shim._bundle import note_config
+    from shim.dirs import SandboxDir
+    from shim.state import SandboxRecord, ShimIdentity, store
+
+    root = tmp_path / "podroot"
+    cfg = tmp_path / "pod.toml"
+    cfg.write_text(f'[shim]\nbackend = "process"\nstate_root = "{root}"\n')
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text('{"annotations": {}}')
+    note_config(bundle, str(cfg))
+    sdir = SandboxDir.of(root, "c1")
+    sdir.create()
+    store(sdir).save(SandboxRecord(
+        sandbox_id="c1", namespace="k8s.io", backend="process", vmm={"pid": 2**22, "start_time": 1},
+        # pid 2**22 is above pid_max: a shim and an agent that cannot be running
+        shim=ShimIdentity(2**22, 1), shim_version="0.1.0"))
+    env = {k: v for k, v in os.environ.items() if k not in ("KEEL_CONFIG", "KEEL_STATE_ROOT")}
+    res = subprocess.run(
+        [sys.executable, "-m", "shim", "-namespace", "k8s.io", "-address", "/run/c.sock",
+         "-id", "c1", "-bundle", str(bundle), "delete"], cwd=bundle, capture_output=True,
+        timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr
+    assert not sdir.root.exists(), (res.stderr, list(sdir.root.iterdir()))
