@@ -122,3 +122,34 @@ def test_shim_state_of_a_bad_shape_is_corrupt(tmp_path: Path) -> None:
     with pytest.raises(CorruptState, match="TypeError"):
         store(sdir).load()
     assert json.loads(sdir.state.read_text()) == golden
+
+
+@pytest.mark.requires_root
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    """On a tiny tmpfs filled to the brim, save raises ENOSPC; the old state
+    stands and no ``.tmp`` file is left behind."""
+    import errno
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "keel-test-full", str(disk)],
+                   check=True)
+    try:
+        st = _store(disk / "s.json")
+        st.save({"items": [{"name": "old"}]})
+        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)  # fill what is left
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        assert full.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as err:
+            st.save({"items": [{"name": "x" * 100_000}]})
+        assert err.value.errno == errno.ENOSPC
+        assert st.load() == {"items": [{"name": "old"}]}
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "s.json", "s.json.lock"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
