@@ -164,9 +164,7 @@ async def _cleanup_locked(flags: Flags, bundle: Path, sid: str, sdir: SandboxDir
 
         st.save(replace(rec, containers=tuple(others)))
     else:
-        import shutil
-
-        shutil.rmtree(sdir.root, ignore_errors=True)
+        sdir.remove()
         _unlink_stale(shim_socket)  # the dead shim's listener
 
 

@@ -6,11 +6,23 @@ state directory and logs; a VM sandbox adds qemu's QMP socket, pid file
 and log, the 9p share and the records of rootfs mounts.  Directories are
 0700, sockets 0600.  Backends get the directory as ``LaunchSpec.root``
 and name their files through this class too.
+
+Unix socket paths hold at most 107 bytes.  A sandbox's sockets live in
+its directory whenever they fit there (``/run/keel`` with CRI's
+64-character pod ids, and every root earlier releases could use: the
+layout stays theirs).  Where they would not fit (a long state root), they
+live in a short directory of their own, ``<state_root>/c/<16 hex of the
+sandbox id's sha256>/``, which works for state roots of up to
+:data:`MAX_STATE_ROOT` bytes.  Every component derives the place from the
+state root and the id alone, so shim, opsd, ``delete`` and later releases
+agree without asking.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +33,19 @@ from keel.errors import InvalidArgument
 SUN_PATH_MAX = 107
 #: The largest pid Linux hands out (pid_max's ceiling, 2**22).
 PID_MAX = 4194304
+#: Socket names a sandbox may have (``ops_socket_tmp`` at its longest).
+_SOCKET_NAMES = ("ops.sock", f".o{PID_MAX}", "agent.chan", "ops.chan", "qmp.sock")
+#: The short sockets directory: ``<root>/c/<16 hex>/``.
+_SHORT = len("/c/") + 16 + 1
+#: The longest state root whose sockets fit: a sandbox's in the short
+#: directory, and the shim's own, ``<root>/s/<32 hex>`` (the stricter).
+MAX_STATE_ROOT = min(SUN_PATH_MAX - _SHORT - max(len(n) for n in _SOCKET_NAMES),
+                     SUN_PATH_MAX - len("/s/") - 32)
+
+
+def _fits(directory: Path) -> bool:
+    base = len(os.fsencode(directory)) + 1
+    return all(base + len(name) <= SUN_PATH_MAX for name in _SOCKET_NAMES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,18 +65,26 @@ class SandboxDir:
         return self.root / "state.json"
 
     @property
+    def sockets_dir(self) -> Path:
+        """Where this sandbox's unix sockets live (see the module's docstring)."""
+        if _fits(self.root):
+            return self.root
+        digest = hashlib.sha256(self.id.encode()).hexdigest()[:16]
+        return self.root.parent.parent / "c" / digest
+
+    @property
     def ops_socket(self) -> Path:
-        return self.root / "ops.sock"
+        return self.sockets_dir / "ops.sock"
 
     def ops_socket_tmp(self, pid: int) -> Path:
         """Where the shim of *pid* binds ops.sock before renaming it into place
         (short: it must fit where ops.sock does, ``check_fits``)."""
-        return self.root / f".o{pid}"
+        return self.sockets_dir / f".o{pid}"
 
     def channel(self, name: str) -> Path:
         """Host end of a sandbox channel ("agent", "ops"): the agent's socket
         (process backend) or qemu's chardev socket of a virtio-serial port."""
-        return self.root / f"{name}.chan"
+        return self.sockets_dir / f"{name}.chan"
 
     @property
     def agent_state(self) -> Path:
@@ -70,7 +103,7 @@ class SandboxDir:
 
     @property
     def qmp(self) -> Path:
-        return self.root / "qmp.sock"
+        return self.sockets_dir / "qmp.sock"
 
     @property
     def pidfile(self) -> Path:
@@ -97,28 +130,35 @@ class SandboxDir:
                 raise InvalidArgument(f"sandbox path too long for a unix socket: {sock}")
 
     def check_fits(self) -> None:
-        """InvalidArgument, naming the state root, if any socket of this
-        sandbox (ops.sock, the channels, a VM's QMP) would not fit in
-        sun_path: checked at ``start``, before a daemon exists."""
-        longest = max((self.ops_socket, self.ops_socket_tmp(PID_MAX), *self.sockets(("agent", "ops"))),
-                      key=lambda p: len(str(p).encode()))
-        size = len(str(longest).encode())
-        if size > SUN_PATH_MAX:
-            root = self.root.parent.parent
-            raise InvalidArgument(
-                f"state root {root} is too long for sandbox {self.id}: its socket {longest}"
-                f" would be {size} bytes, and a unix socket path takes at most {SUN_PATH_MAX};"
-                f" use a state_root of at most {len(str(root).encode()) - size + SUN_PATH_MAX}"
-                f" bytes")
+        """InvalidArgument, naming the state root, if this sandbox's sockets
+        (ops.sock, the channels, a VM's QMP) cannot fit in sun_path even in
+        the short sockets directory: checked at ``start``, before a daemon
+        exists."""
+        sockets = self.sockets_dir
+        root = self.root.parent.parent
+        if _fits(sockets) and len(os.fsencode(root)) <= MAX_STATE_ROOT:
+            return
+        raise InvalidArgument(
+            f"state root {root} is too long for sandbox {self.id}: its sockets under {sockets}"
+            f" would not fit in a unix socket path ({SUN_PATH_MAX} bytes); use a state_root of"
+            f" at most {MAX_STATE_ROOT} bytes")
 
     def create(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.agent_state.mkdir(mode=0o700, exist_ok=True)
+        if (sockets := self.sockets_dir) != self.root:
+            sockets.parent.mkdir(mode=0o700, exist_ok=True)
+            sockets.mkdir(mode=0o700, exist_ok=True)
+
+    def remove(self) -> None:
+        """Remove the sandbox directory and its sockets directory (best effort)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        if (sockets := self.sockets_dir) != self.root:
+            shutil.rmtree(sockets, ignore_errors=True)
 
     def exists(self) -> bool:
         return self.root.is_dir()
-
 
 def sandboxes(state_root: Path) -> list[SandboxDir]:
     """Every sandbox directory under *state_root*, sorted by id."""

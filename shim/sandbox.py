@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -188,7 +187,7 @@ class Sandbox:
             if self.containers:
                 return False
             await self._stop_vm()
-            shutil.rmtree(self.dir.root, ignore_errors=True)
+            self.dir.remove()
             return True
 
     def _live_agent(self) -> AgentConnection:

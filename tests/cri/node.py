@@ -14,13 +14,11 @@ pod network namespaces are mounted under its state directory
 (``netns_mounts_under_state_dir``), and pods get the cgroup parent
 ``/kcri-<suffix>``, whose directories `stop_node` removes.
 
-Keel's state root is the temp root itself, and that must be short
-(`MAX_ROOT` bytes, ``/tmp/kXXXXXXXX``): a sandbox directory is named by
-the 64-character CRI pod id and holds unix sockets, bound under
-temporary names as long as ``.ops.sock.<pid>``, whose paths must fit in
-107 bytes.  Keel's default root, ``/run/keel``, is shorter still.  (How
-Keel fares under a long state root is a case of its own, not this
-fixture's.)
+Keel's state root is the temp root itself, kept short (`MAX_ROOT` bytes,
+``/tmp/kXXXXXXXX``) so that each sandbox directory, named by the
+64-character CRI pod id, holds its own unix sockets as under Keel's
+default root ``/run/keel``.  (Under a longer root the sockets move to a
+short directory of their own: tests/integration/test_long_state_root.py.)
 
 The ``keel`` runtime is the working tree's shim (`install_shim_wrapper`,
 as tests/integration does for ctr), with the process backend named in
@@ -62,8 +60,10 @@ HANDLERS = {"runc": "io.containerd.runc.v2", "keel": "io.containerd.keel.v2",
             "keel-vm": "io.containerd.keel.v2"}
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 READY_TIMEOUT_S = 60.0
-#: The longest temp root (= Keel state root) whose sandbox sockets fit:
-#: <root>/sandboxes/<64 hex>/.ops.sock.<7-digit pid> is 93 bytes + the root.
+#: The longest temp root (= Keel state root) whose sandbox sockets stay in
+#: the sandbox directories, as under /run/keel (<root>/sandboxes/<64 hex>/
+#: ops.chan...): the layout this suite exercises.  A longer root moves them
+#: to <root>/c/<hash>/ (tests/integration/test_long_state_root.py).
 MAX_ROOT = 14
 
 

@@ -74,6 +74,26 @@ def _teardown(ctd: Containerd) -> None:
                     pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def long_root_containerd(require_env: Callable[[str], None]) -> Iterator[tuple[Containerd, Path]]:
+    """A private containerd whose Keel state root is as long as Keel allows
+    (``MAX_STATE_ROOT`` bytes): a 64-character pod id's sockets do not fit
+    under its sandbox directory.  Torn down and checked like `containerd`."""
+    from shim.dirs import MAX_STATE_ROOT
+
+    require_env("integration")
+    tmp = Path(tempfile.mkdtemp(prefix="keel-long-", dir="/tmp"))
+    root = tmp / ("k" * (MAX_STATE_ROOT - len(str(tmp)) - 1))
+    ctd = Containerd(tmp, env={"KEEL_STATE_ROOT": str(root)})
+    install_shim_wrapper(ctd.paths.bin_dir, sys.executable, env={"PYTHONPATH": str(REPO)})
+    ctd.start()
+    try:
+        import_image(ctd.ctr_prefix(), build_image(IMAGE_CACHE))
+        yield ctd, root
+    finally:
+        _teardown(ctd)
+
+
 @pytest.fixture(scope="session")
 def busybox(containerd: Containerd) -> str:
     """The ref of the busybox image imported into `containerd`."""

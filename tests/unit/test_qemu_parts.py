@@ -83,7 +83,7 @@ def test_qemu_argv_per_machine() -> None:
     with pytest.raises(InvalidArgument, match="','"):
         _argv(config.QemuConfig(), Path("/run/a,b"))
     with pytest.raises(InvalidArgument, match="too long"):
-        SandboxDir(Path("/" + "x" * 100)).check_sockets(PORTS)
+        SandboxDir.of(Path("/" + "x" * 100), "pod").check_sockets(PORTS)
 
 
 def _parse_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:

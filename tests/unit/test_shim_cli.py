@@ -80,22 +80,22 @@ def test_hand_encoded_delete_response_parses(status: int, ns: int) -> None:
 
 
 def test_start_refuses_a_state_root_too_long_for_its_sockets(tmp_path: Path) -> None:
-    """A 64-character CRI pod id under a long state root: `start` says which
+    """A state root longer than any socket layout allows: `start` says which
     root and how long it may be, instead of a daemon dying at bind time."""
     import json
     import os
     import subprocess
     import sys
 
-    from shim.dirs import SandboxDir
+    from shim.dirs import MAX_STATE_ROOT
 
     pod = "a" * 64
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps(
         {"annotations": {"io.kubernetes.cri.sandbox-id": pod}}))
-    long_root = tmp_path / "state"  # well over the ~22 bytes a 64-character id leaves
-    assert len(str(SandboxDir.of(long_root, pod).ops_socket_tmp(4194304))) > 107
+    long_root = tmp_path / ("r" * max(1, MAX_STATE_ROOT + 1 - len(str(tmp_path)) - 1))
+    assert len(str(long_root)) > MAX_STATE_ROOT
     res = subprocess.run(
         [sys.executable, "-m", "shim", "-namespace", "k8s.io", "-address", "/run/c.sock",
          "-id", pod, "start"], cwd=bundle, capture_output=True, text=True, timeout=60,
@@ -103,10 +103,38 @@ def test_start_refuses_a_state_root_too_long_for_its_sockets(tmp_path: Path) -> 
     assert res.returncode == 1
     assert res.stdout.startswith(f"keel shim start failed: state root {long_root} is too long"), \
         res.stdout
-    assert "use a state_root of at most" in res.stdout
+    assert f"use a state_root of at most {MAX_STATE_ROOT} bytes" in res.stdout
     assert not long_root.exists()  # nothing made before the refusal
+
+
+def test_sockets_move_to_a_short_directory_under_a_long_state_root(tmp_path: Path) -> None:
+    """CRI's 64-character pod ids: under /run/keel (and any root earlier
+    releases could use) the sockets stay in the sandbox directory; under a
+    longer root they live in <root>/c/<hash>/, which create() makes 0700 and
+    remove() removes with the sandbox directory."""
+    from shim.dirs import MAX_STATE_ROOT, SUN_PATH_MAX, SandboxDir
+
+    pod = "b" * 64
     short = SandboxDir.of(Path("/run/keel"), pod)
-    short.check_fits()  # the default root fits CRI's ids
+    assert short.sockets_dir == short.root and short.channel("agent").parent == short.root
+    short.check_fits()
+    root = tmp_path / ("r" * (MAX_STATE_ROOT - len(str(tmp_path)) - 1))
+    assert len(str(root)) == MAX_STATE_ROOT
+    sdir = SandboxDir.of(root, pod)
+    sdir.check_fits()
+    assert sdir.sockets_dir.parent == root / "c" and sdir.sockets_dir != sdir.root
+    paths = [sdir.ops_socket, sdir.ops_socket_tmp(4194304), sdir.qmp,
+             sdir.channel("agent"), sdir.channel("ops")]
+    assert all(p.parent == sdir.sockets_dir for p in paths)
+    assert max(len(str(p).encode()) for p in paths) <= SUN_PATH_MAX
+    assert SandboxDir.of(root, "c" * 64).sockets_dir not in (sdir.sockets_dir, sdir.root)
+    sdir.create()
+    assert sdir.sockets_dir.stat().st_mode & 0o777 == 0o700
+    import socket
+    with socket.socket(socket.AF_UNIX) as s:  # a socket really binds there
+        s.bind(str(sdir.channel("agent")))
+    sdir.remove()
+    assert not sdir.root.exists() and not sdir.sockets_dir.exists()
 
 
 def test_delete_cleans_up_under_the_pods_own_config(tmp_path: Path) -> None:

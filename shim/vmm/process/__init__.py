@@ -27,6 +27,7 @@ from typing import Any
 
 from keel import procfs
 from keel.errors import Internal, NotFound, Unavailable
+from shim.dirs import SandboxDir
 from shim.vmm._mountcmd import mount_argv
 from shim.vmm._sizing import Workload
 from shim.vmm.api import (
@@ -75,7 +76,7 @@ class ProcessSandbox:
             await asyncio.to_thread(_cgroups.kill_all, list(self._cgroups.values()))
 
     def _socket_path(self, channel: str) -> Path:
-        return self._spec.root / f"{channel}.chan"
+        return SandboxDir(self._spec.root).channel(channel)
 
     def dialer(self, channel: str) -> Dialer:
         path = str(self._socket_path(channel))
@@ -220,13 +221,14 @@ class ProcessBackend:
 
     async def launch(self, spec: LaunchSpec) -> ProcessSandbox:
         root = spec.root
+        files = SandboxDir(root)
         for chan in ("agent", "ops"):
-            (root / f"{chan}.chan").unlink(missing_ok=True)
+            files.channel(chan).unlink(missing_ok=True)
         argv = [
             *spec.agent_command,
-            "--state-dir", str(root / "agent"),
-            "--listen", f"agent=unix:{root / 'agent.chan'}",
-            "--listen", f"ops=unix:{root / 'ops.chan'}",
+            "--state-dir", str(files.agent_state),
+            "--listen", f"agent=unix:{files.channel('agent')}",
+            "--listen", f"ops=unix:{files.channel('ops')}",
             *spec.agent_args,
         ]
         env = {**os.environ, **spec.env}
