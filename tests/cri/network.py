@@ -103,7 +103,10 @@ def write_conflist(conf_dir: Path, ipam_dir: Path, network: str) -> Path:
              "hairpinMode": True,
              "ipam": {"type": "host-local", "dataDir": str(ipam_dir),
                       "ranges": [[{"subnet": str(POD_SUBNET), "gateway": str(GATEWAY)}]],
-                      "routes": [{"dst": "0.0.0.0/0"}]}},
+                      # Both route styles of CNI configs in the wild: a default
+                      # route, and a route to the pod subnet itself (which the
+                      # kernel's connected route already covers: issue 19).
+                      "routes": [{"dst": "0.0.0.0/0"}, {"dst": str(POD_SUBNET)}]}},
             {"type": "loopback"},
         ],
     }

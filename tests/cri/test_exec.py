@@ -12,6 +12,7 @@ from grpclib.const import Status
 from tests.containerd import wait_for
 from tests.cri.client import error_of, pb
 from tests.cri.kubelet import IDLE, Kubelet, handlers
+from tests.cri.network import GATEWAY, POD_SUBNET
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root, pytest.mark.slow]
 
@@ -34,6 +35,10 @@ def test_exec_sync_exit_code_and_output(kubelet: Kubelet, handler: str) -> None:
     hostname, addr = r.stdout.decode().splitlines()
     assert hostname == pod.config.hostname
     assert f" {kubelet.pod_status(pod.id).status.network.ip}/" in addr, addr
+    # The routes CNI configured (a default route and one to the pod subnet,
+    # which the connected route already covers) are the pod's.
+    routes = kubelet.exec_sync(cid, "ip", "-4", "route").stdout.decode()
+    assert f"default via {GATEWAY}" in routes and str(POD_SUBNET) in routes, routes
     # Output bigger than any pipe buffer comes through whole.
     r = kubelet.exec_sync(cid, "sh", "-c", "head -c 300000 /dev/zero | tr '\\0' y")
     assert (r.exit_code, len(r.stdout), set(r.stdout)) == (0, 300000, {ord("y")})
