@@ -7,7 +7,7 @@ connection dropped (agent upgrade, shim handoff) is retried with bounded
 backoff; every new connection starts with Hello, which negotiates the API
 version.  gRPC errors come back as our error classes.
 
-Every call has a deadline (:data:`CALL_DEADLINE_S` unless the caller names
+Every call has a deadline (the config's ``agent_call_timeout_s``, 90 s, unless the caller names
 one; only the long waits, WaitProcess and a stdin write held back by a full
 pipe, have none).  A call unanswered for one *attempt* (the connection's
 timeout) drops the connection and is sent again on a new one: a
@@ -94,12 +94,14 @@ class DialChannel(Channel):
 class AgentConnection:
     """Calls on the agent API with reconnect, Hello and error mapping."""
 
-    def __init__(self, dialer: Dialer, *, client_version: str, session: str, timeout: float) -> None:
+    def __init__(self, dialer: Dialer, *, client_version: str, session: str, timeout: float,
+                 deadline: float = CALL_DEADLINE_S) -> None:
         self._channel = DialChannel(dialer)
         self.stub = pb.AgentServiceStub(self._channel)
         self._client_version = client_version
         self._session = session
         self._timeout = timeout
+        self._deadline = deadline
         self._hello_generation = -1
         self._hello_lock = asyncio.Lock()
         self.hello: pb.HelloResponse | None = None
@@ -133,7 +135,8 @@ class AgentConnection:
                    retry_for: float | None = None, resend: bool = True) -> T:
         """``await fn(request)`` on the stub, reconnecting for up to *retry_for* s.
 
-        *timeout* bounds the whole call (default :data:`CALL_DEADLINE_S`;
+        *timeout* bounds the whole call (default: the connection's deadline,
+        the config's ``agent_call_timeout_s``;
         None: no deadline).  An attempt unanswered for *attempt_s* (default:
         the connection's timeout; None: no bound) drops the connection and,
         with *resend*, sends the call again until *timeout*.  Raises our
@@ -141,7 +144,7 @@ class AgentConnection:
         unreachable, DeadlineExceeded when it does not answer in time.
         """
         loop = asyncio.get_running_loop()
-        total = CALL_DEADLINE_S if timeout is DEFAULT else timeout
+        total = self._deadline if timeout is DEFAULT else timeout
         attempt_cap = self._timeout if attempt_s is DEFAULT else attempt_s
         end = None if total is None else loop.time() + total
         sent = 0

@@ -49,6 +49,11 @@ class ShimConfig:
     #: Seconds to wait for the agent to answer after the sandbox starts;
     #: 0 means the backend's default (``AGENT_TIMEOUT_S``).
     agent_timeout_s: float = 0.0
+    #: Seconds an agent call may take in all, resends included (WaitProcess
+    #: and a stdin write held by a full pipe have none); also how long an
+    #: unanswered attempt waits before the call is resent, at most
+    #: ``agent_timeout_s``.
+    agent_call_timeout_s: float = 90.0
     #: Log level of the shim daemon.
     log_level: str = "info"
     #: Seconds the launcher (shim/_launcher.py: forks shim daemons and
@@ -65,6 +70,8 @@ class ShimConfig:
             raise InvalidArgument("config: launcher_idle_s must be 0 (off) or positive")
         if self.agent_timeout_s < 0:
             raise InvalidArgument("config: agent_timeout_s must be positive")
+        if self.agent_call_timeout_s <= 0:
+            raise InvalidArgument("config: agent_call_timeout_s must be positive")
         if not self.agent_timeout_s:
             object.__setattr__(self, "agent_timeout_s", AGENT_TIMEOUT_S[self.backend])
 

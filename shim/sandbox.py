@@ -96,7 +96,8 @@ class Sandbox:
         self.vm = vm
         self.agent = AgentConnection(vm.dialer("agent"), client_version=version(),
                                      session=f"shim-{os.getpid()}",
-                                     timeout=self.config.agent_timeout_s)
+                                     timeout=self.config.agent_timeout_s,
+                                     deadline=self.config.agent_call_timeout_s)
         return self.agent
 
     async def _ensure_started(self, spec: dict[str, Any] | None = None) -> AgentConnection:

@@ -51,6 +51,11 @@ def test_agent_timeout_default_follows_the_backend(tmp_path: Path) -> None:
     assert config.load(f).agent_timeout_s == 90
     with pytest.raises(InvalidArgument, match="agent_timeout_s"):
         config.ShimConfig(agent_timeout_s=-1)
+    assert config.load(f).agent_call_timeout_s == 90.0  # the default deadline of an agent call
+    f.write_text('[shim]\nagent_call_timeout_s = 20\n')
+    assert config.load(f).agent_call_timeout_s == 20
+    with pytest.raises(InvalidArgument, match="agent_call_timeout_s must be positive"):
+        config.ShimConfig(agent_call_timeout_s=0)
 
 
 @pytest.mark.parametrize(("text", "match"), [

@@ -236,6 +236,9 @@ class QemuBackend:
                      pass_fds: tuple[int, ...] = ()) -> int:
         """Run qemu -daemonize; its parent exits once the VM is set up.  Returns the VM's pid."""
         log_fd = os.open(files.vmm_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # The console (qemu appends to it) is the guest's words: root's eyes only.
+        os.close(os.open(files.agent_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         0o600))
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
