@@ -7,9 +7,9 @@ connection dropped (agent upgrade, shim handoff) is retried with bounded
 backoff; every new connection starts with Hello, which negotiates the API
 version.  gRPC errors come back as our error classes.
 
-Every call has a deadline (the config's ``agent_call_timeout_s``, 90 s, unless the caller names
-one; only the long waits, WaitProcess and a stdin write held back by a full
-pipe, have none).  A call unanswered for one *attempt* (the connection's
+Every call has a deadline (the config's ``agent_call_timeout_s``, 90 s,
+unless the caller names one; only the long waits, WaitProcess and a stdin
+write held back by a full pipe, have none).  A call unanswered for one *attempt* (the connection's
 timeout) drops the connection and is sent again on a new one: a
 virtio-serial stream can stall without ever closing (agent/_serial.py), and
 a resent call joins the agent's first one (agent/PROTOCOL.md).  Calls that
