@@ -34,6 +34,9 @@ K8S_NAMESPACE = "keel-cri"
 #: A workload that runs until it is stopped: SIGTERM ends it with 0.
 #: (`sleep & wait` so that the trap runs at once, not after the sleep.)
 IDLE = ("sh", "-c", 'trap "exit 0" TERM; while :; do sleep 1 & wait $!; done')
+#: Serves one connection on 8080 (answers "pong", keeps what it got), then idles.
+SERVER = ("sh", "-c", "echo pong | nc -l -p 8080 > /tmp/got; "
+          'trap "exit 0" TERM; while :; do sleep 1 & wait $!; done')
 #: How long a pod and its containers may take to go away.
 LEFTOVER_GRACE_S = 15.0
 

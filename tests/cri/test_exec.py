@@ -11,15 +11,12 @@ from grpclib.const import Status
 
 from tests.containerd import wait_for
 from tests.cri.client import error_of, pb
-from tests.cri.kubelet import IDLE, Kubelet, handlers
+from tests.cri.kubelet import IDLE, SERVER, Kubelet, handlers
 from tests.cri.network import GATEWAY, POD_SUBNET
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root, pytest.mark.slow]
 
 RUNNING = pb.ContainerState.CONTAINER_RUNNING
-#: Serves one connection on 8080 (answers "pong", keeps what it got), then idles.
-SERVER = ("sh", "-c", "echo pong | nc -l -p 8080 > /tmp/got; "
-          'trap "exit 0" TERM; while :; do sleep 1 & wait $!; done')
 
 
 @pytest.mark.parametrize("handler", handlers())

@@ -12,7 +12,6 @@ degrades silently to a private namespace.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 from grpclib.const import Status
@@ -59,43 +58,26 @@ def _refused(kubelet: Kubelet, config: pb.PodSandboxConfig, field: str) -> None:
     assert field in message and "VM" in message, message
 
 
+#: The CRI field -> the name of the namespace under /proc/<pid>/ns.
+PROC_NS = {"network": "net", "ipc": "ipc", "pid": "pid"}
+
+
+@pytest.mark.parametrize("kind", list(PROC_NS))
 @pytest.mark.parametrize("handler", handlers())
-def test_host_network_pod(kubelet: Kubelet, handler: str) -> None:
-    """hostNetwork: the node's network namespace and, with it, its hostname."""
-    config, ns = _host_pod(kubelet, handler, network=NODE)
+def test_host_namespace_pod(kubelet: Kubelet, handler: str, kind: str) -> None:
+    """hostNetwork (with the node's hostname), hostIPC, hostPID (the
+    container sees containerd's pid): the node's namespace, or a refusal."""
+    config, ns = _host_pod(kubelet, handler, **{kind: NODE})
     if handler == "keel-vm":
-        _refused(kubelet, config, "network")
+        _refused(kubelet, config, kind)
         return
     cid = _run_in(kubelet, config, ns)
-    r = kubelet.exec_sync(cid, "readlink", "/proc/self/ns/net")
-    assert r.stdout.decode().strip() == _node_ns(kubelet, "net"), r
-    r = kubelet.exec_sync(cid, "hostname")
-    assert r.stdout.decode().strip() == os.uname().nodename, r
-
-
-@pytest.mark.parametrize("handler", handlers())
-def test_host_ipc_pod(kubelet: Kubelet, handler: str) -> None:
-    """hostIPC: the node's IPC namespace (a SysV segment of the node is visible)."""
-    config, ns = _host_pod(kubelet, handler, ipc=NODE)
-    if handler == "keel-vm":
-        _refused(kubelet, config, "ipc")
-        return
-    cid = _run_in(kubelet, config, ns)
-    r = kubelet.exec_sync(cid, "readlink", "/proc/self/ns/ipc")
-    assert r.stdout.decode().strip() == _node_ns(kubelet, "ipc"), r
-
-
-@pytest.mark.parametrize("handler", handlers())
-def test_host_pid_pod(kubelet: Kubelet, handler: str) -> None:
-    """hostPID: the node's PID namespace; the container sees containerd's pid."""
-    config, ns = _host_pod(kubelet, handler, pid=NODE)
-    if handler == "keel-vm":
-        _refused(kubelet, config, "pid")
-        return
-    cid = _run_in(kubelet, config, ns)
-    r = kubelet.exec_sync(cid, "readlink", "/proc/self/ns/pid")
-    assert r.stdout.decode().strip() == _node_ns(kubelet, "pid"), r
-    pid = kubelet.node.containerd.pid
-    r = kubelet.exec_sync(cid, "cat", f"/proc/{pid}/comm")
-    assert r.stdout == b"containerd\n", r
-    assert Path(f"/proc/{pid}").exists()
+    r = kubelet.exec_sync(cid, "readlink", f"/proc/self/ns/{PROC_NS[kind]}")
+    assert r.stdout.decode().strip() == _node_ns(kubelet, PROC_NS[kind]), r
+    if kind == "network":
+        r = kubelet.exec_sync(cid, "hostname")
+        assert r.stdout.decode().strip() == os.uname().nodename, r
+    if kind == "pid":
+        pid = kubelet.node.containerd.pid
+        r = kubelet.exec_sync(cid, "cat", f"/proc/{pid}/comm")
+        assert r.stdout == b"containerd\n", r

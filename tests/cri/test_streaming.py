@@ -9,7 +9,7 @@ import pytest
 
 from tests.containerd import wait_for
 from tests.cri.client import pb
-from tests.cri.kubelet import Kubelet, handlers
+from tests.cri.kubelet import SERVER, Kubelet, handlers
 from tests.cri.streaming import (
     PortForward,
     StreamClient,
@@ -21,9 +21,6 @@ from tests.cri.streaming import (
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root, pytest.mark.slow]
 
 EXITED = pb.ContainerState.CONTAINER_EXITED
-#: Serves one connection on 8080 (answers "pong", keeps what it got), then idles.
-SERVER = ("sh", "-c", "echo pong | nc -l -p 8080 > /tmp/got; "
-          'trap "exit 0" TERM; while :; do sleep 1 & wait $!; done')
 
 
 @pytest.mark.parametrize("handler", handlers())

@@ -13,6 +13,7 @@
   long-lived container across tests).
 * `releases` (session): releases A, B and FAR of the working tree side by
   side (tests/integration/live_upgrade.py), for the live-upgrade tests.
+* `agent` (function): a real agent for one test, checked afterwards.
 * `runc`, `rootfs` (module): for the tests that drive the agent without
   containerd (test_agent.py, agent_upgrade/): runc's path (skipped loudly
   without root or runc, failed in CI) and a busybox root filesystem.
@@ -35,6 +36,7 @@ from tests.containerd import Containerd, force_cleanup, install_shim_wrapper, re
 from tests.images.busybox import BUSYBOX_REF, build_image, import_image
 
 if TYPE_CHECKING:
+    from tests.agent_harness import AgentProcess
     from upgrade.releases import ReleaseStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,6 +137,24 @@ def runc() -> str:
     from tests.agent_harness import require_root_and_runc
 
     return require_root_and_runc()
+
+
+@pytest.fixture
+def agent(runc: str) -> Iterator[AgentProcess]:
+    """A real agent for one test (tests/agent_harness.py).  Afterwards it must
+    still run and have logged no traceback; SIGTERM must stop it cleanly,
+    and no runc container of it may be left."""
+    from tests.agent_harness import AgentProcess
+
+    proc = AgentProcess(runc)
+    try:
+        yield proc
+        assert proc.proc.poll() is None, f"agent died:\n{proc.log()}"
+        assert "Traceback" not in proc.log(), proc.log()
+    finally:
+        leftovers = proc.cleanup()
+    assert proc.proc.returncode == 0, "agent did not stop cleanly on SIGTERM"
+    assert leftovers == [], f"runc containers left behind: {leftovers}"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +45,6 @@ def _run(agent: AgentProcess, scenario: Scenario) -> None:
         async with connect(agent) as client:
             await scenario(client)
     asyncio.run(main())
-
-
-@pytest.fixture
-def agent(runc: str) -> Iterator[AgentProcess]:
-    proc = AgentProcess(runc)
-    try:
-        yield proc
-        assert proc.proc.poll() is None, f"agent died:\n{proc.log()}"
-        assert "Traceback" not in proc.log(), proc.log()
-    finally:
-        leftovers = proc.cleanup()
-    assert proc.proc.returncode == 0, "agent did not stop cleanly on SIGTERM"
-    assert leftovers == [], f"runc containers left behind: {leftovers}"
 
 
 async def _create(c: Client, cid: str, rootfs: str, args: list[str], **kw: Any) -> int:

@@ -18,7 +18,6 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -73,17 +72,6 @@ class StallingRelay:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-@pytest.fixture
-def agent(runc: str) -> Iterator[AgentProcess]:
-    proc = AgentProcess(runc)
-    try:
-        yield proc
-        assert proc.proc.poll() is None, f"agent died:\n{proc.log()}"
-    finally:
-        leftovers = proc.cleanup()
-    assert leftovers == [], f"runc containers left behind: {leftovers}"
 
 
 def _create_req(cid: str, rootfs: str) -> pb.CreateContainerRequest:

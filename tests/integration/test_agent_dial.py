@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from grpclib.const import Status
@@ -20,16 +20,6 @@ from agent.api import pb
 from tests.agent_harness import AgentProcess, connect
 
 pytestmark = pytest.mark.requires_root
-
-
-@pytest.fixture
-def agent(runc: str) -> Iterator[AgentProcess]:
-    proc = AgentProcess(runc)
-    try:
-        yield proc
-        assert proc.proc.poll() is None, f"agent died:\n{proc.log()}"
-    finally:
-        proc.cleanup()
 
 
 async def _frames(port: int, *chunks: bytes) -> AsyncIterator[pb.DialFrame]:
