@@ -47,20 +47,16 @@ async def dial(frames: AsyncIterator[pb.DialFrame], max_frame: int) -> AsyncIter
 
     async def upstream() -> None:
         try:
-            pending = [first]
-            while True:
-                for frame in pending:
-                    if frame.port not in (0, port):
-                        raise InvalidArgument("only the first frame may name a port")
-                    if not isinstance(frame.data, bytes) or len(frame.data) > max_frame:
-                        raise InvalidArgument(f"a frame carries at most {max_frame} bytes")
-                    if frame.data:
-                        writer.write(frame.data)
-                        await writer.drain()
-                nxt = await anext(frames, None)
-                if nxt is None:
-                    break
-                pending = [nxt]
+            frame: pb.DialFrame | None = first
+            while frame is not None:
+                if frame.port not in (0, port):
+                    raise InvalidArgument("only the first frame may name a port")
+                if not isinstance(frame.data, bytes) or len(frame.data) > max_frame:
+                    raise InvalidArgument(f"a frame carries at most {max_frame} bytes")
+                if frame.data:
+                    writer.write(frame.data)
+                    await writer.drain()
+                frame = await anext(frames, None)
             if writer.can_write_eof():
                 writer.write_eof()  # the caller is done sending: half close
         except (OSError, InvalidArgument) as exc:

@@ -9,10 +9,11 @@ version.  gRPC errors come back as our error classes.
 
 Every call has a deadline (the config's ``agent_call_timeout_s``, 90 s,
 unless the caller names one; only the long waits, WaitProcess and a stdin
-write held back by a full pipe, have none).  A call unanswered for one *attempt* (the connection's
-timeout) drops the connection and is sent again on a new one: a
-virtio-serial stream can stall without ever closing (agent/_serial.py), and
-a resent call joins the agent's first one (agent/PROTOCOL.md).  Calls that
+write held back by a full pipe, have none).  A call unanswered for one
+*attempt* (the connection's timeout) drops the connection and is sent again
+on a new one: a virtio-serial stream can stall without ever closing
+(agent/_serial.py), and a resent call joins the agent's first one
+(agent/PROTOCOL.md).  Calls that
 must not be sent twice (a signal, pause, an upgrade) say ``resend=False``.
 """
 
@@ -180,8 +181,7 @@ class AgentConnection:
         except TimeoutError:
             raise _Unanswered from None
         except GRPCError as exc:
-            raise from_code(exc.status.value, guest_text(exc.message or exc.status.name,
-                                                         MAX_ERROR_CHARS)) from exc
+            raise _guest_error(exc) from exc
         except _TRANSIENT as exc:
             raise Unavailable(f"agent unreachable: {exc!r}") from exc
         raise AssertionError("unreachable")
@@ -213,8 +213,7 @@ class AgentConnection:
                     left = max(end - loop.time(), 0.01)
                     await self._ensure_hello(left if attempt_s is None else min(left, attempt_s))
         except GRPCError as exc:
-            raise from_code(exc.status.value, guest_text(exc.message or exc.status.name,
-                                                         MAX_ERROR_CHARS)) from exc
+            raise _guest_error(exc) from exc
         except _TRANSIENT as exc:
             if not alive():
                 raise Unavailable("sandbox exited before its agent answered") from exc
@@ -224,6 +223,11 @@ class AgentConnection:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _guest_error(exc: GRPCError) -> Exception:
+    """Our error class for the agent's gRPC error, its message capped and escaped."""
+    return from_code(exc.status.value, guest_text(exc.message or exc.status.name, MAX_ERROR_CHARS))
 
 
 def _method(fn: Callable[..., Any]) -> str:

@@ -66,7 +66,7 @@ class _Pump:
         self._busy = False  # delivering: must not be cancelled
         self._stopping = False
 
-    async def _persist(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _until_answered(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()``, again with backoff while the agent is unreachable."""
         wait = RETRY_FIRST_S
         failing = False
@@ -113,7 +113,7 @@ class OutputPump(_Pump):
             req = pb.ReadOutputRequest(container_id=self._cid, exec_id=self._eid,
                                        stream=self._stream, offset=self.offset,
                                        max_bytes=CHUNK, wait_ms=POLL_MS)
-            resp = await self._persist(what, functools.partial(
+            resp = await self._until_answered(what, functools.partial(
                 self._conn.call, stub.read_output, req, timeout=None, attempt_s=READ_ATTEMPT_S,
                 retry_for=30))
             if resp.offset != req.offset or len(resp.data) > req.max_bytes:
@@ -163,8 +163,9 @@ class InputPump(_Pump):
             req = pb.WriteStdinRequest(container_id=self._cid, exec_id=self._eid,
                                        offset=self.offset, data=data)
             # No deadline: the agent holds a write while the process's stdin is full.
-            resp = await self._persist(f"stdin of {self._cid}/{self._eid}", lambda: self._conn.call(
-                self._conn.stub.write_stdin, req, timeout=None, attempt_s=None, retry_for=30))
+            resp = await self._until_answered(f"stdin of {self._cid}/{self._eid}", functools.partial(
+                self._conn.call, self._conn.stub.write_stdin, req, timeout=None, attempt_s=None,
+                retry_for=30))
             if not req.offset <= resp.offset <= req.offset + len(data):
                 raise ProtocolViolation(
                     f"stdin of {self._cid}/{self._eid}: the agent accepted up to offset "
