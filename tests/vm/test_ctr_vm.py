@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from betterproto.lib.google.protobuf import Empty
 
 from shim import version as shim_version
 from shim._pb.containerd.task.v2 import UpdateTaskRequest
+from shim.dirs import SandboxDir
 from shim.ttrpc import TtrpcClient
 from shim.vmm.qemu import image
 from tests.containerd import Containerd, wait_for
@@ -202,6 +204,52 @@ def test_vm_size_follows_the_cgroup_limits(vm_containerd: Containerd) -> None:
     assert 640 < mem_mib <= 768, res.stdout
     assert re.search(r"qemu pid \d+, microvm/\w+, 2 vCPU, 768 MiB", _shim_log(ctd, cid))
     _no_leftovers(ctd, "ctr run --cpus --memory-limit")
+
+
+def _qmp_stop(qmp: Path) -> None:
+    """Pause the VM's vCPUs over its QMP socket: a guest that answers nothing."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(qmp))
+        replies = sock.makefile("rb")
+        assert b"QMP" in replies.readline()  # the greeting
+        for command in ("qmp_capabilities", "stop"):
+            sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+            reply = json.loads(replies.readline())
+            while "event" in reply:  # asynchronous events (STOP) come between replies
+                reply = json.loads(replies.readline())
+            assert "return" in reply, reply
+
+
+def test_frozen_guest_is_killed_without_its_agent(vm_containerd: Containerd) -> None:
+    """A guest that answers nothing (its vCPUs paused): SIGKILL still ends the
+    task.  The shim's SignalProcess misses its deadline, the shim stops the VM
+    through qemu, and the container is reported killed (137)."""
+    ctd, cid = vm_containerd, _cid("frozen")
+    res = ctd.ctr("run", "-d", "--runtime", KEEL_RUNTIME, BUSYBOX, cid, "sleep", "1000",
+                  timeout=CTR_TIMEOUT_S)
+    assert res.returncode == 0, (res, _why(ctd, cid))
+    sandbox = _sandbox_dir(ctd, cid)
+    try:
+        wait_for(lambda: (_task(ctd, cid) or (0, ""))[1] == "RUNNING", 60, f"{cid} to run")
+        _qmp_stop(SandboxDir(sandbox).qmp)
+        res = ctd.ctr("tasks", "kill", "-s", "SIGKILL", cid, timeout=60)
+        assert res.returncode == 0, res
+        try:
+            wait_for(lambda: (_task(ctd, cid) or (0, "STOPPED"))[1] == "STOPPED", 60,
+                     f"{cid} to stop")
+        except TimeoutError as exc:
+            raise AssertionError(_why(ctd, cid)) from exc
+        log = _shim_log(ctd, cid)
+        assert "the agent did not take SIGKILL" in log, log
+        assert "reporting its processes as exited (137)" in log, log
+        res = ctd.ctr("tasks", "rm", cid, timeout=CTR_TIMEOUT_S)
+        assert res.returncode == 0 and "exit with non-zero exit code 137" in res.stderr, res
+    finally:
+        ctd.ctr("tasks", "rm", "-f", cid, timeout=CTR_TIMEOUT_S)
+        ctd.ctr("containers", "rm", cid)
+    wait_for(lambda: not vms_of(sandbox), 20, "the sandbox's qemu to exit")
+    _no_leftovers(ctd, "run -d / frozen guest / kill / rm")
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from shim.vmm.api import (
     check_propagation,
 )
 from shim.vmm.process import _cgroups
+from upgrade.aio import ExitWatch
 
 _log = logging.getLogger("keel.shim.process")
 
@@ -56,8 +57,7 @@ class ProcessSandbox:
         self._host_pid = host_pid
         #: container id -> cgroup (hierarchy-relative), for a hostPID sandbox.
         self._cgroups = dict(cgroups or {})
-        # One reader on the pidfd for all waiters (asyncio keeps one per fd).
-        self._exited: asyncio.Event | None = None
+        self._exit = ExitWatch(pidfd)
 
     @property
     def pid(self) -> int:
@@ -105,20 +105,11 @@ class ProcessSandbox:
         """Return once the agent has exited and (hostPID) the pod's processes
         are gone too, as they would be with the PID 1 of a namespace."""
         if self.alive():
-            if self._exited is None:
-                self._exited = asyncio.Event()
-                loop = asyncio.get_running_loop()
-                loop.add_reader(self._pidfd, self._on_exit, loop)
-            await self._exited.wait()
+            await self._exit.wait()
         try:
             await self.kill_containers()
         except Internal as exc:
             _log.error("sandbox %s: %s", self._spec.sandbox_id, exc)
-
-    def _on_exit(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.remove_reader(self._pidfd)
-        assert self._exited is not None
-        self._exited.set()
 
     async def _nsenter(self, *argv: str) -> subprocess.CompletedProcess[bytes]:
         cmd = ["nsenter", "-t", str(self._pid), "-m", "--", *argv]
@@ -184,12 +175,7 @@ class ProcessSandbox:
 
     def close(self) -> None:
         if self._pidfd >= 0:
-            if self._exited is not None and not self._exited.is_set():
-                try:
-                    asyncio.get_running_loop().remove_reader(self._pidfd)
-                except RuntimeError:
-                    pass  # no loop any more: nothing is registered
-                self._exited.set()
+            self._exit.close()
             os.close(self._pidfd)
             self._pidfd = -1
 

@@ -35,7 +35,7 @@ from shim.vmm.api import (
 from shim.vmm.qemu import _mounts, _net, _volumes
 from shim.vmm.qemu import qmp as _qmp
 from shim.vmm.qemu._initramfs import GUEST_SHARED, PORTS
-from upgrade.aio import wait_readable
+from upgrade.aio import ExitWatch
 
 log = logging.getLogger("keel.shim.qemu")
 
@@ -52,6 +52,7 @@ class QemuSandbox:
         self.files = files
         self._pid = pid
         self._pidfd = pidfd
+        self._exit = ExitWatch(pidfd)
         self.info = dict(info)
         self._dialers = {name: ExclusiveDialer(unix_dialer(str(files.channel(name))))
                          for name in PORTS}
@@ -89,7 +90,7 @@ class QemuSandbox:
 
     async def wait_exit(self) -> None:
         if self.alive():
-            await wait_readable(self._pidfd)
+            await self._exit.wait()  # shared: the sandbox watch and stop() both wait
 
     # -- QMP ----------------------------------------------------------------------------
 
@@ -259,5 +260,6 @@ class QemuSandbox:
 
     def close(self) -> None:
         if self._pidfd >= 0:
+            self._exit.close()
             os.close(self._pidfd)
             self._pidfd = -1
