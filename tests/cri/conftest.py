@@ -61,5 +61,7 @@ def kubelet(cri_node: cri.CriNode, handler: str, request: pytest.FixtureRequest
         request.getfixturevalue("vm_config")
     k = Kubelet(cri_node, handler, request.node.originalname)
     yield k
+    if handler == "keel-vm":
+        print(k.vm_logs())  # pytest shows it only if the test failed
     problems = k.cleanup()
     assert not problems, f"{request.node.name} left behind:\n" + "\n".join(problems)

@@ -200,6 +200,19 @@ class Kubelet:
 
     # --- teardown -------------------------------------------------------------
 
+    def vm_logs(self, limit: int = 3000) -> str:
+        """The guest console and qemu's log of this test's VM pods (what a
+        failed keel-vm case needs to be understood)."""
+        parts = []
+        for pod_id in self._pods:
+            sandbox = self.node.keel_state / "sandboxes" / pod_id
+            for name in ("agent.log", "vmm.log"):
+                path = sandbox / name
+                if path.exists():
+                    text = path.read_text(errors="replace")[-limit:]
+                    parts.append(f"--- pod {pod_id[:12]} {name} ---\n{text}")
+        return "\n".join(parts)
+
     def cleanup(self) -> list[str]:
         """Stop and remove this test's pods; return what went wrong or is left."""
         problems = []

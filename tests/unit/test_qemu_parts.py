@@ -79,6 +79,15 @@ def test_qemu_argv_per_machine() -> None:
                          Path("/run/s1")))
     assert "-device virtio-balloon-pci,free-page-reporting=on" in q35
     assert "-M q35" in q35 and "virtio-9p-pci" in q35 and "-smp 1,maxcpus=4" in q35
+    # vCPUs may be hot-added: single-threaded TCG (qemu 7.2 aborts adding a
+    # vCPU thread when multi-threaded TCG has no free translation-cache region).
+    assert "-accel tcg,tb-size=32,thread=single " in q35
+    assert "thread=single" not in micro
+    assert "thread=single" not in " ".join(_argv(config.QemuConfig(machine="q35", max_vcpus=1),
+                                                 Path("/run/s1")))
+    assert Accel("kvm", "").qemu_args(32, vcpu_hotplug=True) == ["-accel", "kvm", "-cpu", "host"]
+    # Once daemonized, qemu's stderr goes to its -D file, not /dev/null.
+    assert "-D /run/s1/vmm.log" in micro
     assert "size=512M,slots=8,maxmem=4096M" in q35
     with pytest.raises(InvalidArgument, match="','"):
         _argv(config.QemuConfig(), Path("/run/a,b"))
@@ -187,6 +196,25 @@ def test_qmp_client_commands_and_errors() -> None:
     assert {"execute": "object-add", "arguments": {"qom-type": "memory-backend-ram",
                                                    "id": "keel-mem1", "size": 256 << 20}} in seen
     assert {"execute": "object-del", "arguments": {"id": "keel-mem1"}} in seen
+
+
+def test_qmp_connection_reset_is_unavailable() -> None:
+    """qemu aborting mid-command resets the connection: Unavailable, as for a
+    closed one (the sandbox's stop() then still cleans up)."""
+    class Reset:
+        async def readline(self) -> bytes:
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    class Sink:
+        def write(self, data: bytes) -> None:
+            pass
+
+        async def drain(self) -> None:
+            pass
+
+    client = qmp.QmpClient(Reset(), Sink())  # type: ignore[arg-type]
+    with pytest.raises(Unavailable, match="connection lost"):
+        asyncio.run(client.execute("device_add", {"driver": "max-x86_64-cpu"}))
 
 
 def test_qmp_full_slots_and_absent_qemu() -> None:

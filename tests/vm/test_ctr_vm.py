@@ -62,10 +62,14 @@ def _shim_log(ctd: Containerd, cid: str) -> str:
 
 
 def _why(ctd: Containerd, cid: str) -> str:
-    """What a failed run shows: the shim's log and the guest console (the agent's log)."""
-    console = ctd.paths.tmp_root / "keel" / "sandboxes" / cid / "agent.log"
-    guest = console.read_text(errors="replace")[-3000:] if console.exists() else "(no console log)"
-    return f"{_shim_log(ctd, cid)[-3000:]}\n--- guest console ---\n{guest}"
+    """What a failed run shows: the shim's log, the guest console (the agent's log) and qemu's."""
+    sandbox = _sandbox_dir(ctd, cid)
+    shown = [_shim_log(ctd, cid)[-3000:]]
+    for name, what in (("agent.log", "guest console"), ("vmm.log", "qemu's log")):
+        path = sandbox / name
+        text = path.read_text(errors="replace")[-3000:] if path.exists() else "(none)"
+        shown.append(f"--- {what} ---\n{text}")
+    return "\n".join(shown)
 
 
 def _rss_mib(pid: int) -> int:
@@ -312,6 +316,9 @@ def test_update_hotplugs_vcpus_and_memory(vm_containerd: Containerd, q35_config:
         print(f"[vm] Update: vCPUs 0 -> {online}, MemTotal +{grown >> 10} MiB")
         assert 200 << 10 <= grown <= 256 << 10, (before.stdout, after)
         assert "grown to 2 vCPU / 768 MiB" in _shim_log(ctd, cid), _why(ctd, cid)
+    except BaseException:
+        print(_why(ctd, cid))  # the guest console: what the guest did after the hotplug
+        raise
     finally:
         ctd.ctr("tasks", "kill", "-s", "SIGKILL", cid)
         wait_for(lambda: (_task(ctd, cid) or (0, "STOPPED"))[1] == "STOPPED", 60, f"{cid} to stop")

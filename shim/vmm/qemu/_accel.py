@@ -40,13 +40,20 @@ class Accel:
     name: str  # "kvm" or "tcg"
     reason: str
 
-    def qemu_args(self, tcg_tb_mib: int = 0) -> list[str]:
-        """*tcg_tb_mib*: TCG's translation cache in MiB (0: qemu's default, up to 1 GiB)."""
+    def qemu_args(self, tcg_tb_mib: int = 0, *, vcpu_hotplug: bool = False) -> list[str]:
+        """*tcg_tb_mib*: TCG's translation cache in MiB (0: qemu's default, up to 1 GiB).
+
+        *vcpu_hotplug*: vCPUs may be hot-added.  TCG then runs single-threaded:
+        multi-threaded TCG gives each vCPU thread its own region of the
+        translation cache, and qemu 7.2 aborts (``tcg_region_initial_alloc__locked:
+        assertion failed``) when a hot-added vCPU finds every region in use.
+        """
         if self.name == "kvm":
             return ["-accel", "kvm", "-cpu", "host"]
         # -cpu max: python starts 3x faster than with qemu64 (research/qemu.md 7.3).
         tb = f",tb-size={tcg_tb_mib}" if tcg_tb_mib else ""
-        return ["-accel", f"tcg{tb}", "-cpu", "max"]
+        thread = ",thread=single" if vcpu_hotplug else ""
+        return ["-accel", f"tcg{tb}{thread}", "-cpu", "max"]
 
 
 def tsc_khz() -> int | None:

@@ -86,10 +86,12 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxDir, *, name: str, kern
     template's file (``_template``).  *incoming*: wait for QMP
     ``migrate-incoming`` instead of booting (a clone).
     """
+    vcpu_hotplug = False
     if config.hotplug:
         bus = "pci"
         machine = ["-M", config.machine + _memory_backend(memory)]
         smp = f"{vcpus},maxcpus={max(vcpus, config.max_vcpus)}"
+        vcpu_hotplug = config.max_vcpus > vcpus
         mem = f"size={memory_mib}M,slots={config.memory_slots},maxmem={max(memory_mib, config.max_memory_mib)}M"
     else:
         bus = "device"
@@ -97,9 +99,13 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxDir, *, name: str, kern
                    "-global", "virtio-mmio.force-legacy=false"]
         smp, mem = str(vcpus), f"{memory_mib}M"
     args = [
-        config.qemu, *machine, *accel.qemu_args(config.tcg_tb_mib), "-smp", smp, "-m", mem,
+        config.qemu, *machine, *accel.qemu_args(config.tcg_tb_mib, vcpu_hotplug=vcpu_hotplug),
+        "-smp", smp, "-m", mem,
         "-name", f"keel-{name}", "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot", "-daemonize", "-pidfile", str(files.pidfile),
+        # -D: once daemonized, qemu's stderr (an assertion, an abort) goes to
+        # vmm.log rather than /dev/null.
+        "-D", str(files.vmm_log),
         "-chardev", f"file,id=console,path={files.agent_log},append=on", "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={files.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",

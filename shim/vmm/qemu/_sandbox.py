@@ -225,17 +225,20 @@ class QemuSandbox:
         """QMP ``quit``, SIGKILL after *timeout*; then unmount and remove the
         sandbox's sockets, pid file and share.  Keeps ``agent.log`` (console)
         and ``vmm.log``.  Idempotent; Internal if qemu does not die."""
-        if self.alive():
-            try:
-                async with asyncio.timeout(timeout):
-                    with contextlib.suppress(Unavailable, Internal):
-                        async with self.qmp() as client:
-                            await client.execute("quit", timeout=min(timeout, 2.0))
-                    await self.wait_exit()
-            except TimeoutError:
-                log.warning("VM pid %d ignored quit for %.1fs: SIGKILL", self._pid, timeout)
-            await self._kill()
-        await asyncio.to_thread(self.cleanup_files)
+        try:
+            if self.alive():
+                try:
+                    async with asyncio.timeout(timeout):
+                        with contextlib.suppress(Unavailable, Internal):
+                            async with self.qmp() as client:
+                                await client.execute("quit", timeout=min(timeout, 2.0))
+                        await self.wait_exit()
+                except TimeoutError:
+                    log.warning("VM pid %d ignored quit for %.1fs: SIGKILL", self._pid, timeout)
+                await self._kill()
+        finally:
+            if not self.alive():  # never unmount the share under a running VM
+                await asyncio.to_thread(self.cleanup_files)
         self._stopped = True
 
     async def _kill(self) -> None:

@@ -76,6 +76,8 @@ class QmpClient:
                 line = await self._reader.readline()
         except TimeoutError:
             raise Unavailable(f"qmp: no answer within {timeout}s") from None
+        except OSError as exc:  # qemu died mid-command (an abort resets the connection)
+            raise Unavailable(f"qmp: connection lost: {exc!r}") from exc
         except (ValueError, asyncio.LimitOverrunError) as exc:
             raise Internal(f"qmp: line longer than {LINE_LIMIT} bytes") from exc
         if not line:
