@@ -79,13 +79,18 @@ def test_qemu_argv_per_machine() -> None:
                          Path("/run/s1")))
     assert "-device virtio-balloon-pci,free-page-reporting=on" in q35
     assert "-M q35" in q35 and "virtio-9p-pci" in q35 and "-smp 1,maxcpus=4" in q35
-    # vCPUs may be hot-added: single-threaded TCG (qemu 7.2 aborts adding a
-    # vCPU thread when multi-threaded TCG has no free translation-cache region).
+    # More than one vCPU, now or by hotplug: single-threaded TCG (qemu 7.2
+    # aborts adding a vCPU thread when multi-threaded TCG has no free
+    # translation-cache region).
     assert "-accel tcg,tb-size=32,thread=single " in q35
     assert "thread=single" not in micro
     assert "thread=single" not in " ".join(_argv(config.QemuConfig(machine="q35", max_vcpus=1),
                                                  Path("/run/s1")))
-    assert Accel("kvm", "").qemu_args(32, vcpu_hotplug=True) == ["-accel", "kvm", "-cpu", "host"]
+    two = " ".join(_cmdline.argv(config.QemuConfig(), TCG, SandboxDir(Path("/run/s1")), name="s1",
+                                 kernel=Path("/k"), initrd=Path("/i"), rootfs=Path("/r"),
+                                 vcpus=2, memory_mib=768, cmdline="console=ttyS0"))
+    assert "-accel tcg,tb-size=32,thread=single " in two and "-smp 2 " in two
+    assert Accel("kvm", "").qemu_args(32, max_vcpus=4) == ["-accel", "kvm", "-cpu", "host"]
     # Once daemonized, qemu's stderr goes to its -D file, not /dev/null.
     assert "-D /run/s1/vmm.log" in micro
     assert "size=512M,slots=8,maxmem=4096M" in q35

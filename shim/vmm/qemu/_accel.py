@@ -40,19 +40,21 @@ class Accel:
     name: str  # "kvm" or "tcg"
     reason: str
 
-    def qemu_args(self, tcg_tb_mib: int = 0, *, vcpu_hotplug: bool = False) -> list[str]:
+    def qemu_args(self, tcg_tb_mib: int = 0, *, max_vcpus: int = 1) -> list[str]:
         """*tcg_tb_mib*: TCG's translation cache in MiB (0: qemu's default, up to 1 GiB).
 
-        *vcpu_hotplug*: vCPUs may be hot-added.  TCG then runs single-threaded:
-        multi-threaded TCG gives each vCPU thread its own region of the
-        translation cache, and qemu 7.2 aborts (``tcg_region_initial_alloc__locked:
-        assertion failed``) when a hot-added vCPU finds every region in use.
+        *max_vcpus*: the most vCPUs the guest can have (hotplug included).
+        Past one, TCG runs single-threaded.  Multi-threaded TCG gives each
+        vCPU thread its own region of the translation cache, and qemu 7.2
+        aborts (``tcg_region_initial_alloc__locked: assertion failed``) when
+        a hot-added vCPU finds every region in use; and the guests seen to
+        stall for minutes under TCG all had two vCPUs on multi-threaded TCG.
         """
         if self.name == "kvm":
             return ["-accel", "kvm", "-cpu", "host"]
         # -cpu max: python starts 3x faster than with qemu64 (research/qemu.md 7.3).
         tb = f",tb-size={tcg_tb_mib}" if tcg_tb_mib else ""
-        thread = ",thread=single" if vcpu_hotplug else ""
+        thread = ",thread=single" if max_vcpus > 1 else ""
         return ["-accel", f"tcg{tb}{thread}", "-cpu", "max"]
 
 

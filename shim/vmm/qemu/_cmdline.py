@@ -86,12 +86,12 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxDir, *, name: str, kern
     template's file (``_template``).  *incoming*: wait for QMP
     ``migrate-incoming`` instead of booting (a clone).
     """
-    vcpu_hotplug = False
+    max_vcpus = vcpus
     if config.hotplug:
         bus = "pci"
         machine = ["-M", config.machine + _memory_backend(memory)]
-        smp = f"{vcpus},maxcpus={max(vcpus, config.max_vcpus)}"
-        vcpu_hotplug = config.max_vcpus > vcpus
+        max_vcpus = max(vcpus, config.max_vcpus)
+        smp = f"{vcpus},maxcpus={max_vcpus}"
         mem = f"size={memory_mib}M,slots={config.memory_slots},maxmem={max(memory_mib, config.max_memory_mib)}M"
     else:
         bus = "device"
@@ -99,7 +99,7 @@ def argv(config: QemuConfig, accel: Accel, files: SandboxDir, *, name: str, kern
                    "-global", "virtio-mmio.force-legacy=false"]
         smp, mem = str(vcpus), f"{memory_mib}M"
     args = [
-        config.qemu, *machine, *accel.qemu_args(config.tcg_tb_mib, vcpu_hotplug=vcpu_hotplug),
+        config.qemu, *machine, *accel.qemu_args(config.tcg_tb_mib, max_vcpus=max_vcpus),
         "-smp", smp, "-m", mem,
         "-name", f"keel-{name}", "-nodefaults", "-no-user-config", "-display", "none",
         "-no-reboot", "-daemonize", "-pidfile", str(files.pidfile),
