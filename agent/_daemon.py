@@ -19,7 +19,6 @@ import logging
 import signal
 import socket
 import uuid
-from typing import Any
 
 from agent import _resume, state
 from agent._channels import Channels, open_listener
@@ -33,6 +32,7 @@ from agent._upgrade import Upgrader
 from agent.config import AgentConfig
 from agent.service import AgentService, OpsService
 from keel.errors import KeelError
+from keel.logs import loop_error_handler
 
 log = logging.getLogger("keel.agent")
 
@@ -40,12 +40,6 @@ log = logging.getLogger("keel.agent")
 def _prepare_dirs(config: AgentConfig) -> None:
     for sub in ("", "runc", "bundles"):
         (config.state_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-
-
-def _log_loop_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Errors in fd callbacks (pumps) end up here: log them, keep serving."""
-    exc = context.get("exception")
-    log.error("unhandled error in event loop: %s", context.get("message"), exc_info=exc)
 
 
 def _replace_previous_state(config: AgentConfig) -> None:
@@ -79,7 +73,7 @@ async def serve(config: AgentConfig) -> None:
     to the previous release).
     """
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_log_loop_errors)
+    loop.set_exception_handler(loop_error_handler(log))
     if not become_subreaper():
         log.warning("not a subreaper: container exits will be lost if they are not our children")
     _prepare_dirs(config)

@@ -26,6 +26,7 @@ from grpclib.server import Server
 
 from keel.errors import FailedPrecondition, KeelError
 from keel.grpc import limit_messages, require_uids
+from keel.logs import loop_error_handler
 from opsd._discovery import ShimClient
 from opsd._manager import Manager, status_line
 from opsd._notify import Notifier, setup_logging
@@ -114,6 +115,7 @@ async def serve(args: argparse.Namespace) -> None:
     await _listen(server, args.socket)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(loop_error_handler(log))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("listening on %s (state root %s, releases %s)", args.socket, args.state_root,

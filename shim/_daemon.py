@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from keel.logs import loop_error_handler
 from shim._flags import Flags
 from shim.config import ShimConfig
 
@@ -96,6 +97,7 @@ class Daemon:
         from shim.ttrpc import Method, TtrpcServer
 
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(loop_error_handler(log))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         self.events = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), self.flags.namespace)

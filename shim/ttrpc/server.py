@@ -32,6 +32,7 @@ from typing import Any
 import betterproto
 
 from keel.errors import AlreadyExists, Code, FailedPrecondition, KeelError, Unavailable, code_of
+from keel.logs import Throttle
 from shim.ttrpc._connection import (
     CallContext,
     FrozenConnection,
@@ -108,6 +109,7 @@ class TtrpcServer:
         self._served = asyncio.Event()
         self._listener: socket.socket | None = None
         self._accepting = False
+        self._accept_failures = Throttle()
         self._retry: asyncio.TimerHandle | None = None
         self._frozen = False
         self._closed = False
@@ -320,7 +322,9 @@ class TtrpcServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE, ENOBUFS...: back off instead of spinning
-                log.error("ttrpc accept failed, retrying in %.0fs: %s", ACCEPT_RETRY_S, exc)
+                if (quiet := self._accept_failures()) is not None:
+                    log.error("ttrpc accept failed, retrying each %.0fs: %s (%d failures since"
+                              " the last line)", ACCEPT_RETRY_S, exc, quiet)
                 self._accept_off()
                 self._retry = asyncio.get_running_loop().call_later(ACCEPT_RETRY_S, self._accept_on)
                 return

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -229,5 +232,42 @@ def test_ops_socket_checks_peer_credentials(w: CtrCounter) -> None:
         assert status(w).shim_version == A  # root still gets in
     finally:
         shutil.rmtree(open_dir)
+    w.untouched()
+    w.finish_in_order()
+
+
+def test_ops_socket_flood_with_the_shim_out_of_fds(containerd: Containerd, w: CtrCounter) -> None:
+    """The shim out of file descriptors while a client floods ops.sock:
+    asyncio retries accept() each second and the shim says so in one line
+    (before: a traceback each second); the counter goes on meanwhile, and
+    ops.sock answers again once the flood is over."""
+    pid = status(w).shim_pid
+    start = len(containerd.log_text())
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 4, hard))
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(64):  # the listen backlog takes what the shim cannot accept
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            flood.append(sock)
+            try:
+                sock.connect(str(w.sandbox.ops_socket))
+            except BlockingIOError:
+                break  # backlog full
+        failed = "accept failed: [Errno 24] Too many open files"
+        wait_for(lambda: failed in containerd.log_text()[start:], 10, "the shim to run out of fds")
+        w.flows()
+        time.sleep(4)  # asyncio retries each second: four more failures
+        log = containerd.log_text()[start:]
+        lines = [line for line in log.splitlines() if "accept" in line and f"pid={pid}" in line]
+        print(f"[flood] {len(flood)} connections, shim at its fd limit: {len(lines)} log line(s)")
+        assert len(lines) == 1, lines
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        for sock in flood:
+            sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert status(w).shim_pid == pid  # answers again
     w.untouched()
     w.finish_in_order()
