@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from shim.dirs import MAX_STATE_ROOT
 from tests.cri import node as cri
 from tests.cri.kubelet import Kubelet
 from tests.prereq import skip_or_fail
@@ -43,6 +44,19 @@ def cri_node(require_env: Callable[[str], None]) -> Iterator[cri.CriNode]:
         pytest.fail("CRI node teardown:\n" + "\n".join(problems)
                     + f"\n--- containerd log tail ({node.containerd.paths.log}) ---\n"
                     + node.containerd.log_tail(), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def long_root_node(cri_node: cri.CriNode) -> Iterator[cri.CriNode]:
+    """A second CRI node whose Keel state root is as long as Keel allows
+    (``shim.dirs.MAX_STATE_ROOT``)."""
+    tmp = Path(tempfile.mkdtemp(prefix="k", dir="/tmp"))
+    root = tmp / "long-state-root-"
+    root = Path(str(root) + "x" * (MAX_STATE_ROOT - len(os.fsencode(root))))
+    node = cri.start_node(tmp, IMAGE_CACHE, keel_state=root)
+    yield node
+    if problems := cri.stop_node(node):
+        pytest.fail("long-root CRI node teardown:\n" + "\n".join(problems), pytrace=False)
 
 
 @pytest.fixture(scope="session")

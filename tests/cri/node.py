@@ -63,7 +63,8 @@ READY_TIMEOUT_S = 60.0
 #: The longest temp root (= Keel state root) whose sandbox sockets stay in
 #: the sandbox directories, as under /run/keel (<root>/sandboxes/<64 hex>/
 #: ops.chan...): the layout this suite exercises.  A longer root moves them
-#: to <root>/c/<hash>/ (tests/integration/test_long_state_root.py).
+#: to <root>/c/<hash>/ (tests/integration/test_long_state_root.py, and
+#: test_pod_under_the_longest_state_root in tests/cri/test_pods.py).
 MAX_ROOT = 14
 
 
@@ -89,13 +90,17 @@ class CriNode:
         return self.containerd.paths.tmp_root
 
 
-def start_node(tmp: Path, image_cache: Path) -> CriNode:
+def start_node(tmp: Path, image_cache: Path, keel_state: Path | None = None) -> CriNode:
     """Build and start the node under `tmp` (a short, empty directory the
-    caller owns); on any failure, undo what was done and re-raise."""
+    caller owns); on any failure, undo what was done and re-raise.
+
+    *keel_state* is Keel's state root (default `tmp` itself); a longer one
+    moves the sandbox sockets to ``<root>/c/<hash>/``.
+    """
     if len(os.fsencode(tmp)) > MAX_ROOT:
         raise ValueError(f"{tmp}: longer than {MAX_ROOT} bytes, Keel's sandbox sockets won't fit")
     name = f"kcri-{tmp.name[-8:]}"
-    keel_state = tmp
+    keel_state = keel_state or tmp
     keel_config = tmp / "keel.toml"
     keel_config.write_text(f'[shim]\nbackend = "process"\nstate_root = "{keel_state}"\n')
     (tmp / "pods").mkdir()

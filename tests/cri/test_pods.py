@@ -5,13 +5,16 @@ drives them: the same calls and the same expected answers for handler
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import time
 
 import pytest
 from grpclib.const import Status
 
+from shim.dirs import MAX_STATE_ROOT, SandboxDir
 from tests.containerd import wait_for
+from tests.cri import node as cri
 from tests.cri.client import error_of, pb
 from tests.cri.kubelet import Kubelet, Pod, handlers
 from tests.cri.network import GATEWAY, POD_SUBNET
@@ -154,3 +157,28 @@ def test_logs_in_cri_format_at_log_path(kubelet: Kubelet, handler: str) -> None:
     long_line = [e for e in entries if e[2].startswith("x")]
     assert [tag for _, tag, _ in long_line][:-1] == ["P"] * (len(long_line) - 1)
     assert len(long_line) >= 2 and all(len(c) <= MAX_LOG_LINE for _, _, c in long_line)
+
+
+
+def test_pod_under_the_longest_state_root(long_root_node: cri.CriNode) -> None:
+    """RunPodSandbox (64-character ids) with Keel's state root as long as
+    Keel allows: the sandbox's sockets move to ``<root>/c/<hash>/``, a
+    container runs and answers ExecSync, and removing the pod leaves nothing."""
+    root = long_root_node.keel_state
+    assert len(os.fsencode(root)) == MAX_STATE_ROOT
+    kubelet = Kubelet(long_root_node, "keel", "test_pod_under_the_longest_state_root")
+    try:
+        pod = kubelet.run_pod()
+        sandbox = SandboxDir.of(root, pod.id)
+        assert len(pod.id) == 64 and sandbox.root.is_dir()
+        assert sandbox.sockets_dir.parent == root / "c" and sandbox.ops_socket.is_socket()
+        cid = kubelet.run(pod, "app")
+        assert len(cid) == 64
+        res = kubelet.exec_sync(cid, "sh", "-c", "echo ok; exit 3")
+        assert (res.exit_code, res.stdout) == (3, b"ok\n"), res
+        kubelet.stop_pod(pod.id)
+        kubelet.remove_pod(pod.id)
+        assert not sandbox.root.exists() and not sandbox.sockets_dir.exists()
+    finally:
+        problems = kubelet.cleanup()
+    assert not problems, "\n".join(problems)
