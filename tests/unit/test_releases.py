@@ -100,7 +100,7 @@ def _source(tmp: Path, version: str) -> Path:
     """This working tree with *version* in pyproject.toml."""
     src = tmp / f"src-{version}"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", "__pycache__", ".*_cache", ".hypothesis", "*.egg-info", "build", "tests"))
+        ".git", ".venv", "__pycache__", ".*_cache", ".hypothesis", "*.egg-info", "build", "tests"))
     py = src / "pyproject.toml"
     py.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', py.read_text()))
     return src
