@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import os
 import signal
 import socket
@@ -341,6 +342,31 @@ def test_tail_replaces_bytes_that_are_not_utf8(tmp_path: Path) -> None:
     # A cut through a multi-byte character reads as a replacement, not an error.
     log.write_bytes("é".encode() * 4)
     assert logs.tail(log, limit=3) == "\ufffdé"
+
+
+def test_throttle_says_how_many_it_kept_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    throttle = logs.Throttle(every_s=30)
+    assert throttle() == 0  # the first one is logged
+    assert [throttle() for _ in range(5)] == [None] * 5
+    now[0] += 30
+    assert throttle() == 5 and throttle() is None
+
+
+def test_loop_error_handler_one_line_for_a_listener_out_of_fds(
+        caplog: pytest.LogCaptureFixture) -> None:
+    handle = logs.loop_error_handler(logging.getLogger("keel.test"))
+    emfile = OSError(24, "Too many open files")
+    with caplog.at_level(logging.ERROR, "keel.test"):
+        for _ in range(100):
+            handle(None, {"message": "socket.accept() out of system resource", "exception": emfile})
+        handle(None, {"message": "Exception in callback", "exception": ValueError("boom")})
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == ("accept failed: [Errno 24] Too many open files; retrying each second"
+                        " (0 failures since the last line)")
+    assert lines[1:] == ["unhandled error in event loop: Exception in callback"]
+    assert caplog.records[1].exc_info is not None  # other errors keep their traceback
 
 
 # -- keel.clock --------------------------------------------------------------
