@@ -1,0 +1,170 @@
+"""The real shim under a real containerd with a hostile agent
+(tests/hostile/agent.py, the process backend's ``agent_command`` in a
+config passed with ``ctr run --runtime-config-path``).
+
+What containerd sees in each case, and that the shim stays small (RSS under
+100 MiB) and leaves nothing behind:
+
+* CreateContainer never answered: ``ctr run`` fails within the agent call
+  deadline, naming the call; the sandbox is stopped.
+* UpdateContainer never answered: Update fails with DeadlineExceeded; the
+  task runs on and is killed and deleted as usual.
+* ReadOutput answers over the 4 MiB cap, or at a wrong offset: the shim
+  refuses them before delivering a byte and that stream stops; the task runs
+  on and is killed and deleted as usual.
+* A 10,000-character agent version with escapes: logged capped and escaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from betterproto.lib.google.protobuf import Any as PbAny
+from betterproto.lib.google.protobuf import Empty
+
+from keel.errors import DeadlineExceeded
+from shim._pb.containerd.task.v2 import UpdateTaskRequest
+from shim.ttrpc import TtrpcClient
+from tests.containerd import Containerd, wait_for
+from tests.integration.keel_ctr import KEEL, address, kill_and_remove, log_since, shim_pid
+
+pytestmark = [pytest.mark.integration, pytest.mark.requires_root]
+
+#: The shim's whole-call deadline for agent calls in these tests.
+CALL_S = 4
+MAX_RSS_MIB = 100
+
+
+def _config(tmp: Path, mode: str) -> Path:
+    path = tmp / f"hostile-{mode}.toml"
+    command = json.dumps([sys.executable, "-m", "tests.hostile.agent", "--mode", mode])
+    path.write_text(f'[shim]\nbackend = "process"\nagent_command = {command}\n'
+                    f"agent_timeout_s = 3\nagent_call_timeout_s = {CALL_S}\n")
+    return path
+
+
+def _run(ctd: Containerd, cid: str, busybox: str, config: Path, out: Path) -> None:
+    res = ctd.ctr("run", "-d", "--runtime", KEEL, "--runtime-config-path", str(config),
+                  "--log-uri", f"file://{out}", busybox, cid, "sleep", "1000", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (ctd.task(cid) or (0, ""))[1] == "RUNNING"
+
+
+def _rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) >> 10
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_create_never_answered(containerd: Containerd, busybox: str,
+                               container_ids: Callable[[], str], tmp_path: Path) -> None:
+    cid = container_ids()
+    start = len(containerd.log_text())
+    t0 = time.monotonic()
+    ctr = subprocess.Popen([*containerd.ctr_prefix(), "run", "-d", "--runtime", KEEL,
+                            "--runtime-config-path", str(_config(tmp_path, "never-create")),
+                            busybox, cid, "sleep", "1000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for(lambda: _pid_of_shim(containerd, cid), 30, f"{cid}'s shim")
+        rss = 0
+        while ctr.poll() is None and time.monotonic() - t0 < 60:  # while the create waits
+            try:
+                rss = max(rss, _rss_mib(pid))
+            except (OSError, AssertionError):
+                break  # the shim exited
+            time.sleep(0.2)
+        _, err = ctr.communicate(timeout=60)
+    finally:
+        if ctr.poll() is None:
+            ctr.kill()
+            ctr.wait()
+    took = time.monotonic() - t0
+    print(f"[hostile] create never answered: ctr failed after {took:.1f}s, shim RSS up to {rss} MiB: "
+          f"{err.strip()}")
+    assert ctr.returncode != 0
+    assert f"agent did not answer CreateContainer within {CALL_S}s" in err, err
+    assert took < 30 and rss < MAX_RSS_MIB
+    assert containerd.task(cid) is None
+    assert containerd.ctr("containers", "rm", cid).returncode == 0
+    assert "Traceback" not in log_since(containerd, start)
+
+
+def _pid_of_shim(ctd: Containerd, cid: str) -> int | None:
+    try:
+        return shim_pid(ctd, cid)
+    except (AssertionError, OSError):
+        return None
+
+
+def _update(ctd: Containerd, cid: str) -> None:
+    """containerd's Task.Update on the shim (ctr 1.6 has no ``task update``)."""
+    async def call() -> None:
+        client = await TtrpcClient.connect(address(ctd, cid))
+        try:
+            req = UpdateTaskRequest(id=cid, resources=PbAny(
+                type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+                value=json.dumps({"memory": {"limit": 64 << 20}}).encode()))
+            await client.call("containerd.task.v2.Task", "Update", req, Empty, timeout=60)
+        finally:
+            await client.aclose()
+
+    asyncio.run(call())
+
+
+def test_update_never_answered(containerd: Containerd, busybox: str,
+                               container_ids: Callable[[], str], tmp_path: Path) -> None:
+    cid = container_ids()
+    _run(containerd, cid, busybox, _config(tmp_path, "never-update"), tmp_path / "out")
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as err:  # the status containerd gets
+        _update(containerd, cid)
+    took = time.monotonic() - t0
+    print(f"[hostile] update never answered: {err.value} after {took:.1f}s")
+    assert f"agent did not answer UpdateContainer within {CALL_S}s" in str(err.value)
+    assert took < 3 * CALL_S
+    assert _rss_mib(shim_pid(containerd, cid)) < MAX_RSS_MIB
+    kill_and_remove(containerd, cid)
+
+
+@pytest.mark.parametrize("mode, logged", [
+    ("huge-output", "over the limit of 4194304"),
+    ("wrong-offset", "the agent answered 6 bytes at offset 5 to a read of at most"),
+])
+def test_output_off_the_protocol_stops_that_stream(
+        containerd: Containerd, busybox: str, container_ids: Callable[[], str], tmp_path: Path,
+        mode: str, logged: str) -> None:
+    cid = container_ids()
+    start = len(containerd.log_text())
+    out = tmp_path / "out"
+    _run(containerd, cid, busybox, _config(tmp_path, mode), out)
+    wait_for(lambda: logged in log_since(containerd, start), 30, f"the shim to refuse: {logged}")
+    time.sleep(2)  # the agent would go on answering, were the stream not stopped
+    rss = _rss_mib(shim_pid(containerd, cid))
+    print(f"[hostile] {mode}: refused, shim RSS {rss} MiB, {out.stat().st_size} bytes delivered")
+    assert rss < MAX_RSS_MIB
+    assert out.stat().st_size == 0  # nothing of it reached containerd's log
+    assert containerd.task(cid)[1] == "RUNNING"  # type: ignore[index]
+    kill_and_remove(containerd, cid)
+
+
+def test_huge_version_is_capped_and_escaped(containerd: Containerd, busybox: str,
+                                            container_ids: Callable[[], str],
+                                            tmp_path: Path) -> None:
+    cid = container_ids()
+    start = len(containerd.log_text())
+    _run(containerd, cid, busybox, _config(tmp_path, "huge-version"), tmp_path / "out")
+    ready = [line for line in log_since(containerd, start).splitlines()
+             if f"sandbox {cid}: agent " in line and " ready " in line]
+    assert len(ready) == 1, ready
+    assert "(10005 characters)" in ready[0] and "\x1b" not in ready[0], ready[0]
+    assert len(ready[0]) < 400, len(ready[0])
+    kill_and_remove(containerd, cid)
