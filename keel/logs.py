@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ class Throttle:
 _ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"
 
 
-def loop_error_handler(log: logging.Logger) -> Any:
+def loop_error_handler(
+        log: logging.Logger) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
     """An event loop exception handler: errors of fd callbacks are logged
     with their traceback; a listener out of file descriptors, which asyncio
     reports each second it retries, is one line per 30 s without one."""

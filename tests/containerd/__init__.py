@@ -52,10 +52,11 @@ from tests.containerd.daemon import (
     ContainerdPaths,
     install_shim_wrapper,
 )
-from tests.containerd.host import missing_prerequisites, wait_for, which
+from tests.containerd.host import missing_prerequisites, rss_mib, wait_for, which
 from tests.containerd.terminal import PtyResult, run_on_pty
 
 __all__ = [
+    "rss_mib",
     "BOOTED",
     "DISABLED_PLUGINS",
     "NAMESPACE",

@@ -281,6 +281,33 @@ class Containerd:
                 return int(fields[1]), fields[2]
         return None
 
+    def update_task(self, cid: str, resources: dict[str, object], timeout: float = 120) -> None:
+        """containerd's Task.Update on *cid*'s shim (ctr 1.6 has no ``task update``);
+        raises the KeelError of a refused call."""
+        import asyncio
+        import json
+
+        from betterproto.lib.google.protobuf import Any as PbAny
+        from betterproto.lib.google.protobuf import Empty
+
+        from shim._pb.containerd.task.v2 import UpdateTaskRequest
+        from shim.ttrpc import TtrpcClient
+
+        address = (self.paths.state / "io.containerd.runtime.v2.task" / self.namespace / cid
+                   / "address").read_text()
+
+        async def call() -> None:
+            client = await TtrpcClient.connect(address)
+            try:
+                req = UpdateTaskRequest(id=cid, resources=PbAny(
+                    type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+                    value=json.dumps(resources).encode()))
+                await client.call("containerd.task.v2.Task", "Update", req, Empty, timeout=timeout)
+            finally:
+                await client.aclose()
+
+        asyncio.run(call())
+
     def log_text(self, since_start: bool = False) -> str:
         """containerd's log (all starts, or only the latest with `since_start`)."""
         try:

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 #: Searched after $PATH (runc and containerd live in /usr/sbin on Debian).
@@ -52,3 +53,11 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(POLL_S)
+
+
+def rss_mib(pid: int) -> int:
+    """Resident memory of process *pid*, in MiB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) >> 10
+    raise AssertionError(f"no VmRSS for pid {pid}")

@@ -17,7 +17,6 @@ What containerd sees in each case, and that the shim stays small (RSS under
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -26,14 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from betterproto.lib.google.protobuf import Any as PbAny
-from betterproto.lib.google.protobuf import Empty
 
 from keel.errors import DeadlineExceeded
-from shim._pb.containerd.task.v2 import UpdateTaskRequest
-from shim.ttrpc import TtrpcClient
-from tests.containerd import Containerd, wait_for
-from tests.integration.keel_ctr import KEEL, address, kill_and_remove, log_since, shim_pid
+from tests.containerd import Containerd, rss_mib, wait_for
+from tests.integration.keel_ctr import KEEL, kill_and_remove, log_since, shim_pid
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root]
 
@@ -57,13 +52,6 @@ def _run(ctd: Containerd, cid: str, busybox: str, config: Path, out: Path) -> No
     assert (ctd.task(cid) or (0, ""))[1] == "RUNNING"
 
 
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) >> 10
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
 def test_create_never_answered(containerd: Containerd, busybox: str,
                                container_ids: Callable[[], str], tmp_path: Path) -> None:
     cid = container_ids()
@@ -78,7 +66,7 @@ def test_create_never_answered(containerd: Containerd, busybox: str,
         rss = 0
         while ctr.poll() is None and time.monotonic() - t0 < 60:  # while the create waits
             try:
-                rss = max(rss, _rss_mib(pid))
+                rss = max(rss, rss_mib(pid))
             except (OSError, AssertionError):
                 break  # the shim exited
             time.sleep(0.2)
@@ -105,33 +93,18 @@ def _pid_of_shim(ctd: Containerd, cid: str) -> int | None:
         return None
 
 
-def _update(ctd: Containerd, cid: str) -> None:
-    """containerd's Task.Update on the shim (ctr 1.6 has no ``task update``)."""
-    async def call() -> None:
-        client = await TtrpcClient.connect(address(ctd, cid))
-        try:
-            req = UpdateTaskRequest(id=cid, resources=PbAny(
-                type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
-                value=json.dumps({"memory": {"limit": 64 << 20}}).encode()))
-            await client.call("containerd.task.v2.Task", "Update", req, Empty, timeout=60)
-        finally:
-            await client.aclose()
-
-    asyncio.run(call())
-
-
 def test_update_never_answered(containerd: Containerd, busybox: str,
                                container_ids: Callable[[], str], tmp_path: Path) -> None:
     cid = container_ids()
     _run(containerd, cid, busybox, _config(tmp_path, "never-update"), tmp_path / "out")
     t0 = time.monotonic()
     with pytest.raises(DeadlineExceeded) as err:  # the status containerd gets
-        _update(containerd, cid)
+        containerd.update_task(cid, {"memory": {"limit": 64 << 20}}, timeout=60)
     took = time.monotonic() - t0
     print(f"[hostile] update never answered: {err.value} after {took:.1f}s")
     assert f"agent did not answer UpdateContainer within {CALL_S}s" in str(err.value)
     assert took < 3 * CALL_S
-    assert _rss_mib(shim_pid(containerd, cid)) < MAX_RSS_MIB
+    assert rss_mib(shim_pid(containerd, cid)) < MAX_RSS_MIB
     kill_and_remove(containerd, cid)
 
 
@@ -148,7 +121,7 @@ def test_output_off_the_protocol_stops_that_stream(
     _run(containerd, cid, busybox, _config(tmp_path, mode), out)
     wait_for(lambda: logged in log_since(containerd, start), 30, f"the shim to refuse: {logged}")
     time.sleep(2)  # the agent would go on answering, were the stream not stopped
-    rss = _rss_mib(shim_pid(containerd, cid))
+    rss = rss_mib(shim_pid(containerd, cid))
     print(f"[hostile] {mode}: refused, shim RSS {rss} MiB, {out.stat().st_size} bytes delivered")
     assert rss < MAX_RSS_MIB
     assert out.stat().st_size == 0  # nothing of it reached containerd's log

@@ -8,7 +8,6 @@ shim, a qemu, a mount or a socket outlives the tests.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -18,15 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from betterproto.lib.google.protobuf import Any as PbAny
-from betterproto.lib.google.protobuf import Empty
 
 from shim import version as shim_version
-from shim._pb.containerd.task.v2 import UpdateTaskRequest
 from shim.dirs import SandboxDir
-from shim.ttrpc import TtrpcClient
 from shim.vmm.qemu import image
-from tests.containerd import Containerd, wait_for
+from tests.containerd import Containerd, rss_mib, wait_for
 from tests.vm.conftest import KEEL_RUNTIME, vms_of, write_keel_config
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.integration,
@@ -70,13 +65,6 @@ def _why(ctd: Containerd, cid: str) -> str:
         text = path.read_text(errors="replace")[-3000:] if path.exists() else "(none)"
         shown.append(f"--- {what} ---\n{text}")
     return "\n".join(shown)
-
-
-def _rss_mib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) >> 10
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def _no_leftovers(ctd: Containerd, what: str) -> None:
@@ -155,20 +143,20 @@ def test_detached_exec_rootfs_write_kill_delete(vm_containerd: Containerd, vm_im
     # container writes to its /dev/shm (a 64 MiB tmpfs) and removes again go
     # back to the host.
     [qemu] = vms_of(sandbox)
-    before = _rss_mib(qemu)
+    before = rss_mib(qemu)
     res = ctd.ctr("tasks", "exec", "--exec-id", "e3", cid, "sh", "-c",
                   "dd if=/dev/zero of=/dev/shm/big bs=1M count=60 2>/dev/null && "
                   "echo $(($(wc -c < /dev/shm/big) >> 20))", timeout=CTR_TIMEOUT_S)
     assert (res.returncode, res.stdout) == (0, "60\n"), res
-    used = _rss_mib(qemu)
+    used = rss_mib(qemu)
     assert used >= before + 40, (before, used)  # the guest touched new pages for it
     res = ctd.ctr("tasks", "exec", "--exec-id", "e4", cid, "rm", "/dev/shm/big",
                   timeout=CTR_TIMEOUT_S)
     assert res.returncode == 0, res
-    wait_for(lambda: _rss_mib(qemu) < used - 40, 30,
-             f"qemu's RSS to drop from {used} MiB (it is {_rss_mib(qemu)} MiB)")
+    wait_for(lambda: rss_mib(qemu) < used - 40, 30,
+             f"qemu's RSS to drop from {used} MiB (it is {rss_mib(qemu)} MiB)")
     print(f"[vm] qemu RSS: {before} MiB idle, {used} MiB with 60 MiB in the guest's tmpfs, "
-          f"{_rss_mib(qemu)} MiB after it was removed")
+          f"{rss_mib(qemu)} MiB after it was removed")
 
     res = ctd.ctr("tasks", "kill", "-s", "SIGKILL", cid)
     assert res.returncode == 0, res.stderr
@@ -269,24 +257,6 @@ def q35_config(vm_containerd: Containerd, vm_image: image.Image) -> Iterator[Non
         path.write_text(saved)
 
 
-def _update(ctd: Containerd, cid: str, resources: dict[str, object]) -> None:
-    """containerd's Task.Update on the shim (ctr 1.6 has no ``task update``)."""
-    address = (ctd.paths.state / "io.containerd.runtime.v2.task" / ctd.namespace / cid
-               / "address").read_text()
-
-    async def call() -> None:
-        client = await TtrpcClient.connect(address)
-        try:
-            req = UpdateTaskRequest(id=cid, resources=PbAny(
-                type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
-                value=json.dumps(resources).encode()))
-            await client.call("containerd.task.v2.Task", "Update", req, Empty, timeout=120)
-        finally:
-            await client.aclose()
-
-    asyncio.run(call())
-
-
 def test_update_hotplugs_vcpus_and_memory(vm_containerd: Containerd, q35_config: None) -> None:
     ctd, cid = vm_containerd, _cid("upd")
     show = "cat /sys/devices/system/cpu/online; grep MemTotal /proc/meminfo"
@@ -300,7 +270,7 @@ def test_update_hotplugs_vcpus_and_memory(vm_containerd: Containerd, q35_config:
         assert before.returncode == 0, before
         assert before.stdout.split()[0] == "0", before.stdout
 
-        _update(ctd, cid, {"cpu": {"quota": 50000, "period": 100000},
+        ctd.update_task(cid, {"cpu": {"quota": 50000, "period": 100000},
                            "memory": {"limit": 256 << 20}})
         after = ""
         for i in range(30):  # the guest onlines the new CPU within seconds
