@@ -19,6 +19,7 @@ import logging
 import signal
 import socket
 import uuid
+from pathlib import Path
 
 from agent import _resume, state
 from agent._channels import Channels, open_listener
@@ -27,8 +28,9 @@ from agent._fds import FdTable
 from agent._ops import agent_version
 from agent._reaper import Reaper, become_subreaper
 from agent._runc import Runc, RuntimeMissing
+from agent._stage import Stager
 from agent._tasks import Operations
-from agent._upgrade import Upgrader
+from agent._upgrade import Upgrader, this_tree
 from agent.config import AgentConfig
 from agent.service import AgentService, OpsService
 from keel.errors import KeelError
@@ -116,8 +118,9 @@ async def _serve(config: AgentConfig, fds: FdTable, reaper: Reaper,
             core.persist()
         reaper.start()
         upgrader = Upgrader(config, core, reaper, fds, group)
+        stager = Stager(config.state_dir / "releases", Path(this_tree()))
         await channels.start(listeners, {"agent": [AgentService(core)],
-                                         "ops": [OpsService(core, upgrader)]})
+                                         "ops": [OpsService(core, upgrader, stager)]})
         log.info("keel-agent %s %s (boot %s)", agent_version(),
                  "resumed and ready" if resumed else "ready", boot_id)
         await stop.wait()

@@ -98,7 +98,7 @@ def current_launch(argv: list[str]) -> state.Launch:
     return state.Launch(sys.executable, (sys.executable, *prefix[1:], *argv), dict(os.environ))
 
 
-def _this_tree() -> str:
+def this_tree() -> str:
     """The directory this image's ``agent`` package was imported from."""
     return str(Path(__file__).resolve().parent.parent)
 
@@ -110,7 +110,7 @@ def release_launch(agent_path: str, argv: list[str]) -> state.Launch:
     this = current_launch(argv)
     env = dict(this.env)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-            if p and os.path.realpath(p) != _this_tree()]
+            if p and os.path.realpath(p) != this_tree()]
     env["PYTHONPATH"] = os.pathsep.join([agent_path, *rest])
     return state.Launch(this.executable, this.argv, env)
 

@@ -32,6 +32,7 @@ from grpclib.server import Stream
 from agent import _bundle, _dial, _ops
 from agent._core import AgentCore
 from agent._processes import Stdio
+from agent._stage import MAX_CHUNK, Stager
 from agent._upgrade import Upgrader
 from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
 from keel import ids
@@ -288,9 +289,10 @@ async def _flush(stream: Stream[Any, Any]) -> None:
 
 
 class OpsService(ops_pb.OpsServiceBase):
-    def __init__(self, core: AgentCore, upgrader: Upgrader) -> None:
+    def __init__(self, core: AgentCore, upgrader: Upgrader, stager: Stager) -> None:
         self._core = core
         self._upgrader = upgrader
+        self._stager = stager
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()
@@ -324,6 +326,15 @@ class OpsService(ops_pb.OpsServiceBase):
         return plan, ops_pb.UpgradeAgentResponse(
             from_version=plan.from_version, to_version=plan.to_version, rolled_back=False,
             message="exec", gap_s=0.0)
+
+    @rpc
+    async def stage_release(self, req: ops_pb.StageReleaseRequest) -> ops_pb.StageReleaseResponse:
+        if not isinstance(req.version, str) or not isinstance(req.sha256, str):
+            raise InvalidArgument("version and sha256 must be strings")
+        received, path = await self._stager.stage(
+            req.version, req.sha256, _uint(req.size, "size"), _uint(req.offset, "offset"),
+            _bytes(req.data, "data", MAX_CHUNK))
+        return ops_pb.StageReleaseResponse(received=received, path=path)
 
     @rpc
     async def health(self, req: ops_pb.HealthRequest) -> ops_pb.HealthResponse:

@@ -41,6 +41,8 @@ step "installing Keel $version into $dest"
 python3 -m venv "$dest"
 "$dest/bin/pip" install -q --upgrade pip
 "$dest/bin/pip" install -q "$here"
+# What a VM receives to run this release's agent (VM agent upgrades).
+"$dest/bin/python" -I -m shim.vmm.qemu.guest_release build "$dest/guest" >/dev/null
 ln -sfn "$dest" "$releases/current.tmp" && mv -T "$releases/current.tmp" "$releases/current"
 ln -sf "$releases/current/bin/containerd-shim-keel-v2" /usr/local/bin/containerd-shim-keel-v2
 for cmd in opsd opsctl keel-agent; do

@@ -24,7 +24,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from agent.api import ops_pb
 from keel import ids, procfs
-from keel.errors import DeadlineExceeded, KeelError, NotFound, Unavailable, from_code
+from keel.errors import DeadlineExceeded, KeelError, NotFound, Unavailable, Unimplemented, from_code
 from shim.api import SandboxDir, load_record
 
 _FANOUT = 16
@@ -90,6 +90,11 @@ class Shims(Protocol):
     async def upgrade(self, sandbox_id: str, component: str, path: Path,
                       to_version: str) -> Switched: ...
 
+    async def agent_release_problem(self, sandbox_id: str, agent_path: Path) -> str | None:
+        """Why the sandbox's agent could not run that release (a VM whose image
+        lacks what it needs), or None.  Reads only."""
+        ...
+
     def owner_problem(self, view: SandboxView) -> str | None:
         """None if the shim that answered *view* owns the sandbox and runs;
         else what is wrong (``lost: ...`` when no live shim owns it)."""
@@ -141,6 +146,16 @@ class ShimClient:
                 raise Unavailable(f"sandbox {sandbox_id}: agent {to_version} failed and went back"
                                   f" to {a.from_version}: {a.message}")
             return Switched(a.from_version, a.to_version, 0, f"gap {a.gap_s * 1000:.0f} ms")
+
+    async def agent_release_problem(self, sandbox_id: str, agent_path: Path) -> str | None:
+        try:
+            async with self._stub(sandbox_id) as stub:
+                r = await stub.check_agent_release(
+                    ops_pb.CheckAgentReleaseRequest(agent_path=str(agent_path)),
+                    timeout=self.status_timeout)
+        except Unimplemented:  # a shim older than the check: its upgrade checks, or refuses
+            return None
+        return _clip(r.problem, 1024) or None
 
     def owner_problem(self, view: SandboxView) -> str | None:
         """Checked against the sandbox's state file: the shim that answered may

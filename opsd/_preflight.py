@@ -7,7 +7,9 @@ A refusal raises the KeelError the operator should see:
 - NotFound: the target release is not installed; a named sandbox does
   not exist on this node;
 - FailedPrecondition: a named sandbox does not answer; versions that do
-  not interoperate (``upgrade.releases.incompatibility``); a sandbox whose
+  not interoperate (``upgrade.releases.incompatibility``); a VM whose guest
+  image lacks what the release's agent needs (the shim's
+  CheckAgentRelease); a sandbox whose
   state schema is newer than the target release reads; a from-version
   whose release is missing (a rollback would be impossible).
 """
@@ -72,6 +74,10 @@ async def build_plan(req: UpgradeRequest, plan_id: str, shims: Shims,
             notes.append(f"skipped {v.id}: already at {req.to_version}")
             continue
         problems += _problems(v, req, release, releases)
+        if "agent" in req.components and v.agent_version != req.to_version:
+            # A VM's image must have what the release's agent needs (Python, deps).
+            if why := await shims.agent_release_problem(v.id, release.agent_path):
+                problems.append(f"{v.id}: agent: {why}")
         chosen.append((v.id, v.shim_version, v.agent_version))
     if problems:
         raise FailedPrecondition("upgrade refused, no sandbox touched:\n  " + "\n  ".join(problems))

@@ -4,12 +4,21 @@ The agent execs the new release with the same PID (its containers stay
 its children), writing its state first; the agent channel reconnects by
 itself and the pumps resume at their offsets.  A release that fails in
 the guest execs the previous one again: the answer says which runs now.
+
+A VM runs its agent from its guest image, where a host release's path
+means nothing.  When the target is an installed release on the host
+(``<release>/bin/keel-agent``), its guest bundle
+(shim/vmm/qemu/guest_release.py) is checked against the image the VM
+booted and staged into the guest (OpsService.StageRelease) before the
+agent is asked to exec it: a mismatch is refused before anything freezes.
+A path that does not exist on the host is taken as a path in the guest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.api import ops_pb
@@ -25,6 +34,71 @@ log = logging.getLogger("keel.shim")
 UPGRADE_HELLO_ATTEMPT_S = 30.0
 #: Deadline of the UpgradeAgent call itself (the agent drains and writes its state).
 UPGRADE_CALL_S = 60.0
+#: Deadline of one StageRelease chunk (a 1 MiB write over virtio-serial, under TCG).
+STAGE_CALL_S = 60.0
+STAGE_CHUNK = 1 << 20
+
+
+def _host_release(agent_path: str) -> Path | None:
+    """The release directory of a host agent entry point, or None (a guest path)."""
+    path = Path(agent_path)
+    return path.parents[1] if path.is_absolute() and path.is_file() else None
+
+
+def check_agent_release(sb: Sandbox, agent_path: str) -> str | None:
+    """Why *sb*'s agent could not run the release of *agent_path*, or None.  Reads only."""
+    image = sb.vm.guest_image() if sb.vm is not None else None
+    release_dir = _host_release(agent_path)
+    if image is None or release_dir is None:
+        return None
+    from shim.vmm.qemu import guest_release  # a VM backend: already imported
+
+    try:
+        bundle = guest_release.load(release_dir)
+    except FailedPrecondition as exc:
+        return str(exc)
+    return guest_release.problem(bundle, image[1], image[0])
+
+
+async def _guest_path(sb: Sandbox, agent_path: str) -> str:
+    """What *sb*'s agent should exec for *agent_path*: itself outside a VM or for
+    a guest path; else the host release's bundle, checked and staged."""
+    assert sb.vm is not None and sb.agent is not None
+    image = sb.vm.guest_image()
+    release_dir = _host_release(agent_path)
+    if image is None or release_dir is None:
+        return agent_path
+    from shim.vmm.qemu import guest_release  # a VM backend: already imported
+
+    bundle = guest_release.load(release_dir)
+    if why := guest_release.problem(bundle, image[1], image[0]):
+        raise FailedPrecondition(f"sandbox {sb.id}: {why}")
+    data = await asyncio.to_thread(guest_release.read_verified, bundle)
+    began = asyncio.get_running_loop().time()
+    channel = DialChannel(sb.vm.dialer("ops"))
+    try:
+        stub = ops_pb.OpsServiceStub(channel)
+        offset = 0
+        while True:
+            chunk = data[offset:offset + STAGE_CHUNK]
+            r: ops_pb.StageReleaseResponse = await sb.agent.call(
+                stub.stage_release,
+                ops_pb.StageReleaseRequest(version=bundle.version, sha256=bundle.sha256,
+                                           size=bundle.size, offset=offset, data=chunk),
+                timeout=STAGE_CALL_S, attempt_s=None, retry_for=0, resend=False)
+            if r.path:
+                break
+            if r.received != offset + len(chunk) or not chunk:
+                raise FailedPrecondition(f"the agent holds {r.received} bytes of release"
+                                         f" {bundle.version} after a chunk ending at"
+                                         f" {offset + len(chunk)}")
+            offset = r.received
+    finally:
+        channel.close()
+    log.info("staged release %s's agent (%d bytes) in the guest at %s in %.0f ms",
+             bundle.version, bundle.size, r.path[:200],
+             (asyncio.get_running_loop().time() - began) * 1000)
+    return r.path
 
 
 async def upgrade_agent(sb: Sandbox, agent_path: str,
@@ -37,6 +111,7 @@ async def upgrade_agent(sb: Sandbox, agent_path: str,
     """
     if sb.vm is None or sb.agent is None:
         raise FailedPrecondition(f"sandbox {sb.id} has no running agent")
+    agent_path = await _guest_path(sb, agent_path)
     channel = DialChannel(sb.vm.dialer("ops"))
     try:
         stub = ops_pb.OpsServiceStub(channel)

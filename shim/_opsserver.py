@@ -13,7 +13,7 @@ from agent.api import ops_pb
 from keel.errors import KeelError
 from keel.grpc import NO_STATUS_DETAILS, limit_messages, require_uids
 from shim import version
-from shim._agent_upgrade import upgrade_agent
+from shim._agent_upgrade import check_agent_release, upgrade_agent
 from shim.state import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -59,6 +59,15 @@ class ShimOps(ops_pb.ShimOpsBase):
         except KeelError as exc:
             raise GRPCError(Status(exc.code.value), str(exc)) from exc
         return resp
+
+    async def check_agent_release(
+            self, check_agent_release_request: ops_pb.CheckAgentReleaseRequest
+    ) -> ops_pb.CheckAgentReleaseResponse:
+        req = check_agent_release_request
+        if not req.agent_path:
+            raise GRPCError(Status.INVALID_ARGUMENT, "agent_path is required")
+        return ops_pb.CheckAgentReleaseResponse(
+            problem=check_agent_release(self._sb, req.agent_path) or "")
 
 
 async def serve_ops(daemon: Daemon) -> Server:

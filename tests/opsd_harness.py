@@ -9,6 +9,8 @@
   drives real shims instead.
 - :class:`Notify`: a systemd-style notify socket (SOCK_DGRAM, SO_PASSCRED).
 - :class:`Opsd`: the real opsd as a subprocess (log in ``<base>/opsd.log``).
+- :func:`install_releases`: releases of this working tree (with another
+  version, a module patched) installed by ``opsctl release install``.
 - :func:`opsctl`: the real opsctl as a subprocess, optionally as nobody;
   :func:`sandboxes` and :func:`plan` read ``ls --json`` and
   ``upgrade status --json``.
@@ -17,9 +19,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -36,10 +41,44 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from agent.api import ops_pb
-from upgrade.releases import AGENT_ENTRY, SHIM_ENTRY, Manifest, manifest_store
+from upgrade.releases import AGENT_ENTRY, SHIM_ENTRY, Manifest, ReleaseStore, manifest_store
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+#: Not copied into a release's source: VCS data, virtualenvs, caches, the tests.
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "venv*", "__pycache__", "*.egg-info",
+                                     "build", "dist", ".*_cache", ".hypothesis", "tests")
+
+
+def release_source(tmp: Path, version: str, patch: tuple[str, str] | None = None) -> Path:
+    """This working tree with *version* in pyproject.toml (and *patch* appended to a module)."""
+    src = tmp / f"src-{version}"
+    shutil.copytree(REPO, src, ignore=_NOT_SOURCE)
+    py = src / "pyproject.toml"
+    py.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', py.read_text()))
+    if patch is not None:
+        with open(src / patch[0], "a") as f:
+            f.write("\n" + patch[1])
+    return src
+
+
+def install_releases(tmp: Path, root: Path, state_root: Path,
+                     versions: dict[str, tuple[str, str] | None], current: str) -> ReleaseStore:
+    """``opsctl release install`` of a source per version (*versions* maps each
+    to its patch or None), in parallel, into *root*; *current* becomes current.
+    Each install must succeed."""
+    sources = {v: release_source(tmp, v, patch) for v, patch in versions.items()}
+
+    def install(version: str) -> subprocess.CompletedProcess[str]:
+        return opsctl(tmp / "no-opsd.sock", "release", "--releases", str(root), "--state-root",
+                      str(state_root), "install", str(sources[version]), "--no-build-isolation",
+                      *(["--current"] if version == current else []), timeout=600)
+
+    with concurrent.futures.ThreadPoolExecutor(len(sources)) as pool:
+        done = dict(zip(sources, pool.map(install, sources), strict=True))
+    for version, r in done.items():
+        assert r.returncode == 0 and f"installed keel {version}" in r.stdout, r
+    return ReleaseStore(root)
 
 
 def make_releases(root: Path, *versions: str, shim_schema: int = 1) -> None:
@@ -300,10 +339,12 @@ sys.exit(cli.main(["--socket", sys.argv[1], *sys.argv[2:]]))
 """
 
 
-def opsctl(sock: Path, *args: str, as_nobody: bool = False) -> subprocess.CompletedProcess[str]:
+def opsctl(sock: Path, *args: str, as_nobody: bool = False,
+           timeout: float = 120) -> subprocess.CompletedProcess[str]:
     argv = ([sys.executable, "-c", _AS_NOBODY, str(sock), *args] if as_nobody else
             [sys.executable, "-m", "opsd.cli", "--socket", str(sock), *args])
-    return subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    return subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=REPO,
+                          timeout=timeout)
 
 
 def _json_of(sock: Path, *args: str) -> dict[str, Any]:

@@ -151,6 +151,24 @@ def check_shim_runs(shim: Path, version: str) -> None:
                                  f" (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
 
 
+def guest_agent(python: Path, release: Path, progress: Progress, *, no_deps: bool = False) -> None:
+    """Have the new release's interpreter build its guest agent bundle into
+    ``release/guest`` (what a VM receives to run this release's agent:
+    shim/vmm/qemu/guest_release.py).  FailedPrecondition if it cannot; with
+    *no_deps* only a warning (the release's VM agent upgrades will be refused)."""
+    progress("building the guest agent bundle (for VM agent upgrades)")
+    proc = subprocess.run([str(python), "-I", "-m", "shim.vmm.qemu.guest_release", "build",
+                           str(release / "guest")], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, check=False, timeout=300, env=_own_env())
+    if proc.returncode == 0:
+        return
+    why = (proc.stderr.strip() or proc.stdout.strip())[-500:]
+    if not no_deps:
+        raise FailedPrecondition(f"building the new release's guest agent failed: {why}")
+    progress(f"warning: no guest agent bundle ({why}); VM agent upgrades to this release"
+             f" will be refused")
+
+
 def relocate(stage: Path, final: Path) -> None:
     """Rewrite *stage*'s absolute path to *final* in bin/ scripts and pyvenv.cfg."""
     old, new = str(stage).encode(), str(final).encode()

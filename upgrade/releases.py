@@ -5,6 +5,7 @@ Layout (DESIGN section 6), root default ``/opt/keel/releases``::
     <root>/<version>/                 a self-contained virtualenv with keel
     <root>/<version>/bin/containerd-shim-keel-v2, bin/keel-agent, bin/opsd ...
     <root>/<version>/keel-release.json  manifest (versioned, see MANIFEST_KIND)
+    <root>/<version>/guest/agent.tar, agent.json   what a VM receives to run its agent
     <root>/current -> <version>       what new sandboxes start
     <root>/.<version>.tmp/            an install in progress (never listed)
 
@@ -246,6 +247,7 @@ class ReleaseStore:
             if not (stage / entry).exists():
                 raise FailedPrecondition(f"{wheel.name} has no {entry} entry point")
         _build.check_shim_runs(stage / SHIM_ENTRY, version)
+        _build.guest_agent(stage / "bin/python", stage, progress, no_deps=no_deps)
         _build.relocate(stage, final)
         manifest_store(stage).save(Manifest(
             version=version, installed_at=time.time(), source=str(wheel.name),

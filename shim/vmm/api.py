@@ -145,6 +145,10 @@ class Sandbox(Protocol):
         ``guest_spec``).  Raises InvalidArgument for a source that does not
         exist, Internal when a mount fails."""
 
+    def guest_image(self) -> tuple[str, dict[str, Any]] | None:
+        """The id and manifest of the image the guest booted (a VM), or None
+        when the agent runs on the host (its paths are the host's)."""
+
     async def unshare_rootfs(self, container_id: str, host_path: Path) -> None:
         """Undo ``share_rootfs`` and ``share_volumes``; idempotent, and safe
         after a partial share."""

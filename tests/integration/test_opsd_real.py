@@ -26,11 +26,9 @@ About 70 s on a quiet 2-core machine: three release installs in parallel
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,7 +38,7 @@ import pytest
 
 from shim.api import SandboxDir
 from tests.containerd import Containerd, leftovers
-from tests.opsd_harness import REPO, Opsd, opsctl, plan, sandboxes
+from tests.opsd_harness import Opsd, install_releases, opsctl, plan, sandboxes
 from tests.workloads import CtrCounter
 from upgrade.releases import Release, ReleaseStore
 
@@ -55,44 +53,17 @@ BROKEN_PATCH = ("agent/_resume.py",
                 "    _real_load(config, fds)\n"
                 "    raise RuntimeError('simulated crash while resuming')\n")
 PODS = 3
-#: Not copied into a release's source: VCS data, virtualenvs, caches, the tests.
-_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "venv*", "__pycache__", "*.egg-info",
-                                     "build", "dist", ".*_cache", ".hypothesis", "tests")
 
 
 # --- releases -----------------------------------------------------------------
-
-def release_source(tmp: Path, version: str, patch: tuple[str, str] | None = None) -> Path:
-    """This working tree with *version* in pyproject.toml (and *patch* appended to a module)."""
-    src = tmp / f"src-{version}"
-    shutil.copytree(REPO, src, ignore=_NOT_SOURCE)
-    py = src / "pyproject.toml"
-    py.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', py.read_text()))
-    if patch is not None:
-        with open(src / patch[0], "a") as f:
-            f.write("\n" + patch[1])
-    return src
-
 
 @pytest.fixture(scope="module")
 def releases(containerd: Containerd) -> Iterator[ReleaseStore]:
     """A (current), B and BROKEN installed by ``opsctl release install``, in parallel."""
     tmp = Path(tempfile.mkdtemp(prefix="keel-opsd-rel-", dir="/tmp"))
-    root = tmp / "releases"
-    sources = {A: release_source(tmp, A), B: release_source(tmp, B),
-               BROKEN: release_source(tmp, BROKEN, BROKEN_PATCH)}
-
-    def install(version: str) -> subprocess.CompletedProcess[str]:
-        return opsctl(tmp / "no-opsd.sock", "release", "--releases", str(root), "--state-root",
-                      str(containerd.paths.tmp_root / "keel"), "install", str(sources[version]),
-                      "--no-build-isolation", *(["--current"] if version == A else []))
-
     try:
-        with concurrent.futures.ThreadPoolExecutor(len(sources)) as pool:
-            done = dict(zip(sources, pool.map(install, sources), strict=True))
-        for version, r in done.items():
-            assert r.returncode == 0 and f"installed keel {version}" in r.stdout, r
-        store = ReleaseStore(root)
+        store = install_releases(tmp, tmp / "releases", containerd.paths.tmp_root / "keel",
+                                 {A: None, B: None, BROKEN: BROKEN_PATCH}, current=A)
         assert [(r.version, r.is_current) for r in store.list()] == [
             (A, True), (B, False), (BROKEN, False)]
         yield store

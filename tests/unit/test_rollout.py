@@ -56,6 +56,8 @@ class FakeShims:
         self.hooks: dict[tuple[str, str, str], Callable[[Box], None]] = {}
         #: Sandboxes whose answering shim is not their live owner: why.
         self.not_owner: dict[str, str] = {}
+        #: Sandboxes whose guest cannot run a release's agent: why (CheckAgentRelease).
+        self.agent_problems: dict[str, str] = {}
 
     def ids(self) -> list[str]:
         return sorted(self.boxes)
@@ -70,6 +72,9 @@ class FakeShims:
 
     def owner_problem(self, view: SandboxView) -> str | None:
         return self.not_owner.get(view.id)
+
+    async def agent_release_problem(self, sandbox_id: str, agent_path: Path) -> str | None:
+        return self.agent_problems.get(sandbox_id)
 
     async def upgrade(self, sandbox_id: str, component: str, path: Path,
                       to_version: str) -> Switched:
@@ -339,6 +344,22 @@ def test_refusals_touch_nothing(tmp_path: Path, req: UpgradeRequest, error: type
     with pytest.raises(error, match=text):
         asyncio.run(m.start(req))
     assert shims.boxes == before and plan_store(tmp_path / "st").load() is None
+
+
+def test_a_guest_that_cannot_run_the_agent_refuses_the_plan(tmp_path: Path) -> None:
+    """A VM whose image lacks what the release's agent needs (the shim says so)
+    refuses the whole plan before any sandbox moves; a shim-only upgrade goes."""
+    shims = fleet(2)
+    shims.agent_problems["sb1"] = "release 0.2.0 needs guest image format 2 or newer"
+    before = copy.deepcopy(shims.boxes)
+    m = _manager(tmp_path, shims, "0.1.0", "0.2.0")
+    with pytest.raises(FailedPrecondition, match=r"no sandbox touched:\n  sb1: agent: release"
+                                                 r" 0.2.0 needs guest image format 2"):
+        asyncio.run(m.start(UpgradeRequest("0.2.0")))
+    assert shims.boxes == before and plan_store(tmp_path / "st").load() is None
+    plan, _notes = asyncio.run(m.start(UpgradeRequest("0.2.0", components=("shim",),
+                                                      dry_run=True)))
+    assert [t.sandbox_id for t in plan.targets] == ["sb0", "sb1"]
 
 
 def test_unreadable_plan_file_disables_upgrades_and_is_kept(tmp_path: Path) -> None:

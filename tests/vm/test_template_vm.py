@@ -1,7 +1,8 @@
 """VM templates: the first sandbox builds a template, sandboxes are clones of
 it (each reseeded: RNG, clock; its agent preloaded; its RAM a copy-on-write
-mapping of the template's memory file), and a corrupt template falls back
-to a cold boot and is discarded."""
+mapping of the template's memory file); a clone's agent upgrades in place
+from a release's staged bundle as a cold-booted VM's does; and a corrupt
+template falls back to a cold boot and is discarded."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from keel import release
+from shim._agent_upgrade import upgrade_agent
 from shim._agentconn import AgentConnection
-from shim.vmm.qemu import QemuBackend, QemuSandbox, image
+from shim.vmm.qemu import QemuBackend, QemuSandbox, guest_release, image
 from tests.vm.conftest import AGENT_TIMEOUT_S, config, connect, remove_tree, spec, vms_of
 from tests.vm.helpers import make_rootfs, run_container
 
@@ -106,6 +110,31 @@ def _memory(pid: int) -> dict[str, int]:
     return {k: fields[k] for k in ("Rss", "Pss")}
 
 
+def _release_with_bundle(root: Path) -> Path:
+    """A release directory of this tree's version holding only what a VM agent
+    upgrade reads: ``bin/keel-agent`` (a file) and the guest bundle."""
+    rel = root / release.version()
+    (rel / "bin").mkdir(parents=True)
+    (rel / "bin" / "keel-agent").write_text("#!/bin/false\n")
+    guest_release.build(rel / "guest")
+    return rel
+
+
+async def _upgrade_agent(vm: QemuSandbox, conn: AgentConnection, rel: Path) -> None:
+    """The shim's agent upgrade (shim/_agent_upgrade.py) against *vm*: check, stage, exec."""
+    sb = SimpleNamespace(id=vm.files.root.name, vm=vm, agent=conn, persist=lambda: None,
+                         config=SimpleNamespace(agent_timeout_s=AGENT_TIMEOUT_S))
+    r = await upgrade_agent(sb, str(rel / "bin" / "keel-agent"), rel.name)  # type: ignore[arg-type]
+    assert (r.to_version, r.rolled_back, r.message) == (rel.name, False, "upgraded"), r
+    log = vm.files.agent_log.read_text(errors="replace")
+    staged = re.findall(r"staged release (\S+) \(\d+ bytes, sha256 \w+\) in (\S+)", log)
+    assert staged and staged[-1][0] == rel.name, log[-3000:]
+    assert staged[-1][1].startswith("/run/keel/agent/releases/"), staged
+    assert log.count("resumed and ready") == 1, log[-3000:]
+    print(f"[vm] clone {sb.id}: agent upgraded to the staged {staged[-1][1]} in place,"
+          f" gap {r.gap_s * 1000:.0f} ms")
+
+
 def test_template_clones(vm_image: image.Image, work: Path) -> None:
     rootfs = make_rootfs(work / "rootfs")
     backend = QemuBackend(config(vm_image, template=True, template_dir=work / "tpl",
@@ -136,6 +165,10 @@ def test_template_clones(vm_image: image.Image, work: Path) -> None:
                       f"load {os.getloadavg()[0]:.1f}")
                 agents = [c.hello.boot_id if c.hello else "" for c in (conn1, conn2)]
                 checks = [_random_check(vm) for vm in (vm1, vm2)]
+            # A clone's agent upgrades as a cold-booted VM's does: a release's
+            # bundle staged into the guest, exec'd in place, then serving.
+            await _upgrade_agent(vm1, conn1, _release_with_bundle(work / "releases"))
+            assert (await _probe(vm1, conn1, rootfs))[0] == id1  # the same guest
         print(f"[vm] clones: boot ids {id1} / {id2}, urandom {rand1} / {rand2}, agent boot ids "
               f"{agents}, agent random checks {checks}")
         assert id1 != id2, "clones share the template's boot id"

@@ -93,6 +93,9 @@ class ProcessSandbox:
 
         return dial
 
+    def guest_image(self) -> None:
+        return None  # the agent runs on the host: a release's paths are its own
+
     def pod_netns(self) -> str | None:
         return None  # the agent and the containers live in the pod's namespace itself
 

@@ -66,8 +66,10 @@ class QemuBackend:
     def __init__(self, config: QemuConfig | None = None) -> None:
         self.config = config if config is not None else load()
 
-    def _image(self) -> tuple[str, Path, Path, Path]:
+    def _image(self) -> tuple[tuple[str, Path, Path, Path], str]:
+        """(id, kernel, initrd, guest root), and the image's directory ("" for a custom one)."""
         cfg = self.config
+        where = ""
         if cfg.kernel and cfg.initrd and cfg.rootfs:
             parts = ("custom", cfg.kernel, cfg.initrd, cfg.rootfs)
         else:
@@ -78,10 +80,11 @@ class QemuBackend:
             except NotFound as exc:
                 raise Unavailable(str(exc)) from exc
             parts = (img.id, cfg.kernel or img.kernel, cfg.initrd or img.initrd, cfg.rootfs or img.rootfs)
+            where = str(img.dir)
         for what, path in zip(("kernel", "initrd", "guest root"), parts[1:], strict=True):
             if not path.exists():
                 raise Unavailable(f"guest {what} {path} does not exist")
-        return parts
+        return parts, where
 
     async def launch(self, spec: LaunchSpec) -> QemuSandbox:
         """Start the VM; returns once qemu runs (the agent answers seconds later).
@@ -100,7 +103,7 @@ class QemuBackend:
         cfg = self.config
         files = SandboxDir(spec.root)
         files.check_sockets(PORTS)
-        image_id, kernel, initrd, rootfs = self._image()
+        (image_id, kernel, initrd, rootfs), image_dir = self._image()
         qemu = shutil.which(cfg.qemu)
         if qemu is None:
             raise Unavailable(f"{cfg.qemu} not found (apt-get install qemu-system-x86)")
@@ -109,7 +112,7 @@ class QemuBackend:
         memory = max(cfg.memory_mib, spec.memory_mib) + spec.workload_memory_mib
         nic, tap_fd = await self._attach_network(spec)
         info = {"accel": accel.name, "accel_reason": accel.reason, "machine": cfg.machine,
-                "image": image_id, "vcpus": vcpus, "memory_mib": memory, "qemu": qemu,
+                "image": image_id, "image_dir": image_dir, "vcpus": vcpus, "memory_mib": memory, "qemu": qemu,
                 "base_vcpus": vcpus - spec.workload_vcpus,
                 "base_memory_mib": memory - spec.workload_memory_mib}
         if cfg.template and nic is None:

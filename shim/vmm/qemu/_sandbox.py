@@ -79,6 +79,21 @@ class QemuSandbox:
         except KeyError:
             raise InvalidArgument(f"unknown channel {channel!r} (known: {', '.join(PORTS)})") from None
 
+    def guest_image(self) -> tuple[str, dict[str, Any]]:
+        """The booted image's id and manifest (``{}`` when it cannot be read: a
+        custom kernel/initrd/root, or an image removed since)."""
+        image_id = str(self.info.get("image", ""))
+        from shim.vmm.qemu import image  # not at import: `python -m ...image` runs it
+
+        where = self.info.get("image_dir") or image.default_dir() / f"img-{image_id}"
+        try:
+            doc = json.loads((Path(where) / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("sandbox %s: cannot read the manifest of its image %s: %s",
+                        self.files.root.name, image_id, exc)
+            return image_id, {}
+        return image_id, doc if isinstance(doc, dict) and doc.get("id") == image_id else {}
+
     def pod_netns(self) -> str | None:
         netns = (self.info.get("network") or {}).get("netns")
         return str(netns) if netns else None

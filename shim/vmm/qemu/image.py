@@ -54,6 +54,8 @@ class Image:
     initrd: Path
     rootfs: Path
     manifest: dict[str, object]
+    #: The ``img-<id>`` directory (its manifest.json).
+    dir: Path
 
 
 def default_dir() -> Path:
@@ -77,7 +79,7 @@ def load(path: Path | None = None) -> Image:
     except ValueError as exc:
         raise Internal(f"{manifest_path}: corrupt manifest: {exc}") from exc
     return Image(id=str(doc["id"]), kernel=Path(doc["kernel"]), initrd=Path(doc["initrd"]),
-                 rootfs=Path(doc["rootfs"]), manifest=doc)
+                 rootfs=Path(doc["rootfs"]), manifest=doc, dir=manifest_path.resolve().parent)
 
 
 def _apt_show(packages: list[str]) -> dict[str, dict[str, str]]:

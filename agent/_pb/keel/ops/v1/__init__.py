@@ -107,6 +107,47 @@ class UpgradeShimResponse(betterproto.Message):
     freeze_ms: float = betterproto.double_field(4)
 
 
+@dataclass(eq=False, repr=False)
+class StageReleaseRequest(betterproto.Message):
+    version: str = betterproto.string_field(1)
+    """The release the bundle holds (its keel/RELEASE names the same)."""
+
+    sha256: str = betterproto.string_field(2)
+    """sha256 (hex) of the whole bundle, a tar of the agent's packages."""
+
+    size: int = betterproto.uint64_field(3)
+    offset: int = betterproto.uint64_field(4)
+    """
+    Where data goes; the first chunk is at 0, each next one where the last ended.
+    """
+
+    data: bytes = betterproto.bytes_field(5)
+
+
+@dataclass(eq=False, repr=False)
+class StageReleaseResponse(betterproto.Message):
+    received: int = betterproto.uint64_field(1)
+    """Bytes the agent holds of this bundle."""
+
+    path: str = betterproto.string_field(2)
+    """
+    Set once the bundle is whole, verified and unpacked: the tree to give
+     UpgradeAgent as agent_path.  Set at once when it was staged before.
+    """
+
+
+@dataclass(eq=False, repr=False)
+class CheckAgentReleaseRequest(betterproto.Message):
+    agent_path: str = betterproto.string_field(1)
+    """The agent entry point of an installed release, as for UpgradeAgent."""
+
+
+@dataclass(eq=False, repr=False)
+class CheckAgentReleaseResponse(betterproto.Message):
+    problem: str = betterproto.string_field(1)
+    """Empty when the agent could run that release; else why not."""
+
+
 class OpsServiceStub(betterproto.ServiceStub):
     async def health(
         self,
@@ -137,6 +178,23 @@ class OpsServiceStub(betterproto.ServiceStub):
             "/keel.ops.v1.OpsService/UpgradeAgent",
             upgrade_agent_request,
             UpgradeAgentResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def stage_release(
+        self,
+        stage_release_request: "StageReleaseRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "StageReleaseResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.OpsService/StageRelease",
+            stage_release_request,
+            StageReleaseResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
@@ -195,6 +253,23 @@ class ShimOpsStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
+    async def check_agent_release(
+        self,
+        check_agent_release_request: "CheckAgentReleaseRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "CheckAgentReleaseResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/CheckAgentRelease",
+            check_agent_release_request,
+            CheckAgentReleaseResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class OpsServiceBase(ServiceBase):
 
@@ -204,6 +279,11 @@ class OpsServiceBase(ServiceBase):
     async def upgrade_agent(
         self, upgrade_agent_request: "UpgradeAgentRequest"
     ) -> "UpgradeAgentResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def stage_release(
+        self, stage_release_request: "StageReleaseRequest"
+    ) -> "StageReleaseResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def __rpc_health(
@@ -220,6 +300,13 @@ class OpsServiceBase(ServiceBase):
         response = await self.upgrade_agent(request)
         await stream.send_message(response)
 
+    async def __rpc_stage_release(
+        self, stream: "grpclib.server.Stream[StageReleaseRequest, StageReleaseResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.stage_release(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/keel.ops.v1.OpsService/Health": grpclib.const.Handler(
@@ -233,6 +320,12 @@ class OpsServiceBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 UpgradeAgentRequest,
                 UpgradeAgentResponse,
+            ),
+            "/keel.ops.v1.OpsService/StageRelease": grpclib.const.Handler(
+                self.__rpc_stage_release,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                StageReleaseRequest,
+                StageReleaseResponse,
             ),
         }
 
@@ -250,6 +343,11 @@ class ShimOpsBase(ServiceBase):
     async def upgrade_agent(
         self, upgrade_agent_request: "UpgradeAgentRequest"
     ) -> "UpgradeAgentResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def check_agent_release(
+        self, check_agent_release_request: "CheckAgentReleaseRequest"
+    ) -> "CheckAgentReleaseResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def __rpc_status(
@@ -273,6 +371,14 @@ class ShimOpsBase(ServiceBase):
         response = await self.upgrade_agent(request)
         await stream.send_message(response)
 
+    async def __rpc_check_agent_release(
+        self,
+        stream: "grpclib.server.Stream[CheckAgentReleaseRequest, CheckAgentReleaseResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.check_agent_release(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/keel.ops.v1.ShimOps/Status": grpclib.const.Handler(
@@ -292,5 +398,11 @@ class ShimOpsBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 UpgradeAgentRequest,
                 UpgradeAgentResponse,
+            ),
+            "/keel.ops.v1.ShimOps/CheckAgentRelease": grpclib.const.Handler(
+                self.__rpc_check_agent_release,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                CheckAgentReleaseRequest,
+                CheckAgentReleaseResponse,
             ),
         }
