@@ -1,6 +1,6 @@
 """Run the benchmarks and print keel's figures next to the baseline's, measured in the same run.
 
-    python -m bench.run [--quick] [--only core|upgrade|vm ...] [--json FILE]
+    python -m bench.run [--quick] [--only core|upgrade|vm|vm-upgrade ...] [--json FILE]
                         [--pods N] [--batch K]
 
 * core (issue 2): keel (process backend) vs the runc shim: `ctr run --rm`,
@@ -8,7 +8,9 @@
 * upgrade (issue 3): shim freeze window, agent upgrade gap, a rolling
   upgrade of N pods through opsd against stopping and starting them;
 * vm: the qemu backend (TCG where KVM is missing): boot to agent ready,
-  `ctr run --rm`, host memory per idle VM sandbox.
+  `ctr run --rm`, host memory per idle VM sandbox;
+* vm-upgrade (issue 18): a VM sandbox's shim freeze window and agent
+  upgrade gap next to the process backend's.
 
 Needs root, containerd, ctr, runc and busybox-static (the same as the
 integration tests).  Every benchmark runs on its own private containerd
@@ -95,7 +97,18 @@ def bench_vm(args: argparse.Namespace) -> tuple[str, tuple[str, str], list[Row],
     return "qemu backend (boot, ctr run, memory)", NAMES, rows, raw
 
 
-BENCHES: dict[str, Bench] = {"core": bench_core, "upgrade": bench_upgrade, "vm": bench_vm}
+def bench_vm_upgrade(args: argparse.Namespace
+                     ) -> tuple[str, tuple[str, str], list[Row], dict[str, Any]]:
+    from bench.upgrade_vm import NAMES, VmUpgradeConfig, run_vm_upgrade
+
+    cfg = VmUpgradeConfig.quick() if args.quick else VmUpgradeConfig()
+    rows, raw = run_vm_upgrade(cfg)
+    return (f"issue 18: live upgrade of a VM sandbox ({raw.get('accel') or '?'}) next to the"
+            f" process backend", NAMES, rows, raw)
+
+
+BENCHES: dict[str, Bench] = {"core": bench_core, "upgrade": bench_upgrade, "vm": bench_vm,
+                             "vm-upgrade": bench_vm_upgrade}
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

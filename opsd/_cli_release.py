@@ -55,6 +55,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     release = store.install(Path(args.source), force=args.force, in_use=users,
                             no_deps=args.no_deps, build_isolation=not args.no_build_isolation,
                             python=args.python, progress=lambda line: print(line, flush=True))
+    if args.guest_image is not None:
+        store.build_guest_image(release.version, Path(args.guest_image) if args.guest_image else None,
+                                progress=lambda line: print(line, flush=True))
     if args.current:
         store.set_current(release.version)
         print(f"current -> {release.version}")
@@ -77,7 +80,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     ReleaseStore(args.releases).remove(args.version, in_use(args))
-    print(f"removed release {args.version}")
+    print(f"removed release {args.version} (guest images stay: `python -m shim.vmm.qemu.image"
+          f" prune` removes those no release names and no VM runs)")
     return 0
 
 
@@ -102,6 +106,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     inst.add_argument("--no-build-isolation", action="store_true",
                       help="build with this Python's setuptools (offline)")
     inst.add_argument("--python", help="interpreter for the release's venv (this one's base)")
+    inst.add_argument("--guest-image", nargs="?", const="", default=None, type=str,
+                      metavar="DIR",
+                      help="also build or reuse the release's guest image for VM sandboxes"
+                           " (in DIR, default $KEEL_IMAGE_DIR or /var/cache/keel/image); the"
+                           " release's shims boot it.  Needs root, apt lists and debootstrap")
     inst.set_defaults(func=cmd_install)
     ls = rsub.add_parser("list", help="installed releases (* = current)")
     ls.add_argument("--json", action="store_true")

@@ -63,16 +63,18 @@ def release_source(tmp: Path, version: str, patch: tuple[str, str] | None = None
 
 
 def install_releases(tmp: Path, root: Path, state_root: Path,
-                     versions: dict[str, tuple[str, str] | None], current: str) -> ReleaseStore:
+                     versions: dict[str, tuple[str, str] | None], current: str,
+                     options: dict[str, tuple[str, ...]] | None = None) -> ReleaseStore:
     """``opsctl release install`` of a source per version (*versions* maps each
-    to its patch or None), in parallel, into *root*; *current* becomes current.
-    Each install must succeed."""
+    to its patch or None), in parallel, into *root*; *current* becomes current;
+    *options* adds install options per version.  Each install must succeed."""
     sources = {v: release_source(tmp, v, patch) for v, patch in versions.items()}
 
     def install(version: str) -> subprocess.CompletedProcess[str]:
         return opsctl(tmp / "no-opsd.sock", "release", "--releases", str(root), "--state-root",
                       str(state_root), "install", str(sources[version]), "--no-build-isolation",
-                      *(["--current"] if version == current else []), timeout=600)
+                      *(["--current"] if version == current else []),
+                      *(options or {}).get(version, ()), timeout=600)
 
     with concurrent.futures.ThreadPoolExecutor(len(sources)) as pool:
         done = dict(zip(sources, pool.map(install, sources), strict=True))

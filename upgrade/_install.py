@@ -169,6 +169,26 @@ def guest_agent(python: Path, release: Path, progress: Progress, *, no_deps: boo
              f" will be refused")
 
 
+def guest_image(release: Path, out: Path | None, progress: Progress) -> None:
+    """Have the installed *release* build (or reuse) its guest image in *out*
+    (default: the image cache) and record it in the release (its shims boot
+    it).  FailedPrecondition with the build's last lines if it fails."""
+    argv = [str(release / "bin/python"), "-I", "-m", "shim.vmm.qemu.image", "build",
+            "--release", str(release), *(["--out", str(out)] if out else [])]
+    progress(f"building or reusing the guest image of {release.name} (the first build of a"
+             f" node takes a few minutes)")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_own_env())
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stdout:
+        progress(f"  image: {line.rstrip()}")
+        tail = [*tail[-14:], line.rstrip()]
+    if proc.wait() != 0:
+        raise FailedPrecondition(f"building the guest image of {release.name} failed (exit"
+                                 f" {proc.returncode}):\n" + "\n".join("  | " + t for t in tail))
+
+
 def relocate(stage: Path, final: Path) -> None:
     """Rewrite *stage*'s absolute path to *final* in bin/ scripts and pyvenv.cfg."""
     old, new = str(stage).encode(), str(final).encode()

@@ -6,6 +6,7 @@ Layout (DESIGN section 6), root default ``/opt/keel/releases``::
     <root>/<version>/bin/containerd-shim-keel-v2, bin/keel-agent, bin/opsd ...
     <root>/<version>/keel-release.json  manifest (versioned, see MANIFEST_KIND)
     <root>/<version>/guest/agent.tar, agent.json   what a VM receives to run its agent
+    <root>/<version>/guest/image.json   the guest image its install built (--guest-image)
     <root>/current -> <version>       what new sandboxes start
     <root>/.<version>.tmp/            an install in progress (never listed)
 
@@ -252,6 +253,13 @@ class ReleaseStore:
         manifest_store(stage).save(Manifest(
             version=version, installed_at=time.time(), source=str(wheel.name),
             shim_state_schema=facts.get("shim_state"), agent_state_schema=facts.get("agent_state")))
+
+    def build_guest_image(self, version: str, out: Path | None = None,
+                          progress: Progress = lambda _line: None) -> None:
+        """Have release *version* build or reuse its guest image (``out``: the
+        image cache, default ``$KEEL_IMAGE_DIR`` or /var/cache/keel/image) and
+        record it in ``<release>/guest/image.json``: its shims boot that image."""
+        _build.guest_image(self.get(version).path, out, progress)
 
     def _current_name(self) -> str | None:
         try:

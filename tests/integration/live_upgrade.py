@@ -1,7 +1,7 @@
 """Live upgrade under a real containerd: releases side by side, the counter
 of tests/workloads.py started on one, the sandbox's ShimOps endpoint and
-opsd, shared by the test_live_upgrade*.py modules (and by
-tests/vm/test_upgrade_vm.py).
+opsd, shared by the test_live_upgrade*.py modules (and ``shim_ops`` by
+tests/vm/test_upgrade_vm_releases.py).
 
 Releases are ``<root>/<version>/`` with ``bin/containerd-shim-keel-v2`` and
 ``bin/keel-agent`` (the layout of upgrade/releases.py), each running its own

@@ -26,8 +26,12 @@ exit code, nothing left.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +87,7 @@ def releases(vm_containerd: Containerd, versions: dict[str, str]) -> Iterator[Re
         yield install_releases(
             tmp, tmp / "releases", vm_containerd.paths.tmp_root / "keel",
             {v["A"]: None, v["B"]: None, v["BROKEN"]: BROKEN_PATCH, v["NEWIMG"]: NEWIMG_PATCH},
-            current=v["A"])
+            current=v["A"], options={v["B"]: ("--guest-image", str(image.default_dir()))})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -125,6 +129,30 @@ def _upgrade(node: Opsd, c: CtrCounter, to: str) -> str:
     assert r.returncode == 0, r.stdout + r.stderr + node.log()[-3000:]
     assert r.stdout.rstrip().endswith(f"succeeded: 1 sandboxes at {to}"), r.stdout
     return r.stdout
+
+
+def test_a_release_install_builds_or_reuses_its_guest_image(
+        vm_image: image.Image, releases: ReleaseStore, versions: dict[str, str]) -> None:
+    """B was installed with ``--guest-image``: it recorded an image of its own
+    release, built on the cached base root (the same as the test image's), and
+    B's own interpreter resolves that image as the one its shims boot."""
+    b = releases.get(versions["B"])
+    recorded = json.loads((b.path / "guest" / "image.json").read_text())
+    img = image.load(Path(recorded["dir"]))
+    assert img.id == recorded["id"] != vm_image.id
+    inputs = img.manifest["inputs"]
+    assert isinstance(inputs, dict) and inputs["keel_release"] == b.version, inputs
+    assert img.rootfs == vm_image.rootfs and img.kernel == vm_image.kernel  # parts reused
+    r = subprocess.run([str(b.path / "bin/python"), "-I", "-c",
+                        "from shim.vmm.qemu import _prune; print(_prune.release_image())"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert (r.returncode, r.stdout.strip()) == (0, str(img.dir)), r
+    # The image of a running VM is not pruned, nor the one a release names.
+    p = subprocess.run([sys.executable, "-m", "shim.vmm.qemu.image", "prune", "--dry-run",
+                        "--releases", str(releases.root)], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert p.returncode == 0, p
+    assert re.search(rf"(?m)^kept img-{img.id}: .*\brelease {re.escape(b.version)}\b", p.stdout), p
 
 
 def test_opsctl_moves_a_vm_pod_between_installed_releases(

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from keel.logs import tail
 from shim.dirs import SandboxDir
 from shim.vmm import _sizing
 from shim.vmm.api import LaunchSpec
-from shim.vmm.qemu import _accel, _cmdline, _mounts, _net, _template
+from shim.vmm.qemu import _accel, _cmdline, _mounts, _net, _prune, _template
 from shim.vmm.qemu._initramfs import PORTS
 from shim.vmm.qemu._sandbox import QemuSandbox
 from shim.vmm.qemu.config import QemuConfig, load
@@ -75,9 +76,18 @@ class QemuBackend:
         else:
             from shim.vmm.qemu import image  # not at import: `python -m ...image` runs it
 
+            # An explicit image; else the one this release's install recorded;
+            # else the cache's newest ("current").
+            recorded = None if cfg.image else _prune.release_image()
             try:
-                img = image.load(cfg.image)
+                img = image.load(cfg.image or recorded)
             except NotFound as exc:
+                if recorded is not None:
+                    raise Unavailable(
+                        f"the guest image this release recorded ({recorded}, in"
+                        f" {sys.prefix}/{_prune.RELEASE_IMAGE}) is missing: build it again with"
+                        f" `{sys.prefix}/bin/python -m shim.vmm.qemu.image build --release"
+                        f" {sys.prefix}`") from exc
                 raise Unavailable(str(exc)) from exc
             parts = (img.id, cfg.kernel or img.kernel, cfg.initrd or img.initrd, cfg.rootfs or img.rootfs)
             where = str(img.dir)

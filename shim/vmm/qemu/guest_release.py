@@ -201,12 +201,15 @@ def _tar(tree: Path) -> bytes:
     return buf.getvalue()
 
 
-def build(out: Path) -> GuestRelease:
-    """Write this interpreter's release's guest bundle into *out* (created)."""
+def build(out: Path, version: str | None = None) -> GuestRelease:
+    """Write this interpreter's release's guest bundle into *out* (created).
+
+    *version* names another release in ``keel/RELEASE`` (benchmarks and tests
+    that dress this code up as two releases); default: this code's own."""
     from shim.vmm.qemu import _rootfs
     from shim.vmm.qemu import image as _image
 
-    version = _release.version()
+    version = version or _release.version()
     with tempfile.TemporaryDirectory(prefix=".guest-") as tmp:
         tree = Path(tmp) / "tree"
         for pkg in _rootfs.KEEL_PACKAGES:

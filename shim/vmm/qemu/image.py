@@ -1,12 +1,16 @@
 """The guest image: build it from Debian packages, cache it, find it.
 
-    python -m shim.vmm.qemu.image build [--out DIR] [--force]
+    python -m shim.vmm.qemu.image build [--out DIR] [--force] [--release DIR]
     python -m shim.vmm.qemu.image show [--out DIR]
+    python -m shim.vmm.qemu.image prune [--out DIR] [--state-root DIR] [--releases DIR] [--dry-run]
 
 An image is a PVH ``vmlinux``, an initramfs and a read-only root
 (``_rootfs``), described by ``manifest.json`` in ``DIR/img-<id>/``;
 ``DIR/current`` points at the newest build.  ``DIR`` defaults to
-``$KEEL_IMAGE_DIR`` or ``/var/cache/keel/image``.
+``$KEEL_IMAGE_DIR`` or ``/var/cache/keel/image``.  ``build --release DIR``
+also records the image in that installed release (``DIR/guest/image.json``):
+that release's shims boot it (``_prune.release_image``).  ``prune`` removes
+the images and parts nothing uses: see :mod:`shim.vmm.qemu._prune`.
 
 Parts are cached by a hash of their inputs and rebuilt only when those
 change: the kernel by its package version, the base root by the Debian
@@ -246,16 +250,40 @@ def _point_current(cache: Path, image_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shim.vmm.qemu import _prune
+
     p = argparse.ArgumentParser(prog="python -m shim.vmm.qemu.image",
-                                description="Build or show the Keel guest image.")
-    p.add_argument("action", choices=("build", "show"))
+                                description="Build, show or prune the Keel guest images.")
+    p.add_argument("action", choices=("build", "show", "prune"))
     p.add_argument("--out", type=Path, default=None,
                    help=f"cache/output directory (default: $KEEL_IMAGE_DIR or {DEFAULT_DIR})")
     p.add_argument("--force", action="store_true", help="rebuild the image even if it is cached")
+    p.add_argument("--release", type=Path, default=None,
+                   help="build: record the image in this installed release (its shims boot it)")
+    p.add_argument("--state-root", type=Path,
+                   default=Path(os.environ.get("KEEL_STATE_ROOT") or "/run/keel"),
+                   help="prune: sandbox state root, for the VMs that run ($KEEL_STATE_ROOT or"
+                        " /run/keel)")
+    p.add_argument("--releases", type=Path, default=Path("/opt/keel/releases"),
+                   help="prune: the releases root (default /opt/keel/releases)")
+    p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     ns = p.parse_args(argv)
     try:
+        if ns.action == "prune":
+            cache = (ns.out or default_dir()).absolute()
+            with _locked(cache):
+                removed, used = _prune.prune(cache, ns.state_root, ns.releases,
+                                             dry_run=ns.dry_run)
+            for image_id, why in sorted(used.reasons.items()):
+                print(f"kept {'img-' + image_id if image_id else '(parts)'}: {'; '.join(why)}")
+            verb = "would remove" if ns.dry_run else "removed"
+            print("\n".join(f"{verb} {name}" for name in removed) or "nothing to remove")
+            return 0
         image = build(ns.out, force=ns.force) if ns.action == "build" else load(ns.out)
-    except (Internal, NotFound) as exc:
+        if ns.action == "build" and ns.release is not None:
+            _prune.record_release_image(ns.release, image.dir, image.id)
+            print(f"release {ns.release.name} boots image {image.id}")
+    except (Internal, NotFound, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if ns.action == "show":
