@@ -87,6 +87,9 @@ class AgentCore:
     def __len__(self) -> int:
         return len(self._containers)
 
+    def container_ids(self) -> list[str]:
+        return list(self._containers)
+
     def processes(self) -> list[Process]:
         return [p for c in self._containers.values() for p in c.processes()]
 

@@ -344,4 +344,5 @@ class OpsService(ops_pb.OpsServiceBase):
             ok=h.ok, agent_version=h.agent_version, api_version=h.api_version,
             agent_pid=h.agent_pid, boot_id=h.boot_id, containers=h.containers,
             uptime_s=h.uptime_s, state_schema=h.state_schema,
+            container_ids=self._core.container_ids(),
         )

@@ -40,7 +40,8 @@ from upgrade.releases import AGENT_ENTRY
 NAMES = ("keel qemu", "keel process")
 #: Seconds a TCG guest may take to answer.
 AGENT_TIMEOUT_S = 120
-_FREEZE_LINE = re.compile(r"freeze ([\d.]+) ms \(quiesce ([\d.]+) ms, new shim restore ([\d.]+) ms")
+_FREEZE_LINE = re.compile(r"freeze ([\d.]+) ms \(quiesce ([\d.]+) ms, new shim restore ([\d.]+) ms:"
+                          r" state [\d.]+ ms, agent check ([\d.]+) ms")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ def run_vm_upgrade(cfg: VmUpgradeConfig) -> tuple[list[Row], dict[str, Any]]:
             both(f"shim freeze max (n={n})", "freeze_ms", max, "p99 <= 50 ms"),
             both("  of which quiesce p50", "quiesce_ms", median),
             both("  of which new shim restore p50", "restore_ms", median),
+            both("    of which the agent check (ops Health) p50", "agent_check_ms", median),
             both(f"agent upgrade gap p50 (n={m})", "gap_ms", median),
             both(f"agent upgrade gap max (n={m})", "gap_ms", max, "<= 2000 ms (TCG)"),
             both(f"UpgradeAgent call p50 (staging + preflight, n={m})", "agent_call_ms", median)]
@@ -98,12 +100,13 @@ def _one_backend(backend: str, img: image.Image, versions: tuple[str, str],
         freeze, call = asyncio.run(_handoffs(stage, cid, releases, (b, a), cfg.handoffs))
         _check_alive(stage, cid)
         parts = [tuple(float(x) for x in m.groups())
-                 for m in _FREEZE_LINE.finditer(stage.ctd.log_text())] or [(nan, nan, nan)]
+                 for m in _FREEZE_LINE.finditer(stage.ctd.log_text())] or [(nan, nan, nan, nan)]
         progress(f"vm-upgrade: {backend}: {cfg.agent_upgrades} agent upgrades {a} <-> {b}")
         gaps, calls = asyncio.run(_agent_upgrades(sock, releases, (b, a), cfg.agent_upgrades))
         _check_alive(stage, cid)
     out.update(freeze_ms=freeze, upgrade_shim_call_ms=call, gap_ms=gaps, agent_call_ms=calls,
-               quiesce_ms=[x[1] for x in parts], restore_ms=[x[2] for x in parts])
+               quiesce_ms=[x[1] for x in parts], restore_ms=[x[2] for x in parts],
+               agent_check_ms=[x[3] for x in parts])
     return out
 
 

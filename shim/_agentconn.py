@@ -29,7 +29,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
 
-from agent.api import API_VERSION, MIN_API_VERSION, pb
+from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
 from keel import retry
 from keel.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
 from keel.grpc import NO_STATUS_DETAILS, guest_text, limit_messages, quiet_h2_frames
@@ -106,6 +106,18 @@ class AgentConnection:
         self._hello_generation = -1
         self._hello_lock = asyncio.Lock()
         self.hello: pb.HelloResponse | None = None
+        self._version_hint = ""
+
+    @property
+    def agent_version(self) -> str:
+        """The agent's version from its last Hello; before any, what the ops
+        channel said (:meth:`note_version`), else ""."""
+        return self.hello.agent_version if self.hello else self._version_hint
+
+    def note_version(self, version: str) -> None:
+        """The agent's version as its ops channel reported it (a handoff checks
+        the agent there, then dials this connection after commit)."""
+        self._version_hint = guest_text(version, MAX_VERSION_CHARS)
 
     async def _ensure_hello(self, timeout: float | None = None) -> None:
         """Say Hello on a new connection; *timeout* caps the call (default: the connection's)."""
@@ -223,6 +235,31 @@ class AgentConnection:
 
     def close(self) -> None:
         self._channel.close()
+
+
+async def ops_call(dialer: Dialer | DialChannel,
+                   call: Callable[[ops_pb.OpsServiceStub], Awaitable[T]], timeout: float) -> T:
+    """One OpsService call, within *timeout* s, on a connection of its own (or
+    on *dialer* itself when it is a connected channel, which stays open).
+
+    The ops channel needs no session (no Hello), so unlike
+    :meth:`AgentConnection.call` this never dials the agent channel.
+    Raises DeadlineExceeded, Unavailable, or the agent's error as ours."""
+    own = not isinstance(dialer, DialChannel)
+    channel = DialChannel(dialer) if not isinstance(dialer, DialChannel) else dialer
+    try:
+        async with asyncio.timeout(timeout):
+            return await call(ops_pb.OpsServiceStub(channel))
+    except TimeoutError:
+        raise DeadlineExceeded(f"agent did not answer on the ops channel within {timeout:g}s"
+                               ) from None
+    except GRPCError as exc:
+        raise _guest_error(exc) from exc
+    except _TRANSIENT as exc:
+        raise Unavailable(f"agent unreachable on the ops channel: {exc!r}") from exc
+    finally:
+        if own:
+            channel.close()
 
 
 def _guest_error(exc: GRPCError) -> Exception:

@@ -164,8 +164,9 @@ class Daemon:
 
         return document(record)
 
-    async def restore(self, doc: dict[str, Any]) -> str:
-        """Take the sandbox over from a handoff's state; what took how long."""
+    async def restore(self, doc: dict[str, Any], ops: Any = None) -> str:
+        """Take the sandbox over from a handoff's state; what took how long.
+        *ops*: a connection to the agent's ops channel made before the freeze."""
         import time
 
         from shim.state import store
@@ -175,12 +176,12 @@ class Daemon:
         record = st.decode_checked(st.migrate(st.parse_doc(doc)))
         await self.handoff.restore(record)
         t.append(time.monotonic())
-        await self.handoff.check_health()
+        how = await self.handoff.check_health(ops)
         t.append(time.monotonic())
         self.handoff.claim()
         t.append(time.monotonic())
         ms = [f"{(b - a) * 1000:.1f}" for a, b in zip(t, t[1:], strict=False)]
-        return f"state {ms[0]} ms, agent dial+check {ms[1]} ms, claim {ms[2]} ms"
+        return f"state {ms[0]} ms, agent check {ms[1]} ms ({how}), claim {ms[2]} ms"
 
     def go_live(self, listener: socket.socket,
                 conns: list[tuple[socket.socket, bytes, list[tuple[int, bytes]]]]) -> None:

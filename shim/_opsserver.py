@@ -27,7 +27,7 @@ class ShimOps(ops_pb.ShimOpsBase):
 
     async def status(self, status_request: ops_pb.StatusRequest) -> ops_pb.StatusResponse:
         sb = self._sb
-        agent = sb.agent.hello.agent_version if sb.agent and sb.agent.hello else ""
+        agent = sb.agent.agent_version if sb.agent else ""
         return ops_pb.StatusResponse(
             sandbox_id=sb.id, shim_version=version(), shim_pid=os.getpid(), agent_version=agent,
             backend=sb.config.backend, namespace=sb.namespace, state_schema=SCHEMA_VERSION,

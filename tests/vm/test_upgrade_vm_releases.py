@@ -186,8 +186,10 @@ def test_opsctl_moves_a_vm_pod_between_installed_releases(
 
         seen = []
         for _ in range(ROUNDS):
-            for to in (b, a):
+            for to, frm in ((b, a), (a, b)):
                 out = _upgrade(node, c, to)
+                # opsd saw the agent's version right after the shim's handoff.
+                assert f"agent {frm} -> {to}" in out, out
                 sb = _at(node, c, to)
                 seen.append((to, sb["shim_pid"], [ln.strip() for ln in out.splitlines()
                                                   if " -> " in ln]))

@@ -38,6 +38,11 @@ class HealthResponse(betterproto.Message):
     """Seconds since the agent process (not this exec image) started."""
 
     state_schema: int = betterproto.uint32_field(8)
+    container_ids: List[str] = betterproto.string_field(9)
+    """
+    The ids of the containers it holds (as many as `containers`; an agent
+     older than this field sends none).
+    """
 
 
 @dataclass(eq=False, repr=False)
