@@ -134,6 +134,10 @@ def _unpack(part: Path, sha: str, version: str, final: Path) -> None:
             if len(members) > MAX_MEMBERS:
                 raise FailedPrecondition(f"the bundle has {len(members)} entries (at most"
                                          f" {MAX_MEMBERS})")
+            # A sparse member's declared size is what it unpacks to, whatever
+            # its bytes: none is accepted, and the sizes may not sum past the cap.
+            if sum(m.size for m in members) > MAX_BYTES:
+                raise FailedPrecondition(f"the bundle unpacks to more than {MAX_BYTES} bytes")
             for m in members:
                 _extract(tar, m, tmp)
         got = (tmp / "keel" / _release.MARKER)
@@ -157,6 +161,8 @@ def _extract(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: Path) -> None:
     if name.is_absolute() or ".." in name.parts or not name.parts or name.parts[0] == ".":
         raise FailedPrecondition(f"the bundle names {m.name[:200]!r}, outside its tree")
     target = dest.joinpath(*name.parts)
+    if m.issparse():
+        raise FailedPrecondition(f"the bundle holds {m.name[:200]!r} as a sparse file")
     if m.isdir():
         target.mkdir(mode=0o755, parents=True, exist_ok=True)
     elif m.isfile():

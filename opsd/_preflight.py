@@ -75,9 +75,14 @@ async def build_plan(req: UpgradeRequest, plan_id: str, shims: Shims,
             continue
         problems += _problems(v, req, release, releases)
         if "agent" in req.components and v.agent_version != req.to_version:
-            # A VM's image must have what the release's agent needs (Python, deps).
+            # A VM's image must have what the release's agent needs (Python,
+            # deps), and what the release it runs now needs, for a rollback.
             if why := await shims.agent_release_problem(v.id, release.agent_path):
                 problems.append(f"{v.id}: agent: {why}")
+            back = next((r for r in releases.list() if r.version == v.agent_version), None)
+            if back is not None and (why := await shims.agent_release_problem(
+                    v.id, back.agent_path)):
+                problems.append(f"{v.id}: agent: a rollback to {back.version} would fail: {why}")
         chosen.append((v.id, v.shim_version, v.agent_version))
     if problems:
         raise FailedPrecondition("upgrade refused, no sandbox touched:\n  " + "\n  ".join(problems))

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.api import ops_pb
-from keel.errors import FailedPrecondition
-from shim._agentconn import DialChannel
+from keel.errors import FailedPrecondition, InvalidArgument, KeelError, Unimplemented
+from keel.grpc import guest_text
+from shim._agentconn import DialChannel, ops_call
 
 if TYPE_CHECKING:
     from shim.sandbox import Sandbox
@@ -40,16 +41,25 @@ STAGE_CHUNK = 1 << 20
 
 
 def _host_release(agent_path: str) -> Path | None:
-    """The release directory of a host agent entry point, or None (a guest path)."""
+    """The release directory of a host agent entry point (``<release>/bin/keel-agent``,
+    links resolved), or None: a path that is not a file on the host is the guest's."""
     path = Path(agent_path)
-    return path.parents[1] if path.is_absolute() and path.is_file() else None
+    if not path.is_absolute() or not path.is_file():
+        return None
+    parents = path.resolve().parents
+    return parents[1] if len(parents) > 1 else None
 
 
-def check_agent_release(sb: Sandbox, agent_path: str) -> str | None:
-    """Why *sb*'s agent could not run the release of *agent_path*, or None.  Reads only."""
+async def check_agent_release(sb: Sandbox, agent_path: str) -> str | None:
+    """Why *sb*'s agent could not run the release of *agent_path*, or None.
+
+    Reads only: the release's guest bundle against the VM's image, and
+    whether the agent can receive a release at all (a StageRelease it must
+    refuse as malformed; an agent older than StageRelease does not know it).
+    """
     image = sb.vm.guest_image() if sb.vm is not None else None
     release_dir = _host_release(agent_path)
-    if image is None or release_dir is None:
+    if sb.vm is None or image is None or release_dir is None:
         return None
     from shim.vmm.qemu import guest_release  # a VM backend: already imported
 
@@ -57,7 +67,24 @@ def check_agent_release(sb: Sandbox, agent_path: str) -> str | None:
         bundle = guest_release.load(release_dir)
     except FailedPrecondition as exc:
         return str(exc)
-    return guest_release.problem(bundle, image[1], image[0])
+    if why := guest_release.problem(bundle, image[1], image[0]):
+        return why
+    try:
+        await ops_call(sb.vm.dialer("ops"), lambda s: s.stage_release(
+            ops_pb.StageReleaseRequest(version=bundle.version, sha256="", size=0)), 10.0)
+    except Unimplemented:
+        return _cannot_stage(sb)
+    except InvalidArgument:
+        pass  # it knows StageRelease
+    except KeelError as exc:
+        return f"the agent does not answer on its ops channel: {exc}"
+    return None
+
+
+def _cannot_stage(sb: Sandbox) -> str:
+    version = sb.agent.agent_version if sb.agent is not None else "?"
+    return (f"its agent ({version}) predates StageRelease and cannot receive another release;"
+            f" restart the pod to boot a newer image")
 
 
 async def _guest_path(sb: Sandbox, agent_path: str) -> str:
@@ -81,11 +108,14 @@ async def _guest_path(sb: Sandbox, agent_path: str) -> str:
         offset = 0
         while True:
             chunk = data[offset:offset + STAGE_CHUNK]
-            r: ops_pb.StageReleaseResponse = await sb.agent.call(
-                stub.stage_release,
-                ops_pb.StageReleaseRequest(version=bundle.version, sha256=bundle.sha256,
-                                           size=bundle.size, offset=offset, data=chunk),
-                timeout=STAGE_CALL_S, attempt_s=None, retry_for=0, resend=False)
+            try:
+                r: ops_pb.StageReleaseResponse = await sb.agent.call(
+                    stub.stage_release,
+                    ops_pb.StageReleaseRequest(version=bundle.version, sha256=bundle.sha256,
+                                               size=bundle.size, offset=offset, data=chunk),
+                    timeout=STAGE_CALL_S, attempt_s=None, retry_for=0, resend=False)
+            except Unimplemented:
+                raise FailedPrecondition(f"sandbox {sb.id}: {_cannot_stage(sb)}") from None
             if r.path:
                 break
             if r.received != offset + len(chunk) or not chunk:
@@ -96,7 +126,7 @@ async def _guest_path(sb: Sandbox, agent_path: str) -> str:
     finally:
         channel.close()
     log.info("staged release %s's agent (%d bytes) in the guest at %s in %.0f ms",
-             bundle.version, bundle.size, r.path[:200],
+             bundle.version, bundle.size, guest_text(r.path, 200),
              (asyncio.get_running_loop().time() - began) * 1000)
     return r.path
 

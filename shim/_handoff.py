@@ -266,9 +266,11 @@ async def _ops_connection(path: Path) -> Any:
     try:
         async with asyncio.timeout(5.0):
             await ops_pb.OpsServiceStub(channel).health(ops_pb.HealthRequest())
-    except Exception as exc:  # noqa: BLE001 - an optimisation: the check dials anew
-        log.info("no ops connection before the freeze (%s); the check will dial", exc)
+    except BaseException as exc:
         channel.close()
+        if not isinstance(exc, Exception):
+            raise
+        log.info("no ops connection before the freeze (%s); the check will dial", exc)
         return None
     return channel
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from grpclib.const import Status
@@ -24,6 +26,21 @@ class ShimOps(ops_pb.ShimOpsBase):
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
         self._sb = daemon.sandbox
+        #: The upgrade running (shim handoff or agent upgrade): one at a time, as
+        #: both use the agent's ops channel, which virtio-serial gives one client.
+        self._upgrading = ""
+
+    @contextlib.contextmanager
+    def _one_upgrade(self, what: str) -> Iterator[None]:
+        if self._upgrading:
+            raise GRPCError(Status.FAILED_PRECONDITION,
+                            f"sandbox {self._sb.id}: {self._upgrading} is running; one upgrade"
+                            f" at a time")
+        self._upgrading = what
+        try:
+            yield
+        finally:
+            self._upgrading = ""
 
     async def status(self, status_request: ops_pb.StatusRequest) -> ops_pb.StatusResponse:
         sb = self._sb
@@ -44,7 +61,8 @@ class ShimOps(ops_pb.ShimOpsBase):
         if not req.shim_path:
             raise GRPCError(Status.INVALID_ARGUMENT, "shim_path is required")
         try:
-            r = await self._daemon.upgrade_shim(req.shim_path)
+            with self._one_upgrade("a shim upgrade"):
+                r = await self._daemon.upgrade_shim(req.shim_path)
         except KeelError as exc:
             raise GRPCError(Status(exc.code.value), str(exc)) from exc
         return ops_pb.UpgradeShimResponse(from_version=r.from_version, to_version=r.to_version,
@@ -55,7 +73,8 @@ class ShimOps(ops_pb.ShimOpsBase):
         if not req.agent_path:
             raise GRPCError(Status.INVALID_ARGUMENT, "agent_path is required")
         try:
-            resp = await upgrade_agent(self._sb, req.agent_path, req.to_version)
+            with self._one_upgrade("an agent upgrade"):
+                resp = await upgrade_agent(self._sb, req.agent_path, req.to_version)
         except KeelError as exc:
             raise GRPCError(Status(exc.code.value), str(exc)) from exc
         return resp
@@ -67,7 +86,7 @@ class ShimOps(ops_pb.ShimOpsBase):
         if not req.agent_path:
             raise GRPCError(Status.INVALID_ARGUMENT, "agent_path is required")
         return ops_pb.CheckAgentReleaseResponse(
-            problem=check_agent_release(self._sb, req.agent_path) or "")
+            problem=await check_agent_release(self._sb, req.agent_path) or "")
 
 
 async def serve_ops(daemon: Daemon) -> Server:

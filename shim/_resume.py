@@ -20,7 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from agent.api import ops_pb, pb
+from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
 from keel.errors import FailedPrecondition
 from keel.lifecycle import State
 from shim import _pumps
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from shim.sandbox import Sandbox
 
 log = logging.getLogger("keel.shim")
+
+
+#: Seconds the agent check inside a handoff's freeze may take over the ops channel.
+FREEZE_CHECK_S = 10.0
 
 
 class SandboxHandoff:
@@ -107,8 +111,9 @@ class SandboxHandoff:
         containers): the agent channel is then dialed by the pumps after
         commit, outside the freeze window (over virtio-serial under TCG a
         dial, Hello and GetState took ~130 ms of it).  An agent whose Health
-        does not name its containers (older than that field) is asked as
-        before, on the agent channel.  *ops*: a connection to the ops channel
+        does not name its containers (older than that field), or is not ok,
+        or speaks an API this shim does not, is asked as before, on the agent
+        channel, whose Hello refuses an API out of range.  *ops*: a connection to the ops channel
         made before the freeze (shim/_handoff.py), else one is dialed."""
         sb = self._sb
         assert sb.agent is not None and sb.vm is not None
@@ -116,7 +121,8 @@ class SandboxHandoff:
         health = await self._ops_health(ops)
         t1 = time.monotonic()
         sb.agent.note_version(health.agent_version)
-        if len(set(health.container_ids)) == health.containers:
+        speaks = MIN_API_VERSION <= health.api_version <= API_VERSION
+        if health.ok and speaks and len(set(health.container_ids)) == health.containers:
             known = set(health.container_ids)
             how = f"ops Health {(t1 - t0) * 1000:.1f} ms"
         else:
@@ -134,8 +140,11 @@ class SandboxHandoff:
     async def _ops_health(self, ops: DialChannel | None) -> ops_pb.HealthResponse:
         sb = self._sb
         assert sb.vm is not None
+        # Inside the freeze: a stuck ops channel fails the handoff (the old shim
+        # thaws) well before the old shim's own deadline.
         return await ops_call(ops or sb.vm.dialer("ops"),
-                              lambda s: s.health(ops_pb.HealthRequest()), sb.config.agent_timeout_s)
+                              lambda s: s.health(ops_pb.HealthRequest()),
+                              min(sb.config.agent_timeout_s, FREEZE_CHECK_S))
 
     def go_live(self) -> None:
         """Start pumps, watchers and the sandbox watch (new shim, after commit)."""

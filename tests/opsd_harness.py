@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import os
@@ -30,8 +31,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,6 +330,26 @@ class Opsd:
 
     def log(self) -> str:
         return (self.base / "opsd.log").read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_opsd(prefix: str, releases: Path, state_root: Path,
+                 timeouts: dict[str, float]) -> Iterator[Opsd]:
+    """A real opsd in a new directory under /tmp named *prefix*..., for the sandboxes
+    under *state_root* and the releases under *releases*; stopped at the end,
+    and then nothing of it may be left under its directory."""
+    from tests.containerd import leftovers
+
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d = Opsd(base, releases=releases, state_root=state_root, timeouts=timeouts)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()
+        found = leftovers(base)
+        shutil.rmtree(base, ignore_errors=True)
+        assert not found, f"left behind by opsd:\n{found}"
 
 
 _AS_NOBODY = """

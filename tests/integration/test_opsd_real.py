@@ -37,8 +37,8 @@ from typing import Any
 import pytest
 
 from shim.api import SandboxDir
-from tests.containerd import Containerd, leftovers
-from tests.opsd_harness import Opsd, install_releases, opsctl, plan, sandboxes
+from tests.containerd import Containerd
+from tests.opsd_harness import Opsd, install_releases, opsctl, plan, running_opsd, sandboxes
 from tests.workloads import CtrCounter
 from upgrade.releases import Release, ReleaseStore
 
@@ -98,17 +98,9 @@ def node(containerd: Containerd, container_ids: Callable[[], str],
 
     Stopped before container_ids checks for leftovers (it depends on it);
     afterwards nothing of it may be left under its own directory."""
-    base = Path(tempfile.mkdtemp(prefix="kopsr-", dir="/tmp"))
-    d = Opsd(base, releases=releases.root, state_root=containerd.paths.tmp_root / "keel",
-             timeouts={"gate": 30, "settle": 30, "status": 5})
-    d.start()
-    try:
+    with running_opsd("kopsr-", releases.root, containerd.paths.tmp_root / "keel",
+                      {"gate": 30, "settle": 30, "status": 5}) as d:
         yield d
-    finally:
-        d.close()
-        found = leftovers(base)
-        shutil.rmtree(base, ignore_errors=True)
-        assert not found, f"left behind by opsd:\n{found}"
 
 
 def reported(node: Opsd, ps: list[CtrCounter]) -> dict[str, dict[str, Any]]:

@@ -305,6 +305,32 @@ def test_a_hostile_tar_is_refused_and_leaves_nothing(root: Path, tmp_path: Path,
     assert not Path("/etc/evil").exists()
 
 
+def _sparse(name: str, declared: int) -> bytes:
+    """A PAX tar holding *name* as a 5-byte sparse file declared as *declared* bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member, body in (("agent/__init__.py", b""), ("keel/RELEASE", b"1.2.3\n")):
+            tar.addfile(_member(member, size=len(body)), io.BytesIO(body))
+        info = _member(name, size=5)
+        info.pax_headers = {"GNU.sparse.size": str(declared), "GNU.sparse.map": "0,5"}
+        tar.addfile(info, io.BytesIO(b"hello"))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("declared", "message"), [
+    (1000, "as a sparse file"),
+    (200 << 20, "unpacks to more than"),  # the cap is checked before anything is written
+])
+def test_a_sparse_member_is_refused(root: Path, tmp_path: Path, declared: int,
+                                    message: str) -> None:
+    """A few bytes that unpack to 200 MiB of the guest's tmpfs (its RAM): refused."""
+    data = _sparse("agent/big", declared)
+    sha = hashlib.sha256(data).hexdigest()
+    with pytest.raises(FailedPrecondition, match=message):
+        asyncio.run(Stager(root, tmp_path / "image").stage("1.2.3", sha, len(data), 0, data))
+    assert list(root.iterdir()) == []
+
+
 @pytest.mark.parametrize(("files", "message"), [
     ({"agent/__init__.py": b"", "keel/RELEASE": b"9.9.9\n"}, "it names '9.9.9'"),
     ({"keel/RELEASE": b"1.2.3\n"}, "not release 1.2.3's agent"),

@@ -74,7 +74,7 @@ def node(tmp_path: Path, vm_process: subprocess.Popen[bytes]) -> tuple[Path, Pat
 
 
 def _names(cache: Path) -> set[str]:
-    return {p.name for p in cache.iterdir()}
+    return {p.name for p in cache.iterdir() if not p.name.startswith(".")}
 
 
 def test_prune_keeps_what_is_used_and_removes_the_rest(node: tuple[Path, Path, Path]) -> None:
@@ -137,3 +137,37 @@ def test_the_cli_prints_what_it_kept_and_removed(node: tuple[Path, Path, Path]) 
     assert "kept img-rel: release 0.2.0" in r.stdout, r.stdout
     assert "would remove img-old" in r.stdout and "would remove img-dead" in r.stdout, r.stdout
     assert (cache / "img-old").is_dir()
+
+
+def test_a_record_that_cannot_be_read_removes_nothing(node: tuple[Path, Path, Path]) -> None:
+    """A corrupt record, or one a newer release wrote, might be a running VM's."""
+    cache, state, releases = node
+    SandboxDir.of(state, "pod-new").create()
+    SandboxDir.of(state, "pod-new").state.write_text(
+        '{"schema_version": 99, "kind": "keel.shim.sandbox"}')
+    before = _names(cache)
+    removed, used = _prune.prune(cache, state, releases)
+    assert removed == [] and _names(cache) == before
+    assert "sandbox pod-new: its state cannot be read" in used.blind, used.blind
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-m", "shim.vmm.qemu.image", "prune", "--out", str(cache),
+                        "--state-root", str(state), "--releases", str(releases)],
+                       capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert r.returncode == 1 and "nothing removed: sandbox pod-new" in r.stderr, r
+    assert _names(cache) == before
+
+
+def test_a_process_naming_an_image_keeps_it(node: tuple[Path, Path, Path]) -> None:
+    """A VM still booting has no record: its command line names its image and parts."""
+    cache, state, releases = node
+    booting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                "-initrd", str(cache / "img-old" / "initramfs.cpio"),
+                                "-virtfs", f"path={cache / 'rootfs-c' / 'root'},readonly=on"])
+    try:
+        removed, used = _prune.prune(cache, state, releases)
+    finally:
+        booting.kill()
+        booting.wait()
+    assert used.reasons["old"] == [f"named by running pid {booting.pid}"]
+    assert removed == ["img-dead", "rootfs-a/root/opt/keel/agent-dead"], removed
+    assert {"img-old", "kernel-3", "rootfs-c"} <= _names(cache)

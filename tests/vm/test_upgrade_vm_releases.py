@@ -43,9 +43,9 @@ from grpclib.exceptions import GRPCError
 
 from agent.api import ops_pb
 from shim.vmm.qemu import image
-from tests.containerd import Containerd, leftovers
+from tests.containerd import Containerd
 from tests.integration.live_upgrade import shim_ops
-from tests.opsd_harness import Opsd, install_releases, opsctl, plan, sandboxes
+from tests.opsd_harness import Opsd, install_releases, opsctl, plan, running_opsd, sandboxes
 from tests.workloads import CtrCounter
 from upgrade.releases import ReleaseStore, version_key
 
@@ -94,18 +94,10 @@ def releases(vm_containerd: Containerd, versions: dict[str, str]) -> Iterator[Re
 
 @pytest.fixture
 def node(vm_containerd: Containerd, releases: ReleaseStore) -> Iterator[Opsd]:
-    base = Path(tempfile.mkdtemp(prefix="kopsv-", dir="/tmp"))
-    # Agent upgrades under TCG take tens of seconds (the new agent imports from 9p).
-    d = Opsd(base, releases=releases.root, state_root=vm_containerd.paths.tmp_root / "keel",
-             timeouts={"gate": 120, "settle": 120, "status": 10})
-    d.start()
-    try:
+    # Agent upgrades under TCG take seconds (the new agent starts under emulation).
+    with running_opsd("kopsv-", releases.root, vm_containerd.paths.tmp_root / "keel",
+                      {"gate": 120, "settle": 120, "status": 10}) as d:
         yield d
-    finally:
-        d.close()
-        found = leftovers(base)
-        shutil.rmtree(base, ignore_errors=True)
-        assert not found, f"left behind by opsd:\n{found}"
 
 
 def _disconnects(ctd: Containerd, cid: str) -> list[str]:
@@ -147,7 +139,7 @@ def test_a_release_install_builds_or_reuses_its_guest_image(
                         "from shim.vmm.qemu import _prune; print(_prune.release_image())"],
                        capture_output=True, text=True, timeout=60, check=False)
     assert (r.returncode, r.stdout.strip()) == (0, str(img.dir)), r
-    # The image of a running VM is not pruned, nor the one a release names.
+    # Pruning keeps the image a release names.
     p = subprocess.run([sys.executable, "-m", "shim.vmm.qemu.image", "prune", "--dry-run",
                         "--releases", str(releases.root)], capture_output=True, text=True,
                        timeout=60, check=False)

@@ -7,13 +7,20 @@ An image is kept when any of these names it:
   or reused: what that release's shims boot, :func:`release_image`);
 - a VM that runs: a sandbox under the state root whose record is a qemu
   VM with this image id and whose qemu process (pid and start time) is
-  alive.  A VM reads its image's kernel, initramfs and root for as long
-  as it runs; removing a release therefore never removes an image, and
-  pruning never removes one a VM uses.
+  alive;
+- a running process whose command line names the image (a VM still
+  booting, before its sandbox has a record; a template build).
 
-What is left after the images are removed: the parts (kernel, busybox,
-base roots) no kept image names, and the agent trees in a kept base root
-that no kept image names.
+A VM reads its image's kernel, initramfs and root for as long as it runs;
+removing a release therefore never removes an image, and pruning never
+removes one a VM uses.  A sandbox whose record cannot be read (corrupt, or
+written by a newer release) might run a VM: then nothing is removed.
+
+What is left after the images are removed: the kernels and base roots no
+kept image (and no running process) names, and the agent trees in a kept
+base root that no kept image names.  The busybox parts, the package cache
+(``debs``) and VM templates are left alone (a template whose image is gone
+falls back to a cold boot).
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel import procfs
-from keel.errors import KeelError
+from keel.errors import KeelError, NotFound
 from shim.dirs import sandboxes
 from shim.state import load_record
 
@@ -57,9 +65,12 @@ def record_release_image(release: Path, image_dir: Path, image_id: str) -> None:
 
 @dataclass(slots=True)
 class Usage:
-    """Why each image id is kept: the reasons, by image id."""
+    """Why each image id is kept: the reasons, by image id; parts a running
+    process names; and, when set, why nothing may be removed at all."""
 
     reasons: dict[str, list[str]] = field(default_factory=dict)
+    parts: set[str] = field(default_factory=set)
+    blind: str = ""
 
     def keep(self, image_id: str, why: str) -> None:
         self.reasons.setdefault(image_id, []).append(why)
@@ -77,7 +88,10 @@ def usage(cache: Path, state_root: Path, releases: Path) -> Usage:
     for sdir in sandboxes(state_root):
         try:
             rec = load_record(sdir)
-        except KeelError:
+        except NotFound:
+            continue  # a sandbox being created: its qemu, if any, is found below
+        except KeelError as exc:  # corrupt, or a newer release's schema: it may run a VM
+            used.blind = f"sandbox {sdir.id}: its state cannot be read ({exc})"
             continue
         vmm = rec.vmm
         image_id, pid = str(vmm.get("image", "")), vmm.get("pid")
@@ -85,7 +99,33 @@ def usage(cache: Path, state_root: Path, releases: Path) -> Usage:
             continue
         if procfs.is_running(pid, int(vmm.get("start_time") or 0)):
             used.keep(image_id, f"VM of sandbox {rec.sandbox_id} (qemu pid {pid})")
+    # Processes that name the cache (a VM still booting has no record yet; a
+    # template build has none): what they name is in use.
+    needles = {str(cache), str(cache.resolve())}
+    named = re.compile("(?:" + "|".join(re.escape(n) for n in needles) + r")/"
+                       r"(img-|kernel-|rootfs-)([^/\x00,]+)")
+    for pid, cmdline in _processes_naming(needles):
+        for kind, name in sorted(set(named.findall(cmdline))):
+            if kind == "img-":
+                used.keep(name, f"named by running pid {pid}")
+            else:
+                used.parts.add(kind + name)
     return used
+
+
+def _processes_naming(needles: set[str]) -> list[tuple[int, str]]:
+    """(pid, command line) of every process whose command line names one of *needles*."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # gone, or not ours to read
+        if any(n in cmdline for n in needles):
+            found.append((int(entry.name), cmdline))
+    return found
 
 
 def prune(cache: Path, state_root: Path, releases: Path, *, dry_run: bool = False
@@ -95,6 +135,8 @@ def prune(cache: Path, state_root: Path, releases: Path, *, dry_run: bool = Fals
     The caller holds the cache's lock (no build runs meanwhile)."""
     used = usage(cache, state_root, releases)
     removed: list[str] = []
+    if used.blind:
+        return removed, used
     kept_manifests: list[dict[str, object]] = []
     blind = False  # a kept image whose manifest cannot be read: its parts are unknown
     for img in sorted(cache.glob("img-*")):
@@ -115,7 +157,7 @@ def prune(cache: Path, state_root: Path, releases: Path, *, dry_run: bool = Fals
     # (Compared by name: the manifests name them by absolute path, the cache
     # may be given through another one.)
     parts = {Path(str(m[k])).parent.name for m in kept_manifests for k in ("kernel", "rootfs")
-             if m.get(k)}
+             if m.get(k)} | used.parts
     agent_dirs = {str(m.get("agent_dir", "")) for m in kept_manifests}
     if blind:
         used.keep("", "a kept image's manifest is unreadable: its parts are kept too")

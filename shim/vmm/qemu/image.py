@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             with _locked(cache):
                 removed, used = _prune.prune(cache, ns.state_root, ns.releases,
                                              dry_run=ns.dry_run)
+            if used.blind:
+                print(f"nothing removed: {used.blind}", file=sys.stderr)
+                return 1
             for image_id, why in sorted(used.reasons.items()):
                 print(f"kept {'img-' + image_id if image_id else '(parts)'}: {'; '.join(why)}")
             verb = "would remove" if ns.dry_run else "removed"
