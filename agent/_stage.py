@@ -25,13 +25,14 @@ import shutil
 import tarfile
 from pathlib import Path, PurePosixPath
 
+from agent.api import STAGE_MAX_BYTES, STAGE_MAX_CHUNK
 from keel import release as _release
 from keel.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger("keel.agent.stage")
 
-MAX_BYTES = 32 << 20
-MAX_CHUNK = 1 << 20
+MAX_BYTES = STAGE_MAX_BYTES
+MAX_CHUNK = STAGE_MAX_CHUNK
 MAX_MEMBERS = 10_000
 _VERSION = re.compile(r"[0-9A-Za-z.+-]{1,64}")
 _SHA = re.compile(r"[0-9a-f]{64}")

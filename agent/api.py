@@ -25,5 +25,10 @@ OPS_PORT = 1025
 #: containers share the guest's, where runc refuses them (``agent/_sysctls.py``).
 NET_SYSCTLS_ANNOTATION = "io.keel.agent.net-sysctls"
 
+#: OpsService.StageRelease: the most a release bundle may weigh, and the
+#: most one call may carry (the agent refuses more; the shim sends no more).
+STAGE_MAX_BYTES = 32 << 20
+STAGE_MAX_CHUNK = 1 << 20
+
 __all__ = ["API_VERSION", "MIN_API_VERSION", "AGENT_PORT", "OPS_PORT", "NET_SYSCTLS_ANNOTATION",
-           "pb", "ops_pb"]
+           "STAGE_MAX_BYTES", "STAGE_MAX_CHUNK", "pb", "ops_pb"]

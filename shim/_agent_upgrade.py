@@ -21,13 +21,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.api import ops_pb
+from agent.api import STAGE_MAX_CHUNK, ops_pb
 from keel.errors import FailedPrecondition, InvalidArgument, KeelError, Unimplemented
 from keel.grpc import guest_text
 from shim._agentconn import DialChannel, ops_call
 
 if TYPE_CHECKING:
     from shim.sandbox import Sandbox
+    from shim.vmm.qemu.guest_release import GuestRelease
 
 log = logging.getLogger("keel.shim")
 
@@ -37,7 +38,6 @@ UPGRADE_HELLO_ATTEMPT_S = 30.0
 UPGRADE_CALL_S = 60.0
 #: Deadline of one StageRelease chunk (a 1 MiB write over virtio-serial, under TCG).
 STAGE_CALL_S = 60.0
-STAGE_CHUNK = 1 << 20
 
 
 def _host_release(agent_path: str) -> Path | None:
@@ -50,6 +50,22 @@ def _host_release(agent_path: str) -> Path | None:
     return parents[1] if len(parents) > 1 else None
 
 
+def _bundle(sb: Sandbox, agent_path: str) -> GuestRelease | None:
+    """The guest bundle *sb*'s VM must receive to run *agent_path*, checked
+    against the image it booted; None when the agent runs on the host or the
+    path is the guest's.  FailedPrecondition naming what does not fit."""
+    image = sb.vm.guest_image() if sb.vm is not None else None
+    release_dir = _host_release(agent_path)
+    if image is None or release_dir is None:
+        return None
+    from shim.vmm.qemu import guest_release  # a VM backend: already imported
+
+    bundle = guest_release.load(release_dir)
+    if why := guest_release.problem(bundle, image[1], image[0]):
+        raise FailedPrecondition(why)
+    return bundle
+
+
 async def check_agent_release(sb: Sandbox, agent_path: str) -> str | None:
     """Why *sb*'s agent could not run the release of *agent_path*, or None.
 
@@ -57,18 +73,12 @@ async def check_agent_release(sb: Sandbox, agent_path: str) -> str | None:
     whether the agent can receive a release at all (a StageRelease it must
     refuse as malformed; an agent older than StageRelease does not know it).
     """
-    image = sb.vm.guest_image() if sb.vm is not None else None
-    release_dir = _host_release(agent_path)
-    if sb.vm is None or image is None or release_dir is None:
-        return None
-    from shim.vmm.qemu import guest_release  # a VM backend: already imported
-
     try:
-        bundle = guest_release.load(release_dir)
+        bundle = _bundle(sb, agent_path)
     except FailedPrecondition as exc:
         return str(exc)
-    if why := guest_release.problem(bundle, image[1], image[0]):
-        return why
+    if bundle is None or sb.vm is None:
+        return None
     try:
         await ops_call(sb.vm.dialer("ops"), lambda s: s.stage_release(
             ops_pb.StageReleaseRequest(version=bundle.version, sha256="", size=0)), 10.0)
@@ -87,44 +97,38 @@ def _cannot_stage(sb: Sandbox) -> str:
             f" restart the pod to boot a newer image")
 
 
-async def _guest_path(sb: Sandbox, agent_path: str) -> str:
+async def _guest_path(sb: Sandbox, stub: ops_pb.OpsServiceStub, agent_path: str) -> str:
     """What *sb*'s agent should exec for *agent_path*: itself outside a VM or for
-    a guest path; else the host release's bundle, checked and staged."""
-    assert sb.vm is not None and sb.agent is not None
-    image = sb.vm.guest_image()
-    release_dir = _host_release(agent_path)
-    if image is None or release_dir is None:
+    a guest path; else the host release's bundle, checked and staged (over *stub*)."""
+    assert sb.agent is not None
+    try:
+        bundle = _bundle(sb, agent_path)
+    except FailedPrecondition as exc:
+        raise FailedPrecondition(f"sandbox {sb.id}: {exc}") from None
+    if bundle is None:
         return agent_path
     from shim.vmm.qemu import guest_release  # a VM backend: already imported
 
-    bundle = guest_release.load(release_dir)
-    if why := guest_release.problem(bundle, image[1], image[0]):
-        raise FailedPrecondition(f"sandbox {sb.id}: {why}")
     data = await asyncio.to_thread(guest_release.read_verified, bundle)
     began = asyncio.get_running_loop().time()
-    channel = DialChannel(sb.vm.dialer("ops"))
-    try:
-        stub = ops_pb.OpsServiceStub(channel)
-        offset = 0
-        while True:
-            chunk = data[offset:offset + STAGE_CHUNK]
-            try:
-                r: ops_pb.StageReleaseResponse = await sb.agent.call(
-                    stub.stage_release,
-                    ops_pb.StageReleaseRequest(version=bundle.version, sha256=bundle.sha256,
-                                               size=bundle.size, offset=offset, data=chunk),
-                    timeout=STAGE_CALL_S, attempt_s=None, retry_for=0, resend=False)
-            except Unimplemented:
-                raise FailedPrecondition(f"sandbox {sb.id}: {_cannot_stage(sb)}") from None
-            if r.path:
-                break
-            if r.received != offset + len(chunk) or not chunk:
-                raise FailedPrecondition(f"the agent holds {r.received} bytes of release"
-                                         f" {bundle.version} after a chunk ending at"
-                                         f" {offset + len(chunk)}")
-            offset = r.received
-    finally:
-        channel.close()
+    offset = 0
+    while True:
+        chunk = data[offset:offset + STAGE_MAX_CHUNK]
+        try:
+            r: ops_pb.StageReleaseResponse = await sb.agent.call(
+                stub.stage_release,
+                ops_pb.StageReleaseRequest(version=bundle.version, sha256=bundle.sha256,
+                                           size=bundle.size, offset=offset, data=chunk),
+                timeout=STAGE_CALL_S, attempt_s=None, retry_for=0, resend=False)
+        except Unimplemented:
+            raise FailedPrecondition(f"sandbox {sb.id}: {_cannot_stage(sb)}") from None
+        if r.path:
+            break
+        if r.received != offset + len(chunk) or not chunk:
+            raise FailedPrecondition(f"the agent holds {r.received} bytes of release"
+                                     f" {bundle.version} after a chunk ending at"
+                                     f" {offset + len(chunk)}")
+        offset = r.received
     log.info("staged release %s's agent (%d bytes) in the guest at %s in %.0f ms",
              bundle.version, bundle.size, guest_text(r.path, 200),
              (asyncio.get_running_loop().time() - began) * 1000)
@@ -141,10 +145,10 @@ async def upgrade_agent(sb: Sandbox, agent_path: str,
     """
     if sb.vm is None or sb.agent is None:
         raise FailedPrecondition(f"sandbox {sb.id} has no running agent")
-    agent_path = await _guest_path(sb, agent_path)
     channel = DialChannel(sb.vm.dialer("ops"))
     try:
         stub = ops_pb.OpsServiceStub(channel)
+        agent_path = await _guest_path(sb, stub, agent_path)
         resp: ops_pb.UpgradeAgentResponse = await sb.agent.call(
             stub.upgrade_agent,
             ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),

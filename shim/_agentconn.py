@@ -245,8 +245,8 @@ async def ops_call(dialer: Dialer | DialChannel,
     The ops channel needs no session (no Hello), so unlike
     :meth:`AgentConnection.call` this never dials the agent channel.
     Raises DeadlineExceeded, Unavailable, or the agent's error as ours."""
-    own = not isinstance(dialer, DialChannel)
-    channel = DialChannel(dialer) if not isinstance(dialer, DialChannel) else dialer
+    channel = dialer if isinstance(dialer, DialChannel) else DialChannel(dialer)
+    own = channel is not dialer
     try:
         async with asyncio.timeout(timeout):
             return await call(ops_pb.OpsServiceStub(channel))

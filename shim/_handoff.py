@@ -259,16 +259,16 @@ async def _ops_connection(path: Path) -> Any:
     is a unix socket at ``SandboxDir.channel``.  None if it cannot be made
     (the check then dials its own)."""
     from agent.api import ops_pb
-    from shim._agentconn import DialChannel
+    from keel.errors import KeelError
+    from shim._agentconn import DialChannel, ops_call
     from shim.vmm._dialers import unix_dialer
 
     channel = DialChannel(unix_dialer(str(path)))
     try:
-        async with asyncio.timeout(5.0):
-            await ops_pb.OpsServiceStub(channel).health(ops_pb.HealthRequest())
+        await ops_call(channel, lambda s: s.health(ops_pb.HealthRequest()), 5.0)
     except BaseException as exc:
         channel.close()
-        if not isinstance(exc, Exception):
+        if not isinstance(exc, KeelError):
             raise
         log.info("no ops connection before the freeze (%s); the check will dial", exc)
         return None

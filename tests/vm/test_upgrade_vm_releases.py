@@ -46,7 +46,7 @@ from shim.vmm.qemu import image
 from tests.containerd import Containerd
 from tests.integration.live_upgrade import shim_ops
 from tests.opsd_harness import Opsd, install_releases, opsctl, plan, running_opsd, sandboxes
-from tests.workloads import CtrCounter
+from tests.workloads import CtrCounter, disconnects
 from upgrade.releases import ReleaseStore, version_key
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.integration,
@@ -98,11 +98,6 @@ def node(vm_containerd: Containerd, releases: ReleaseStore) -> Iterator[Opsd]:
     with running_opsd("kopsv-", releases.root, vm_containerd.paths.tmp_root / "keel",
                       {"gate": 120, "settle": 120, "status": 10}) as d:
         yield d
-
-
-def _disconnects(ctd: Containerd, cid: str) -> list[str]:
-    return [line for line in ctd.log_text().splitlines()
-            if f"id={cid}" in line and ("shim disconnected" in line or "dead shim" in line)]
 
 
 def _at(node: Opsd, c: CtrCounter, version: str) -> dict[str, Any]:
@@ -207,7 +202,7 @@ def test_opsctl_moves_a_vm_pod_between_installed_releases(
         # The same VM and task served throughout.
         assert int((c.sandbox.root / "vmm.pid").read_text()) == vm_pid
         assert ctd.task(cid) == (pid, "RUNNING")
-        assert not _disconnects(ctd, cid), _disconnects(ctd, cid)
+        assert not disconnects(ctd, cid), disconnects(ctd, cid)
         assert c.finish() == 7, c.err.decode()
     finally:
         c.kill()

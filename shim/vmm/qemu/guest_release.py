@@ -46,6 +46,7 @@ import tempfile
 from pathlib import Path
 from py_compile import PycInvalidationMode
 
+from agent.api import STAGE_MAX_BYTES
 from keel import release as _release
 from keel.errors import FailedPrecondition
 
@@ -54,10 +55,8 @@ SCHEMA = 1
 DIR = "guest"
 TAR = "agent.tar"
 MANIFEST = "agent.json"
-#: A copied tree's own marker is replaced by the one naming this release.
-RELEASE_FILES = _release.MARKER
-#: The most a bundle may weigh (the agent refuses more; today's is ~2 MiB).
-MAX_BYTES = 32 << 20
+#: The most a bundle may weigh (the agent refuses more; today's is ~0.9 MiB).
+MAX_BYTES = STAGE_MAX_BYTES
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -215,7 +214,7 @@ def build(out: Path, version: str | None = None) -> GuestRelease:
         for pkg in _rootfs.KEEL_PACKAGES:
             src = Path(importlib.import_module(pkg).__file__ or "").parent
             shutil.copytree(src, tree / pkg,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", RELEASE_FILES))
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", _release.MARKER))
         _release.write_marker(tree / "keel", version)
         # Names in the .pyc (tracebacks) are "keel-<version>/agent/...", not this
         # temporary directory: the same code gives the same bytes.
