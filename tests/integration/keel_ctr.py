@@ -59,16 +59,20 @@ def shim_pid(ctd: Containerd, cid: str) -> int:
     """PID of the shim daemon serving `cid`: the process listening on its address."""
     sock = address(ctd, cid).removeprefix("unix://")
     inode = socket_inode(sock)
+    want = f"socket:[{inode}]"
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             fds = os.listdir(f"/proc/{entry.name}/fd")
-            for fd in fds:
-                if os.readlink(f"/proc/{entry.name}/fd/{fd}") == f"socket:[{inode}]":
-                    return int(entry.name)
-        except OSError:
+        except OSError:  # the process is gone, or not ours to look at
             continue
+        for fd in fds:
+            try:  # a busy shim opens and closes fds while we look: skip that fd, not the process
+                if os.readlink(f"/proc/{entry.name}/fd/{fd}") == want:
+                    return int(entry.name)
+            except OSError:
+                continue
     raise AssertionError(f"no process listens on {sock}")
 
 
