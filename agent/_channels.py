@@ -13,10 +13,11 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Coroutine
 from pathlib import Path
 from typing import Any
 
+from grpclib.events import RecvRequest, listen
 from grpclib.server import Server
 
 from agent._fds import FdTable
@@ -93,11 +94,15 @@ class Channels:
         self._servers: list[tuple[str, Server, socket.socket]] = []
 
     async def start(self, listeners: dict[str, socket.socket],
-                    handlers: dict[str, Collection[Any]]) -> None:
+                    handlers: dict[str, Collection[Any]],
+                    on_request: Callable[[RecvRequest], Coroutine[Any, Any, None]] | None = None) -> None:
+        """Serve *handlers* on each listener; *on_request* sees (and may refuse) every call."""
         quiet_h2_frames()
         limit_messages()
         for channel, sock in listeners.items():
             server = Server(handlers[channel], status_details_codec=NO_STATUS_DETAILS)
+            if on_request is not None:
+                listen(server, RecvRequest, on_request)
             await server.start(sock=sock)
             self._fds.add(sock.fileno(), f"listener:{channel}")
             self._servers.append((channel, server, sock))

@@ -72,6 +72,8 @@ class AgentCore:
         self.activity = Activity()
         #: How the last in-place upgrade ended; persisted.
         self.last_upgrade: state.UpgradeResult | None = None
+        #: The owning session's key (agent/_session.py); persisted.
+        self.session_key = ""
 
     # -- lookups ---------------------------------------------------------
 
@@ -385,6 +387,7 @@ class AgentCore:
             fds=self._fds.snapshot(),
             handover=handover,
             last_upgrade=self.last_upgrade,
+            session_key=self.session_key,
         )
 
     def persist(self, handover: state.Handover | None = None, *, strict: bool = False) -> None:

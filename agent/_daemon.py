@@ -19,6 +19,7 @@ import logging
 import signal
 import socket
 import uuid
+from functools import partial
 from pathlib import Path
 
 from agent import _resume, state
@@ -28,6 +29,7 @@ from agent._fds import FdTable
 from agent._ops import agent_version
 from agent._reaper import Reaper, become_subreaper
 from agent._runc import Runc, RuntimeMissing
+from agent._session import SessionGate
 from agent._stage import Stager
 from agent._tasks import Operations
 from agent._upgrade import Upgrader, this_tree
@@ -98,6 +100,11 @@ async def serve(config: AgentConfig) -> None:
     log.info("stopped")
 
 
+def _keep_key(core: AgentCore, key: str) -> None:
+    core.session_key = key
+    core.persist()
+
+
 async def _serve(config: AgentConfig, fds: FdTable, reaper: Reaper,
                  listeners: dict[str, socket.socket], stop: asyncio.Event,
                  resumed: _resume.Resumed | None) -> None:
@@ -119,8 +126,10 @@ async def _serve(config: AgentConfig, fds: FdTable, reaper: Reaper,
         reaper.start()
         upgrader = Upgrader(config, core, reaper, fds, group)
         stager = Stager(config.state_dir / "releases", Path(this_tree()))
-        await channels.start(listeners, {"agent": [AgentService(core)],
-                                         "ops": [OpsService(core, upgrader, stager)]})
+        gate = SessionGate(core.session_key, partial(_keep_key, core))
+        await channels.start(listeners, {"agent": [AgentService(core, gate)],
+                                         "ops": [OpsService(core, upgrader, stager)]},
+                             gate.on_request)
         log.info("keel-agent %s %s (boot %s)", agent_version(),
                  "resumed and ready" if resumed else "ready", boot_id)
         await stop.wait()

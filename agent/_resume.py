@@ -65,6 +65,7 @@ def commit(resumed: Resumed, core: AgentCore, reaper: Reaper, fds: FdTable,
         core.last_upgrade = state.UpgradeResult(
             rec.upgrade_id, rec.from_version, rec.to_version, running, rolled_back, 0.0,
             f"rolled back: {rec.failure}" if rolled_back else "upgraded")
+    core.session_key = resumed.saved.session_key
     core.adopt(resumed.rebuilt.containers)
     # The point of no return: without upgrade.json the guard no longer goes back.
     state.upgrade_store(config.state_dir).path.unlink(missing_ok=True)

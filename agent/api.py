@@ -13,8 +13,13 @@ from agent._pb.keel.ops import v1 as ops_pb
 
 #: Agent API versions this release speaks.  A shim and an agent agree on
 #: min(their maxima) in Hello if it is within both ranges.
-API_VERSION = 1
+API_VERSION = 2
 MIN_API_VERSION = 1
+#: From this API version on, a shim sends its sandbox's session key as the
+#: gRPC metadata SESSION_KEY_HEADER on every call (agent/_session.py); the
+#: agent refuses other clients once a key is bound.
+SESSION_KEY_API = 2
+SESSION_KEY_HEADER = "keel-session-key"
 
 #: Channel ports (vsock ports; names of serial ports and sockets elsewhere).
 AGENT_PORT = 1024
@@ -30,5 +35,5 @@ NET_SYSCTLS_ANNOTATION = "io.keel.agent.net-sysctls"
 STAGE_MAX_BYTES = 32 << 20
 STAGE_MAX_CHUNK = 1 << 20
 
-__all__ = ["API_VERSION", "MIN_API_VERSION", "AGENT_PORT", "OPS_PORT", "NET_SYSCTLS_ANNOTATION",
+__all__ = ["API_VERSION", "MIN_API_VERSION", "SESSION_KEY_API", "SESSION_KEY_HEADER", "AGENT_PORT", "OPS_PORT", "NET_SYSCTLS_ANNOTATION",
            "STAGE_MAX_BYTES", "STAGE_MAX_CHUNK", "pb", "ops_pb"]

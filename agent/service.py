@@ -32,6 +32,7 @@ from grpclib.server import Stream
 from agent import _bundle, _dial, _ops
 from agent._core import AgentCore
 from agent._processes import Stdio
+from agent._session import SessionGate
 from agent._stage import MAX_CHUNK, Stager
 from agent._upgrade import Upgrader
 from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
@@ -120,8 +121,9 @@ def _is_stderr(stream: object) -> bool:
 
 
 class AgentService(pb.AgentServiceBase):
-    def __init__(self, core: AgentCore) -> None:
+    def __init__(self, core: AgentCore, gate: SessionGate | None = None) -> None:
         self._core = core
+        self._gate = gate
 
     @rpc
     async def hello(self, req: pb.HelloRequest) -> pb.HelloResponse:
@@ -133,6 +135,8 @@ class AgentService(pb.AgentServiceBase):
                 f"this agent speaks {MIN_API_VERSION}-{API_VERSION}"
             )
         version = min(client, API_VERSION)
+        if self._gate is not None:
+            self._gate.hello(client, req.client_version[:64])
         log.info("hello from %r (client %r): API %d", req.session, req.client_version, version)
         return pb.HelloResponse(api_version=version, agent_version=_ops.agent_version(),
                                 boot_id=self._core.boot_id, min_api_version=MIN_API_VERSION,

@@ -137,6 +137,8 @@ class AgentState:
     #: Only between an upgrade's exec and the commit of the image that resumes.
     handover: Handover | None = None
     last_upgrade: UpgradeResult | None = None
+    #: The key of the shim session that owns this agent ("" for none: agent/_session.py).
+    session_key: str = ""
 
 
 def encode(state: AgentState) -> dict[str, Any]:
@@ -168,7 +170,8 @@ def decode(doc: dict[str, Any]) -> AgentState:
     last = doc.get("last_upgrade")
     return AgentState(boot_id=str(doc["boot_id"]), containers=containers, fds=fds,
                       handover=_handover(doc.get("handover")),
-                      last_upgrade=UpgradeResult(**last) if last is not None else None)
+                      last_upgrade=UpgradeResult(**last) if last is not None else None,
+                      session_key=str(doc.get("session_key", "")))
 
 
 def v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:

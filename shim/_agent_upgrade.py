@@ -81,7 +81,8 @@ async def check_agent_release(sb: Sandbox, agent_path: str) -> str | None:
         return None
     try:
         await ops_call(sb.vm.dialer("ops"), lambda s: s.stage_release(
-            ops_pb.StageReleaseRequest(version=bundle.version, sha256="", size=0)), 10.0)
+            ops_pb.StageReleaseRequest(version=bundle.version, sha256="", size=0)), 10.0,
+            sb.session_key)
     except Unimplemented:
         return _cannot_stage(sb)
     except InvalidArgument:
@@ -145,7 +146,7 @@ async def upgrade_agent(sb: Sandbox, agent_path: str,
     """
     if sb.vm is None or sb.agent is None:
         raise FailedPrecondition(f"sandbox {sb.id} has no running agent")
-    channel = DialChannel(sb.vm.dialer("ops"))
+    channel = DialChannel(sb.vm.dialer("ops"), sb.session_key)
     try:
         stub = ops_pb.OpsServiceStub(channel)
         agent_path = await _guest_path(sb, stub, agent_path)

@@ -25,11 +25,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from grpclib.client import Channel
+from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
 
-from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
+from agent.api import API_VERSION, MIN_API_VERSION, SESSION_KEY_HEADER, ops_pb, pb
 from keel import retry
 from keel.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
 from keel.grpc import NO_STATUS_DETAILS, guest_text, limit_messages, quiet_h2_frames
@@ -72,12 +73,17 @@ class DialChannel(Channel):
     called under the connect lock on first use and after every loss).
     """
 
-    def __init__(self, dialer: Dialer) -> None:
+    def __init__(self, dialer: Dialer, session_key: str = "") -> None:
         quiet_h2_frames()
         limit_messages()
         super().__init__(path="<keel-channel>", status_details_codec=NO_STATUS_DETAILS)
         self._dialer = dialer
         self.generation = 0
+        if session_key:  # every call carries the sandbox's session key (agent/_session.py)
+            async def present(event: SendRequest) -> None:
+                event.metadata[SESSION_KEY_HEADER] = session_key
+
+            listen(self, SendRequest, present)
 
     async def _create_connection(self) -> H2Protocol:
         sock = await self._dialer()
@@ -96,8 +102,8 @@ class AgentConnection:
     """Calls on the agent API with reconnect, Hello and error mapping."""
 
     def __init__(self, dialer: Dialer, *, client_version: str, session: str, timeout: float,
-                 deadline: float = CALL_DEADLINE_S) -> None:
-        self._channel = DialChannel(dialer)
+                 deadline: float = CALL_DEADLINE_S, session_key: str = "") -> None:
+        self._channel = DialChannel(dialer, session_key)
         self.stub = pb.AgentServiceStub(self._channel)
         self._client_version = client_version
         self._session = session
@@ -238,14 +244,16 @@ class AgentConnection:
 
 
 async def ops_call(dialer: Dialer | DialChannel,
-                   call: Callable[[ops_pb.OpsServiceStub], Awaitable[T]], timeout: float) -> T:
-    """One OpsService call, within *timeout* s, on a connection of its own (or
-    on *dialer* itself when it is a connected channel, which stays open).
+                   call: Callable[[ops_pb.OpsServiceStub], Awaitable[T]], timeout: float,
+                   session_key: str = "") -> T:
+    """One OpsService call, within *timeout* s, on a connection of its own
+    presenting *session_key* (or on *dialer* itself when it is a connected
+    channel, which stays open and presents its own).
 
     The ops channel needs no session (no Hello), so unlike
     :meth:`AgentConnection.call` this never dials the agent channel.
     Raises DeadlineExceeded, Unavailable, or the agent's error as ours."""
-    channel = dialer if isinstance(dialer, DialChannel) else DialChannel(dialer)
+    channel = dialer if isinstance(dialer, DialChannel) else DialChannel(dialer, session_key)
     own = channel is not dialer
     try:
         async with asyncio.timeout(timeout):

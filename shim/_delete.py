@@ -148,7 +148,7 @@ async def _cleanup_locked(flags: Flags, bundle: Path, sid: str, sdir: SandboxDir
     others = [c for c in rec.containers if c.id != flags.id]
     if vm is not None:
         conn = AgentConnection(vm.dialer("agent"), client_version=version(),
-                               session="shim-delete", timeout=1.0)
+                               session="shim-delete", session_key=rec.session_key, timeout=1.0)
         try:
             await _remove_container(conn, pb, flags.id)
         except Exception as exc:

@@ -144,7 +144,7 @@ class SandboxHandoff:
         # thaws) well before the old shim's own deadline.
         return await ops_call(ops or sb.vm.dialer("ops"),
                               lambda s: s.health(ops_pb.HealthRequest()),
-                              min(sb.config.agent_timeout_s, FREEZE_CHECK_S))
+                              min(sb.config.agent_timeout_s, FREEZE_CHECK_S), sb.session_key)
 
     def go_live(self) -> None:
         """Start pumps, watchers and the sandbox watch (new shim, after commit)."""

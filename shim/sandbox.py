@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,8 @@ class Sandbox:
         self.prelaunch: Prelaunch | None = None
         self.agent: AgentConnection | None = None
         self.containers: dict[str, Container] = {}
+        #: Presented on every agent call; the agent binds the first it sees (agent/_session.py).
+        self.session_key = secrets.token_hex(16)
         self._store = store(self.dir)
         self._events = events
         self._backend = get_backend(config.backend)
@@ -96,6 +99,7 @@ class Sandbox:
         self.vm = vm
         self.agent = AgentConnection(vm.dialer("agent"), client_version=version(),
                                      session=f"shim-{os.getpid()}",
+                                     session_key=self.session_key,
                                      timeout=self.config.agent_timeout_s,
                                      deadline=self.config.agent_call_timeout_s)
         return self.agent
@@ -127,6 +131,7 @@ class Sandbox:
         Raises NotFound when its VMM is gone.  Nothing runs until the
         handoff's ``go_live``.
         """
+        self.session_key = rec.session_key  # "" when an older release started it: keyless
         self._connect(self._backend.restore(self._launch_spec(), rec.vmm))
         self.containers = {c.id: Container.from_record(c) for c in rec.containers}
 
@@ -178,6 +183,7 @@ class Sandbox:
             shim=ShimIdentity(os.getpid(), procfs.start_time(os.getpid())),
             shim_version=version(),
             containers=tuple(c.record() for c in self.containers.values()),
+            session_key=self.session_key,
         )
         self._store.save(rec)
         return rec

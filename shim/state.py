@@ -113,6 +113,9 @@ class SandboxRecord:
     shim_version: str
     #: In creation order.
     containers: tuple[ContainerRecord, ...] = ()
+    #: The key this shim session presents to the agent (agent/_session.py);
+    #: "" for a sandbox an older release started (then nothing is checked).
+    session_key: str = ""
 
 
 # -- JSON layout (schema 1) ---------------------------------------------------
@@ -126,7 +129,8 @@ def encode(rec: SandboxRecord) -> Doc:
         vmm["shim"] = dataclasses.asdict(rec.shim)
     return {"sandbox_id": rec.sandbox_id, "namespace": rec.namespace, "backend": rec.backend,
             "vmm": vmm, "shim_version": rec.shim_version,
-            "containers": [_encode_container(c) for c in rec.containers]}
+            "containers": [_encode_container(c) for c in rec.containers],
+            "session_key": rec.session_key}
 
 
 def _encode_container(c: ContainerRecord) -> Doc:
@@ -151,7 +155,8 @@ def decode(doc: Doc) -> SandboxRecord:
         backend=_str(doc["backend"]), vmm=vmm,
         shim=ShimIdentity(int(shim["pid"]), int(shim["start_time"])) if shim else None,
         shim_version=_str(doc["shim_version"]),
-        containers=tuple(_decode_container(_obj(c)) for c in doc["containers"]))
+        containers=tuple(_decode_container(_obj(c)) for c in doc["containers"]),
+        session_key=_str(doc.get("session_key", "")))
 
 
 def _decode_container(doc: Doc) -> ContainerRecord:

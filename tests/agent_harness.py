@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from grpclib.client import Channel
+from grpclib.events import SendRequest, listen
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from agent.api import API_VERSION, ops_pb, pb
+from agent.api import API_VERSION, SESSION_KEY_HEADER, ops_pb, pb
 from tests.prereq import skip_or_fail
 
 T = TypeVar("T")
@@ -183,10 +184,16 @@ class AgentProcess:
 
 
 class Client:
-    """Stubs of both channels of one agent."""
+    """Stubs of both channels of one agent; every call presents *session_key* if given."""
 
-    def __init__(self, agent: AgentProcess) -> None:
+    def __init__(self, agent: AgentProcess, session_key: str = "") -> None:
         self._channels = [Channel(path=str(agent.agent_sock)), Channel(path=str(agent.ops_sock))]
+        if session_key:
+            async def present(event: SendRequest) -> None:
+                event.metadata[SESSION_KEY_HEADER] = session_key
+
+            for channel in self._channels:
+                listen(channel, SendRequest, present)
         self.agent = pb.AgentServiceStub(self._channels[0], timeout=30)
         self.ops = ops_pb.OpsServiceStub(self._channels[1], timeout=30)
 
@@ -196,10 +203,12 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def connect(agent: AgentProcess) -> AsyncIterator[Client]:
-    client = Client(agent)
+async def connect(agent: AgentProcess, session_key: str = "",
+                  api_version: int = API_VERSION) -> AsyncIterator[Client]:
+    """A client that said Hello (presenting *session_key*, speaking *api_version*)."""
+    client = Client(agent, session_key)
     try:
-        await client.agent.hello(pb.HelloRequest(api_version=API_VERSION, client_version="test",
+        await client.agent.hello(pb.HelloRequest(api_version=api_version, client_version="test",
                                                  session="pytest"))
         yield client
     finally:
