@@ -15,4 +15,8 @@ def __getattr__(name: str):  # lazy: the start/delete paths must stay light
         from shim._pb.containerd import events
 
         return events
+    if name == "keel_events_pb":
+        from shim._pb.keel.events import v1
+
+        return v1
     raise AttributeError(name)

@@ -113,6 +113,13 @@ class AgentConnection:
         self._hello_lock = asyncio.Lock()
         self.hello: pb.HelloResponse | None = None
         self._version_hint = ""
+        #: Told (container id, exec id, what) when the agent broke the protocol.
+        self.on_violation: Callable[[str, str, str], None] | None = None
+
+    def violation(self, cid: str, eid: str, detail: str) -> None:
+        """The agent answered what no correct agent would (the caller stops using it)."""
+        if self.on_violation is not None:
+            self.on_violation(cid, eid, detail)
 
     @property
     def agent_version(self) -> str:

@@ -49,7 +49,7 @@ class EventPublisher:
             timestamp=datetime.datetime.now(datetime.UTC),
             namespace=self._namespace,
             topic=topic,
-            event=PbAny(type_url=f"containerd.events.{proto_name(event)}", value=bytes(event)),
+            event=PbAny(type_url=type_url(event), value=bytes(event)),
         )
         await self._client.call(SERVICE, "Forward", events_pb.ForwardRequest(envelope=envelope),
                                 Empty, timeout=5.0,
@@ -93,6 +93,13 @@ class EventPublisher:
 
 #: Message names betterproto changed (its class names are CamelCase words).
 _RENAMED = {"TaskOom": "TaskOOM", "TaskIo": "TaskIO"}
+
+
+def type_url(event: object) -> str:
+    """``containerd.events.<Name>``, or ``keel.events.v1.<Name>`` for Keel's own events."""
+    if type(event).__module__.startswith("shim._pb.keel.events.v1"):
+        return f"keel.events.v1.{type(event).__name__}"
+    return f"containerd.events.{proto_name(event)}"
 
 
 def proto_name(event: object) -> str:

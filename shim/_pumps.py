@@ -9,8 +9,9 @@ byte.  ``stop()`` cancels a pump only while it waits for data; a chunk
 being delivered is delivered first.
 
 The agent is not trusted: an answer at another offset than asked, or
-larger than asked, is a protocol violation that ends the pump (logged,
-nothing of it delivered).  An agent that is unreachable for a while (an
+larger than asked, is a protocol violation that ends the pump (logged once,
+reported to the sandbox, which publishes a ``/keel/protocol-violation``
+event; nothing of it delivered).  An agent that is unreachable for a while (an
 upgrade, a stalled connection) is retried with backoff until it answers or
 the process is deleted: a pump never dies of a transient error.
 """
@@ -117,9 +118,10 @@ class OutputPump(_Pump):
                 self._conn.call, stub.read_output, req, timeout=None, attempt_s=READ_ATTEMPT_S,
                 retry_for=30))
             if resp.offset != req.offset or len(resp.data) > req.max_bytes:
-                raise ProtocolViolation(
-                    f"{what}: the agent answered {len(resp.data)} bytes at offset {resp.offset}"
-                    f" to a read of at most {req.max_bytes} at {req.offset}; output stops here")
+                detail = (f"answered {len(resp.data)} bytes at offset {resp.offset} to a read of "
+                          f"at most {req.max_bytes} at {req.offset}")
+                self._conn.violation(self._cid, self._eid, f"{what}: {detail}")
+                raise ProtocolViolation(f"{what}: the agent {detail}; output stops here")
             if resp.data:
                 self._busy = True
                 try:
@@ -167,9 +169,10 @@ class InputPump(_Pump):
                 self._conn.call, self._conn.stub.write_stdin, req, timeout=None, attempt_s=None,
                 retry_for=30))
             if not req.offset <= resp.offset <= req.offset + len(data):
-                raise ProtocolViolation(
-                    f"stdin of {self._cid}/{self._eid}: the agent accepted up to offset "
-                    f"{resp.offset} after a write of {len(data)} bytes at {req.offset}")
+                detail = (f"stdin of {self._cid}/{self._eid}: the agent accepted up to offset "
+                          f"{resp.offset} after a write of {len(data)} bytes at {req.offset}")
+                self._conn.violation(self._cid, self._eid, detail)
+                raise ProtocolViolation(detail)
             self.offset = resp.offset
         finally:
             self._busy = False

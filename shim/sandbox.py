@@ -34,7 +34,7 @@ from keel.errors import (
 )
 from keel.lifecycle import State
 from keel.logs import tail
-from shim import _pumps, events_pb, version
+from shim import _pumps, events_pb, keel_events_pb, version
 from shim._agentconn import AgentConnection
 from shim._bundle import read_spec
 from shim._events import EventPublisher
@@ -89,6 +89,7 @@ class Sandbox:
         #: What the processes of a sandbox that dies are reported with: 255,
         #: or 137 when the shim killed it for a SIGKILL the agent did not take.
         self._death_status = 255
+        self._violations = 0
 
     # -- the sandbox itself ------------------------------------------------
 
@@ -102,7 +103,15 @@ class Sandbox:
                                      session_key=self.session_key,
                                      timeout=self.config.agent_timeout_s,
                                      deadline=self.config.agent_call_timeout_s)
+        self.agent.on_violation = self._protocol_violation
         return self.agent
+
+    def _protocol_violation(self, cid: str, eid: str, detail: str) -> None:
+        """Publish ``/keel/protocol-violation`` (the stream concerned logged it and stopped)."""
+        self._violations += 1
+        self._events.publish_nowait("/keel/protocol-violation", keel_events_pb.ProtocolViolation(
+            sandbox_id=self.id, container_id=cid, exec_id=eid, detail=detail,
+            count=self._violations))
 
     async def _ensure_started(self, spec: dict[str, Any] | None = None) -> AgentConnection:
         if self.agent is not None:

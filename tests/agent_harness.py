@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from grpclib.client import Channel
-from grpclib.events import SendRequest, listen
 from grpclib.const import Status
+from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from agent.api import API_VERSION, SESSION_KEY_HEADER, ops_pb, pb

@@ -11,7 +11,9 @@ What containerd sees in each case, and that the shim stays small (RSS under
   task runs on and is killed and deleted as usual.
 * ReadOutput answers over the 4 MiB cap, or at a wrong offset: the shim
   refuses them before delivering a byte and that stream stops; the task runs
-  on and is killed and deleted as usual.
+  on and is killed and deleted as usual.  A wrong offset is the shim's own
+  finding, published as a ``/keel/protocol-violation`` event
+  (``keel.events.v1.ProtocolViolation``) that an event consumer decodes.
 * A 10,000-character agent version with escapes: logged capped and escaped.
 """
 
@@ -27,7 +29,9 @@ from pathlib import Path
 import pytest
 
 from keel.errors import DeadlineExceeded
+from shim._pb.keel.events.v1 import ProtocolViolation
 from tests.containerd import Containerd, rss_mib, wait_for
+from tests.containerd.events import EventWatch
 from tests.integration.keel_ctr import KEEL, kill_and_remove, log_since, shim_pid
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root]
@@ -35,6 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.requires_root]
 #: The shim's whole-call deadline for agent calls in these tests.
 CALL_S = 4
 MAX_RSS_MIB = 100
+VIOLATION = "/keel/protocol-violation"
 
 
 def _config(tmp: Path, mode: str) -> Path:
@@ -118,8 +123,14 @@ def test_output_off_the_protocol_stops_that_stream(
     cid = container_ids()
     start = len(containerd.log_text())
     out = tmp_path / "out"
-    _run(containerd, cid, busybox, _config(tmp_path, mode), out)
-    wait_for(lambda: logged in log_since(containerd, start), 30, f"the shim to refuse: {logged}")
+    with EventWatch(containerd, 'topic~="/keel/"') as watch:
+        _run(containerd, cid, busybox, _config(tmp_path, mode), out)
+        wait_for(lambda: logged in log_since(containerd, start), 30,
+                 f"the shim to refuse: {logged}")
+        if mode == "wrong-offset":  # a violation the shim saw itself: published as an event
+            [first, *_] = watch.wait_for(VIOLATION, ProtocolViolation, lambda evs: len(evs) >= 1)
+            assert (first.sandbox_id, first.container_id, first.count) == (cid, cid, 1)
+            assert logged.removeprefix("the agent ") in first.detail, first.detail
     time.sleep(2)  # the agent would go on answering, were the stream not stopped
     rss = rss_mib(shim_pid(containerd, cid))
     print(f"[hostile] {mode}: refused, shim RSS {rss} MiB, {out.stat().st_size} bytes delivered")
