@@ -127,10 +127,14 @@ def test_an_answer_off_the_protocol_stops_the_pump(
     read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
 
     async def body(conn: AgentConnection) -> None:
+        reported: list[tuple[str, str, str]] = []
+        conn.on_violation = lambda *what: reported.append(what)
         pump = OutputPump(conn, "c1", "", pb.OutputStream.STDOUT, Sink(write_fd))
         with pytest.raises(ProtocolViolation, match="output stops here"):
             await asyncio.wait_for(pump.run(), 30)
         assert pump.offset == 0
+        [(cid, eid, detail)] = reported  # once, to the sandbox (which publishes an event)
+        assert (cid, eid) == ("c1", "") and f"at offset {shift}" in detail, detail
         with pytest.raises(BlockingIOError):
             os.read(read_fd, 1)  # nothing of it was delivered
     try:
