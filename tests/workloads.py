@@ -42,7 +42,8 @@ class CtrCounter:
 
     *runtime* is what ``--runtime`` names (a release's shim path);
     *interval_us* the counter's pace; *more* how many new lines
-    :meth:`flows` waits for unless told.  *timeout* bounds the wait for the
+    :meth:`flows` waits for unless told; *extra* more ``ctr run`` options.
+    *timeout* bounds the wait for the
     task to run, the stopper's exec and ctr's exit; the waits for output
     and for a killed ctr get half of it.  :attr:`sandbox` is the Keel
     sandbox directory, under ``<containerd's temp root>/keel`` (where the
@@ -50,12 +51,13 @@ class CtrCounter:
     """
 
     def __init__(self, ctd: Containerd, cid: str, runtime: str | Path, image: str, *,
-                 interval_us: int = 2000, more: int = 20, timeout: float = 60.0) -> None:
+                 interval_us: int = 2000, more: int = 20, timeout: float = 60.0,
+                 extra: tuple[str, ...] = ()) -> None:
         self.ctd, self.cid = ctd, cid
         self.more, self.timeout = more, timeout
         self.state_root = ctd.paths.tmp_root / "keel"
         self.proc = subprocess.Popen(
-            [*ctd.ctr_prefix(), "run", "--rm", "--runtime", str(runtime), image, cid,
+            [*ctd.ctr_prefix(), "run", "--rm", "--runtime", str(runtime), *extra, image, cid,
              "sh", "-c", counter(interval_us)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out, self.err = bytearray(), bytearray()

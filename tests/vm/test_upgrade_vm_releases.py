@@ -15,6 +15,9 @@ agent crashes while resuming, NEWIMG one that needs a guest image format
 the image does not have.  The agent of each upgrade is B's or A's code
 shipped into the guest (StageRelease) and exec'd there in place.
 
+A second pod is a template clone (its own runtime config turns templates
+on): its shim and agent go A -> B -> A the same way, on the clone's qemu.
+
 What is checked: NEWIMG is refused before anything moves (by opsd's
 preflight, and by the shim itself when asked directly); A -> B -> A
 round trips of shim and agent with ``opsctl ls`` naming each version, the
@@ -46,6 +49,7 @@ from shim.vmm.qemu import image
 from tests.containerd import Containerd
 from tests.integration.live_upgrade import shim_ops
 from tests.opsd_harness import Opsd, install_releases, opsctl, plan, running_opsd, sandboxes
+from tests.vm.conftest import write_keel_config
 from tests.workloads import CtrCounter, disconnects
 from upgrade.releases import ReleaseStore, version_key
 
@@ -208,6 +212,46 @@ def test_opsctl_moves_a_vm_pod_between_installed_releases(
         c.kill()
     n = c.assert_sequence()
     print(f"[vm] {n} numbers arrived in order across the upgrades")
+    node.stop()  # its command line names the state root: not a leftover of the pod
+    found = ctd.leftovers(grace=20.0)
+    assert not found, f"left behind:\n{found}"
+
+
+def test_a_template_clone_moves_between_releases(
+        vm_containerd: Containerd, vm_image: image.Image, releases: ReleaseStore,
+        versions: dict[str, str], node: Opsd, tmp_path: Path) -> None:
+    """A pod started from a VM template (the first start builds it, the pod is
+    its first clone) is handed between shims and agents like a cold-booted one:
+    the new shim restores the clone's VMM record, the agent is staged and exec'd
+    in the clone's guest."""
+    ctd, cid = vm_containerd, f"vm-clone-{os.getpid()}"
+    a, b = versions["A"], versions["B"]
+    tpl = Path(tempfile.mkdtemp(prefix="keel-tpl-", dir="/dev/shm" if os.path.isdir("/dev/shm")
+                                else None))
+    cfg = write_keel_config(tmp_path / "clone.toml", vm_image, template=True,
+                            template_dir=str(tpl))
+    c = CtrCounter(ctd, cid, releases.get(a).shim_path, BUSYBOX, interval_us=10_000,
+                   timeout=180, extra=("--runtime-config-path", str(cfg)))
+    try:
+        pid = c.running(timeout=BOOT_TIMEOUT_S)
+        record = json.loads(c.sandbox.state.read_text())
+        assert record["vmm"].get("template"), record["vmm"]  # a clone, not a cold boot
+        vm_pid = int((c.sandbox.root / "vmm.pid").read_text())
+        _at(node, c, a)
+        for to, frm in ((b, a), (a, b)):
+            out = _upgrade(node, c, to)
+            assert f"agent {frm} -> {to}" in out, out
+            _at(node, c, to)
+            assert ctd.task(cid) == (pid, "RUNNING")
+            c.flows(timeout=120)
+        assert int((c.sandbox.root / "vmm.pid").read_text()) == vm_pid
+        assert not disconnects(ctd, cid), disconnects(ctd, cid)
+        assert c.finish() == 7, c.err.decode()
+    finally:
+        c.kill()
+        shutil.rmtree(tpl, ignore_errors=True)
+    print(f"\n[vm] template clone: {c.assert_sequence()} numbers in order across "
+          f"{a} -> {b} -> {a}")
     node.stop()  # its command line names the state root: not a leftover of the pod
     found = ctd.leftovers(grace=20.0)
     assert not found, f"left behind:\n{found}"
