@@ -83,6 +83,12 @@ class AgentCore:
         except KeyError:
             raise NotFound(f"container {cid} not found") from None
 
+    def running_pid(self, cid: str) -> int:
+        """The init pid of container *cid*, which must be running (or paused)."""
+        init = self.container(cid).init
+        init.require("open a console in", State.RUNNING, State.PAUSED)
+        return init.pid
+
     def process(self, cid: str, eid: str) -> Process:
         return self.container(cid).process(eid)
 

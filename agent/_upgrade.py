@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -127,6 +128,8 @@ class Upgrader:
         self._group = group
         self._busy: Plan | None = None
         self._task: asyncio.Task[None] | None = None
+        #: Called just before execve (what must not cross it ends there).
+        self.before_exec: Callable[[], None] | None = None
 
     async def prepare(self, agent_path: str, to_version: str) -> Plan:
         """Check the request and the release; FailedPrecondition when it cannot go."""
@@ -298,6 +301,8 @@ class Upgrader:
             log.info("upgrade %s: exec %s (hand-over: %d streams, %d bytes, written in %.1f ms)",
                      plan.upgrade_id, plan.agent_path, len(handover.streams), handover.blob_size,
                      (time.monotonic_ns() - began) / 1e6)
+            if self.before_exec is not None:
+                self.before_exec()
             os.execve(target.executable, target.argv, target.env)
         except Exception as exc:  # whatever it was, this image must keep serving
             if not isinstance(exc, OSError):

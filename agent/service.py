@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpclib.const
 from grpclib.const import Status
@@ -30,8 +29,13 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from agent import _bundle, _dial, _ops
+from agent._console import Consoles
+from agent._console_rpc import ConsoleRpcs
 from agent._core import AgentCore
 from agent._processes import Stdio
+from agent._rpc import as_bytes as _bytes
+from agent._rpc import rpc, to_grpc_error
+from agent._rpc import uint as _uint
 from agent._session import SessionGate
 from agent._stage import MAX_CHUNK, Stager
 from agent._upgrade import Upgrader
@@ -48,54 +52,6 @@ MAX_IO_BYTES = 1 << 20
 DEFAULT_READ_BYTES = 64 * 1024
 #: Longest ReadOutput long poll.
 MAX_WAIT_MS = 300_000
-
-F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
-
-
-def to_grpc_error(exc: Exception) -> GRPCError:
-    """The one mapping of our errors (and unexpected ones) to gRPC status codes."""
-    if isinstance(exc, GRPCError):
-        return exc
-    if isinstance(exc, KeelError):
-        return GRPCError(Status(int(exc.code)), str(exc))
-    return GRPCError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def rpc(fn: F) -> F:
-    """Wrap a handler: our errors become gRPC statuses, unexpected ones are logged."""
-
-    @functools.wraps(fn)
-    async def handler(self: Any, request: Any) -> Any:
-        try:
-            result = await fn(self, request)
-        except KeelError as exc:
-            self._core.activity.served()
-            log.info("%s -> %s: %s", fn.__name__, exc.code.name, exc)
-            raise to_grpc_error(exc) from exc
-        except (GRPCError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            log.exception("%s failed unexpectedly", fn.__name__)
-            raise to_grpc_error(exc) from exc
-        self._core.activity.served()
-        return result
-
-    return cast(F, handler)
-
-
-def _uint(value: object, what: str, limit: int = (1 << 64) - 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-        raise InvalidArgument(f"{what} must be an integer in 0..{limit}, not {value!r}")
-    return value
-
-
-def _bytes(value: object, what: str, limit: int) -> bytes:
-    if not isinstance(value, bytes):
-        raise InvalidArgument(f"{what} must be bytes")
-    if len(value) > limit:
-        raise InvalidArgument(f"{what} is {len(value)} bytes; at most {limit} are accepted")
-    return value
-
 
 def _ids(request: Any) -> tuple[str, str]:
     """Validated (container_id, exec_id); exec_id "" names the init process."""
@@ -292,11 +248,13 @@ async def _flush(stream: Stream[Any, Any]) -> None:
                 await asyncio.sleep(0.005)
 
 
-class OpsService(ops_pb.OpsServiceBase):
-    def __init__(self, core: AgentCore, upgrader: Upgrader, stager: Stager) -> None:
+class OpsService(ConsoleRpcs, ops_pb.OpsServiceBase):
+    def __init__(self, core: AgentCore, upgrader: Upgrader, stager: Stager,
+                 consoles: Consoles) -> None:
         self._core = core
         self._upgrader = upgrader
         self._stager = stager
+        self._consoles = consoles
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()

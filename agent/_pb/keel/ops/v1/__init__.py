@@ -95,6 +95,8 @@ class StatusResponse(betterproto.Message):
     The VM's accelerator (kvm, tcg) for a VM backend; empty for the process backend.
     """
 
+    console_enabled: bool = betterproto.bool_field(10)
+
 
 @dataclass(eq=False, repr=False)
 class UpgradeShimRequest(betterproto.Message):
@@ -153,6 +155,149 @@ class CheckAgentReleaseResponse(betterproto.Message):
     """Empty when the agent could run that release; else why not."""
 
 
+@dataclass(eq=False, repr=False)
+class ConsoleCaller(betterproto.Message):
+    """
+    Who opened a console session (opsd reads it from the caller's socket
+     credentials and its controlling terminal); for audit records only.
+    """
+
+    uid: int = betterproto.uint32_field(1)
+    pid: int = betterproto.uint32_field(2)
+    tty: str = betterproto.string_field(3)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleStartRequest(betterproto.Message):
+    session_id: str = betterproto.string_field(1)
+    """
+    Chosen by the caller: [A-Za-z0-9][A-Za-z0-9_.-]{0,75}, unique in the sandbox.
+    """
+
+    argv: List[str] = betterproto.string_field(2)
+    """The command; empty: a login shell (/bin/sh -l)."""
+
+    terminal: bool = betterproto.bool_field(3)
+    """A pseudo-terminal (stdout carries both streams), else three pipes."""
+
+    rows: int = betterproto.uint32_field(4)
+    cols: int = betterproto.uint32_field(5)
+    container_id: str = betterproto.string_field(6)
+    """
+    Run in this container's namespaces (not its filesystem: the tools are
+     the agent's); empty: in the sandbox itself.
+    """
+
+    env: Dict[str, str] = betterproto.map_field(
+        7, betterproto.TYPE_STRING, betterproto.TYPE_STRING
+    )
+    """TERM and the like; PATH and HOME have defaults."""
+
+    caller: "ConsoleCaller" = betterproto.message_field(8)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleStartResponse(betterproto.Message):
+    pid: int = betterproto.uint32_field(1)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleReadRequest(betterproto.Message):
+    session_id: str = betterproto.string_field(1)
+    stream: int = betterproto.uint32_field(2)
+    """1 stdout, 2 stderr (as keel.agent.v1.OutputStream)."""
+
+    offset: int = betterproto.uint64_field(3)
+    """Acknowledges every byte below it."""
+
+    max_bytes: int = betterproto.uint32_field(4)
+    wait_ms: int = betterproto.uint32_field(5)
+    """Wait this long for data when there is none yet."""
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleReadResponse(betterproto.Message):
+    data: bytes = betterproto.bytes_field(1)
+    offset: int = betterproto.uint64_field(2)
+    eof: bool = betterproto.bool_field(3)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleWriteRequest(betterproto.Message):
+    session_id: str = betterproto.string_field(1)
+    offset: int = betterproto.uint64_field(2)
+    """
+    Where data starts in the session's stdin; a resend of bytes the agent
+     has is accepted once.
+    """
+
+    data: bytes = betterproto.bytes_field(3)
+    close: bool = betterproto.bool_field(4)
+    """Close stdin after data."""
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleWriteResponse(betterproto.Message):
+    offset: int = betterproto.uint64_field(1)
+    """Bytes of stdin accepted so far."""
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleControlRequest(betterproto.Message):
+    session_id: str = betterproto.string_field(1)
+    rows: int = betterproto.uint32_field(2)
+    """A new window size when both are set."""
+
+    cols: int = betterproto.uint32_field(3)
+    signal: int = betterproto.uint32_field(4)
+    """A signal to the session's process group when set."""
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleControlResponse(betterproto.Message):
+    pass
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleWaitRequest(betterproto.Message):
+    session_id: str = betterproto.string_field(1)
+    wait_ms: int = betterproto.uint32_field(2)
+    """Wait this long for the exit."""
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleWaitResponse(betterproto.Message):
+    exited: bool = betterproto.bool_field(1)
+    exit_status: int = betterproto.int32_field(2)
+    """The exit code, or 128 + the signal that killed it."""
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleRemoveRequest(betterproto.Message):
+    session_id: str = betterproto.string_field(1)
+    reason: str = betterproto.string_field(2)
+    """For the audit record of the session's end (ignored by the agent)."""
+
+    bytes_in: int = betterproto.uint64_field(3)
+    bytes_out: int = betterproto.uint64_field(4)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleRemoveResponse(betterproto.Message):
+    exited: bool = betterproto.bool_field(1)
+    exit_status: int = betterproto.int32_field(2)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleEnableRequest(betterproto.Message):
+    enabled: bool = betterproto.bool_field(1)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleEnableResponse(betterproto.Message):
+    enabled: bool = betterproto.bool_field(1)
+
+
 class OpsServiceStub(betterproto.ServiceStub):
     async def health(
         self,
@@ -200,6 +345,108 @@ class OpsServiceStub(betterproto.ServiceStub):
             "/keel.ops.v1.OpsService/StageRelease",
             stage_release_request,
             StageReleaseResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_start(
+        self,
+        console_start_request: "ConsoleStartRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleStartResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.OpsService/ConsoleStart",
+            console_start_request,
+            ConsoleStartResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_read(
+        self,
+        console_read_request: "ConsoleReadRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleReadResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.OpsService/ConsoleRead",
+            console_read_request,
+            ConsoleReadResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_write(
+        self,
+        console_write_request: "ConsoleWriteRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleWriteResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.OpsService/ConsoleWrite",
+            console_write_request,
+            ConsoleWriteResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_control(
+        self,
+        console_control_request: "ConsoleControlRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleControlResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.OpsService/ConsoleControl",
+            console_control_request,
+            ConsoleControlResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_wait(
+        self,
+        console_wait_request: "ConsoleWaitRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleWaitResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.OpsService/ConsoleWait",
+            console_wait_request,
+            ConsoleWaitResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_remove(
+        self,
+        console_remove_request: "ConsoleRemoveRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleRemoveResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.OpsService/ConsoleRemove",
+            console_remove_request,
+            ConsoleRemoveResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
@@ -275,6 +522,125 @@ class ShimOpsStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
+    async def console_start(
+        self,
+        console_start_request: "ConsoleStartRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleStartResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/ConsoleStart",
+            console_start_request,
+            ConsoleStartResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_read(
+        self,
+        console_read_request: "ConsoleReadRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleReadResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/ConsoleRead",
+            console_read_request,
+            ConsoleReadResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_write(
+        self,
+        console_write_request: "ConsoleWriteRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleWriteResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/ConsoleWrite",
+            console_write_request,
+            ConsoleWriteResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_control(
+        self,
+        console_control_request: "ConsoleControlRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleControlResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/ConsoleControl",
+            console_control_request,
+            ConsoleControlResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_wait(
+        self,
+        console_wait_request: "ConsoleWaitRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleWaitResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/ConsoleWait",
+            console_wait_request,
+            ConsoleWaitResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_remove(
+        self,
+        console_remove_request: "ConsoleRemoveRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleRemoveResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/ConsoleRemove",
+            console_remove_request,
+            ConsoleRemoveResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def console_enable(
+        self,
+        console_enable_request: "ConsoleEnableRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleEnableResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/ConsoleEnable",
+            console_enable_request,
+            ConsoleEnableResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class OpsServiceBase(ServiceBase):
 
@@ -289,6 +655,36 @@ class OpsServiceBase(ServiceBase):
     async def stage_release(
         self, stage_release_request: "StageReleaseRequest"
     ) -> "StageReleaseResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_start(
+        self, console_start_request: "ConsoleStartRequest"
+    ) -> "ConsoleStartResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_read(
+        self, console_read_request: "ConsoleReadRequest"
+    ) -> "ConsoleReadResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_write(
+        self, console_write_request: "ConsoleWriteRequest"
+    ) -> "ConsoleWriteResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_control(
+        self, console_control_request: "ConsoleControlRequest"
+    ) -> "ConsoleControlResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_wait(
+        self, console_wait_request: "ConsoleWaitRequest"
+    ) -> "ConsoleWaitResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_remove(
+        self, console_remove_request: "ConsoleRemoveRequest"
+    ) -> "ConsoleRemoveResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def __rpc_health(
@@ -312,6 +708,50 @@ class OpsServiceBase(ServiceBase):
         response = await self.stage_release(request)
         await stream.send_message(response)
 
+    async def __rpc_console_start(
+        self, stream: "grpclib.server.Stream[ConsoleStartRequest, ConsoleStartResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_start(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_read(
+        self, stream: "grpclib.server.Stream[ConsoleReadRequest, ConsoleReadResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_read(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_write(
+        self, stream: "grpclib.server.Stream[ConsoleWriteRequest, ConsoleWriteResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_write(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_control(
+        self,
+        stream: "grpclib.server.Stream[ConsoleControlRequest, ConsoleControlResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_control(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_wait(
+        self, stream: "grpclib.server.Stream[ConsoleWaitRequest, ConsoleWaitResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_wait(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_remove(
+        self,
+        stream: "grpclib.server.Stream[ConsoleRemoveRequest, ConsoleRemoveResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_remove(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/keel.ops.v1.OpsService/Health": grpclib.const.Handler(
@@ -331,6 +771,42 @@ class OpsServiceBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 StageReleaseRequest,
                 StageReleaseResponse,
+            ),
+            "/keel.ops.v1.OpsService/ConsoleStart": grpclib.const.Handler(
+                self.__rpc_console_start,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleStartRequest,
+                ConsoleStartResponse,
+            ),
+            "/keel.ops.v1.OpsService/ConsoleRead": grpclib.const.Handler(
+                self.__rpc_console_read,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleReadRequest,
+                ConsoleReadResponse,
+            ),
+            "/keel.ops.v1.OpsService/ConsoleWrite": grpclib.const.Handler(
+                self.__rpc_console_write,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleWriteRequest,
+                ConsoleWriteResponse,
+            ),
+            "/keel.ops.v1.OpsService/ConsoleControl": grpclib.const.Handler(
+                self.__rpc_console_control,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleControlRequest,
+                ConsoleControlResponse,
+            ),
+            "/keel.ops.v1.OpsService/ConsoleWait": grpclib.const.Handler(
+                self.__rpc_console_wait,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleWaitRequest,
+                ConsoleWaitResponse,
+            ),
+            "/keel.ops.v1.OpsService/ConsoleRemove": grpclib.const.Handler(
+                self.__rpc_console_remove,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleRemoveRequest,
+                ConsoleRemoveResponse,
             ),
         }
 
@@ -353,6 +829,41 @@ class ShimOpsBase(ServiceBase):
     async def check_agent_release(
         self, check_agent_release_request: "CheckAgentReleaseRequest"
     ) -> "CheckAgentReleaseResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_start(
+        self, console_start_request: "ConsoleStartRequest"
+    ) -> "ConsoleStartResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_read(
+        self, console_read_request: "ConsoleReadRequest"
+    ) -> "ConsoleReadResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_write(
+        self, console_write_request: "ConsoleWriteRequest"
+    ) -> "ConsoleWriteResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_control(
+        self, console_control_request: "ConsoleControlRequest"
+    ) -> "ConsoleControlResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_wait(
+        self, console_wait_request: "ConsoleWaitRequest"
+    ) -> "ConsoleWaitResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_remove(
+        self, console_remove_request: "ConsoleRemoveRequest"
+    ) -> "ConsoleRemoveResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console_enable(
+        self, console_enable_request: "ConsoleEnableRequest"
+    ) -> "ConsoleEnableResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def __rpc_status(
@@ -384,6 +895,58 @@ class ShimOpsBase(ServiceBase):
         response = await self.check_agent_release(request)
         await stream.send_message(response)
 
+    async def __rpc_console_start(
+        self, stream: "grpclib.server.Stream[ConsoleStartRequest, ConsoleStartResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_start(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_read(
+        self, stream: "grpclib.server.Stream[ConsoleReadRequest, ConsoleReadResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_read(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_write(
+        self, stream: "grpclib.server.Stream[ConsoleWriteRequest, ConsoleWriteResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_write(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_control(
+        self,
+        stream: "grpclib.server.Stream[ConsoleControlRequest, ConsoleControlResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_control(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_wait(
+        self, stream: "grpclib.server.Stream[ConsoleWaitRequest, ConsoleWaitResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_wait(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_remove(
+        self,
+        stream: "grpclib.server.Stream[ConsoleRemoveRequest, ConsoleRemoveResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_remove(request)
+        await stream.send_message(response)
+
+    async def __rpc_console_enable(
+        self,
+        stream: "grpclib.server.Stream[ConsoleEnableRequest, ConsoleEnableResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_enable(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/keel.ops.v1.ShimOps/Status": grpclib.const.Handler(
@@ -409,5 +972,47 @@ class ShimOpsBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 CheckAgentReleaseRequest,
                 CheckAgentReleaseResponse,
+            ),
+            "/keel.ops.v1.ShimOps/ConsoleStart": grpclib.const.Handler(
+                self.__rpc_console_start,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleStartRequest,
+                ConsoleStartResponse,
+            ),
+            "/keel.ops.v1.ShimOps/ConsoleRead": grpclib.const.Handler(
+                self.__rpc_console_read,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleReadRequest,
+                ConsoleReadResponse,
+            ),
+            "/keel.ops.v1.ShimOps/ConsoleWrite": grpclib.const.Handler(
+                self.__rpc_console_write,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleWriteRequest,
+                ConsoleWriteResponse,
+            ),
+            "/keel.ops.v1.ShimOps/ConsoleControl": grpclib.const.Handler(
+                self.__rpc_console_control,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleControlRequest,
+                ConsoleControlResponse,
+            ),
+            "/keel.ops.v1.ShimOps/ConsoleWait": grpclib.const.Handler(
+                self.__rpc_console_wait,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleWaitRequest,
+                ConsoleWaitResponse,
+            ),
+            "/keel.ops.v1.ShimOps/ConsoleRemove": grpclib.const.Handler(
+                self.__rpc_console_remove,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleRemoveRequest,
+                ConsoleRemoveResponse,
+            ),
+            "/keel.ops.v1.ShimOps/ConsoleEnable": grpclib.const.Handler(
+                self.__rpc_console_enable,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleEnableRequest,
+                ConsoleEnableResponse,
             ),
         }

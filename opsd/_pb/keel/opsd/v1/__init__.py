@@ -6,10 +6,13 @@
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
+    AsyncIterable,
     AsyncIterator,
     Dict,
+    Iterable,
     List,
     Optional,
+    Union,
 )
 
 import betterproto
@@ -138,6 +141,96 @@ class PlanStatus(betterproto.Message):
     """Progress lines since the previous message of this stream."""
 
 
+@dataclass(eq=False, repr=False)
+class ConsoleOpen(betterproto.Message):
+    sandbox_id: str = betterproto.string_field(1)
+    container_id: str = betterproto.string_field(2)
+    argv: List[str] = betterproto.string_field(3)
+    """Empty: a login shell."""
+
+    terminal: bool = betterproto.bool_field(4)
+    rows: int = betterproto.uint32_field(5)
+    cols: int = betterproto.uint32_field(6)
+    tty: str = betterproto.string_field(7)
+    """The caller's terminal (for the audit record) and TERM."""
+
+    term: str = betterproto.string_field(8)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleInput(betterproto.Message):
+    open: "ConsoleOpen" = betterproto.message_field(1)
+    """Only in the first message."""
+
+    stdin: bytes = betterproto.bytes_field(2)
+    close_stdin: bool = betterproto.bool_field(3)
+    rows: int = betterproto.uint32_field(4)
+    """A resize when both are set."""
+
+    cols: int = betterproto.uint32_field(5)
+    signal: int = betterproto.uint32_field(6)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleOutput(betterproto.Message):
+    session_id: str = betterproto.string_field(1)
+    """In the first answer, once the session runs."""
+
+    stdout: bytes = betterproto.bytes_field(2)
+    stderr: bytes = betterproto.bytes_field(3)
+    exited: bool = betterproto.bool_field(4)
+    """The last answer: the exit code (128 + signal when killed)."""
+
+    exit_status: int = betterproto.int32_field(5)
+    note: str = betterproto.string_field(6)
+    """Why the session paused or ended, when not by its own exit."""
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleEnableRequest(betterproto.Message):
+    sandbox_id: str = betterproto.string_field(1)
+    enabled: bool = betterproto.bool_field(2)
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleEnableResponse(betterproto.Message):
+    enabled: bool = betterproto.bool_field(1)
+
+
+@dataclass(eq=False, repr=False)
+class ListConsolesRequest(betterproto.Message):
+    pass
+
+
+@dataclass(eq=False, repr=False)
+class ConsoleSession(betterproto.Message):
+    id: str = betterproto.string_field(1)
+    sandbox_id: str = betterproto.string_field(2)
+    container_id: str = betterproto.string_field(3)
+    argv: List[str] = betterproto.string_field(4)
+    uid: int = betterproto.uint32_field(5)
+    pid: int = betterproto.uint32_field(6)
+    tty: str = betterproto.string_field(7)
+    started_at: float = betterproto.double_field(8)
+    bytes_in: int = betterproto.uint64_field(9)
+    bytes_out: int = betterproto.uint64_field(10)
+
+
+@dataclass(eq=False, repr=False)
+class ListConsolesResponse(betterproto.Message):
+    sessions: List["ConsoleSession"] = betterproto.message_field(1)
+
+
+@dataclass(eq=False, repr=False)
+class KillConsoleRequest(betterproto.Message):
+    session_id: str = betterproto.string_field(1)
+
+
+@dataclass(eq=False, repr=False)
+class KillConsoleResponse(betterproto.Message):
+    pass
+
+
 class OpsdStub(betterproto.ServiceStub):
     async def list_sandboxes(
         self,
@@ -225,6 +318,78 @@ class OpsdStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
+    async def console(
+        self,
+        console_input_iterator: Union[
+            AsyncIterable[ConsoleInput], Iterable[ConsoleInput]
+        ],
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> AsyncIterator[ConsoleOutput]:
+        async for response in self._stream_stream(
+            "/keel.opsd.v1.Opsd/Console",
+            console_input_iterator,
+            ConsoleInput,
+            ConsoleOutput,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def console_enable(
+        self,
+        console_enable_request: "ConsoleEnableRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ConsoleEnableResponse":
+        return await self._unary_unary(
+            "/keel.opsd.v1.Opsd/ConsoleEnable",
+            console_enable_request,
+            ConsoleEnableResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def list_consoles(
+        self,
+        list_consoles_request: "ListConsolesRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "ListConsolesResponse":
+        return await self._unary_unary(
+            "/keel.opsd.v1.Opsd/ListConsoles",
+            list_consoles_request,
+            ListConsolesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def kill_console(
+        self,
+        kill_console_request: "KillConsoleRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "KillConsoleResponse":
+        return await self._unary_unary(
+            "/keel.opsd.v1.Opsd/KillConsole",
+            kill_console_request,
+            KillConsoleResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class OpsdBase(ServiceBase):
 
@@ -252,6 +417,27 @@ class OpsdBase(ServiceBase):
     async def abort_upgrade(
         self, abort_upgrade_request: "AbortUpgradeRequest"
     ) -> "PlanStatus":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def console(
+        self, console_input_iterator: AsyncIterator[ConsoleInput]
+    ) -> AsyncIterator[ConsoleOutput]:
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield ConsoleOutput()
+
+    async def console_enable(
+        self, console_enable_request: "ConsoleEnableRequest"
+    ) -> "ConsoleEnableResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def list_consoles(
+        self, list_consoles_request: "ListConsolesRequest"
+    ) -> "ListConsolesResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def kill_console(
+        self, kill_console_request: "KillConsoleRequest"
+    ) -> "KillConsoleResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def __rpc_list_sandboxes(
@@ -293,6 +479,38 @@ class OpsdBase(ServiceBase):
         response = await self.abort_upgrade(request)
         await stream.send_message(response)
 
+    async def __rpc_console(
+        self, stream: "grpclib.server.Stream[ConsoleInput, ConsoleOutput]"
+    ) -> None:
+        request = stream.__aiter__()
+        await self._call_rpc_handler_server_stream(
+            self.console,
+            stream,
+            request,
+        )
+
+    async def __rpc_console_enable(
+        self,
+        stream: "grpclib.server.Stream[ConsoleEnableRequest, ConsoleEnableResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.console_enable(request)
+        await stream.send_message(response)
+
+    async def __rpc_list_consoles(
+        self, stream: "grpclib.server.Stream[ListConsolesRequest, ListConsolesResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.list_consoles(request)
+        await stream.send_message(response)
+
+    async def __rpc_kill_console(
+        self, stream: "grpclib.server.Stream[KillConsoleRequest, KillConsoleResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.kill_console(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/keel.opsd.v1.Opsd/ListSandboxes": grpclib.const.Handler(
@@ -324,5 +542,29 @@ class OpsdBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 AbortUpgradeRequest,
                 PlanStatus,
+            ),
+            "/keel.opsd.v1.Opsd/Console": grpclib.const.Handler(
+                self.__rpc_console,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                ConsoleInput,
+                ConsoleOutput,
+            ),
+            "/keel.opsd.v1.Opsd/ConsoleEnable": grpclib.const.Handler(
+                self.__rpc_console_enable,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ConsoleEnableRequest,
+                ConsoleEnableResponse,
+            ),
+            "/keel.opsd.v1.Opsd/ListConsoles": grpclib.const.Handler(
+                self.__rpc_list_consoles,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListConsolesRequest,
+                ListConsolesResponse,
+            ),
+            "/keel.opsd.v1.Opsd/KillConsole": grpclib.const.Handler(
+                self.__rpc_kill_console,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                KillConsoleRequest,
+                KillConsoleResponse,
             ),
         }
