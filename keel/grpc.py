@@ -26,6 +26,7 @@ And two things for start-up time and per-byte cost on the output path:
 from __future__ import annotations
 
 import binascii
+import contextvars
 import logging
 import socket
 import struct
@@ -130,6 +131,17 @@ def _cred_of(event: RecvRequest) -> PeerCred | None:
     return peercred.of(sock)
 
 
+#: The peer credentials of the call being handled, on servers that
+#: :func:`require_uids` guards (for audit records).
+_caller: contextvars.ContextVar[PeerCred | None] = contextvars.ContextVar("keel_caller",
+                                                                          default=None)
+
+
+def caller() -> PeerCred | None:
+    """Who made the call being handled (servers guarded by :func:`require_uids`)."""
+    return _caller.get()
+
+
 def require_uids(server: Server, allowed: Collection[int], who: str) -> None:
     """Refuse every call on *server* whose peer uid (SO_PEERCRED) is not in
     *allowed*: PERMISSION_DENIED naming *who* refuses, and a log line.
@@ -149,5 +161,6 @@ def require_uids(server: Server, allowed: Collection[int], who: str) -> None:
                         event.method_name, cred.uid, cred.pid)
             raise GRPCError(Status.PERMISSION_DENIED,
                             f"{who} refuses uid {cred.uid}: only root may use it")
+        _caller.set(cred)
 
     listen(server, RecvRequest, check)

@@ -27,6 +27,7 @@ from grpclib.server import Server
 from keel.errors import FailedPrecondition, KeelError
 from keel.grpc import limit_messages, require_uids
 from keel.logs import loop_error_handler
+from opsd._console import Consoles
 from opsd._discovery import ShimClient
 from opsd._manager import Manager, status_line
 from opsd._notify import Notifier, setup_logging
@@ -110,7 +111,7 @@ async def serve(args: argparse.Namespace) -> None:
                       config=config, on_change=lambda p: notifier.status(status_line(p)))
     manager.load()
     limit_messages()
-    server = Server([OpsdService(manager, shims, releases)])
+    server = Server([OpsdService(manager, shims, releases, Consoles(args.state_root))])
     require_uids(server, {0, *args.allow_uid}, "opsd")
     await _listen(server, args.socket)
     stop = asyncio.Event()

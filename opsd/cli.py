@@ -7,6 +7,8 @@
                    [--sandbox ID ...] [--dry-run] [--detach]
     opsctl upgrade status [--follow] [--json]
     opsctl upgrade abort
+    opsctl console SANDBOX [--container ID] [-t|-T] [-- CMD ...]
+    opsctl console enable|disable SANDBOX | ls [--json] | kill SESSION
 
 ``ls`` and ``upgrade`` talk to opsd on its socket; ``release`` works on
 the releases directory directly (no opsd needed: it installs the release
@@ -26,7 +28,7 @@ from pathlib import Path
 import betterproto
 
 from keel.errors import KeelError
-from opsd import _cli_release
+from opsd import _cli_console, _cli_release
 from opsd._client import CliError, call
 from opsd._pb.keel.opsd import v1 as pb
 from opsd._progress import ACTIVE, EXIT_BY_STATE, Progress, describe, summary
@@ -156,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
     _cli_release.add_parser(sub)
+    _cli_console.add_parser(sub)
     up = sub.add_parser("upgrade", help="roll sandboxes to another release",
                         description="Upgrade running sandboxes in batches, with a health gate"
                         " after each batch and automatic rollback of a failed batch.")
@@ -181,7 +184,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, command = _cli_console.split_argv(list(sys.argv[1:] if argv is None else argv))
     args = parser().parse_args(argv)
+    if command is not None:
+        args.command = command
     try:
         rc: int = args.func(args)
     except (CliError, KeelError) as exc:

@@ -12,10 +12,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 
+import grpclib.const
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
 
 from keel.errors import KeelError
+from keel.grpc import caller
+from opsd._console import Consoles
 from opsd._discovery import SandboxView, Shims, Unreachable, scan
 from opsd._manager import Manager
 from opsd._pb.keel.opsd import v1 as pb
@@ -58,10 +62,55 @@ def sandbox_pb(v: SandboxView | Unreachable) -> pb.Sandbox:
 
 
 class OpsdService(pb.OpsdBase):
-    def __init__(self, manager: Manager, shims: Shims, releases: ReleaseStore) -> None:
+    def __init__(self, manager: Manager, shims: Shims, releases: ReleaseStore,
+                 consoles: Consoles | None = None) -> None:
         self._manager = manager
         self._shims = shims
         self._releases = releases
+        self._consoles = consoles
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        """Console is served on the raw stream (opsd/_console.py reads and
+        writes it concurrently, which the generated handler cannot)."""
+        mapping = super().__mapping__()
+        path = "/keel.opsd.v1.Opsd/Console"
+        generated = mapping[path]
+        mapping[path] = grpclib.const.Handler(self._console, generated.cardinality,
+                                              generated.request_type, generated.reply_type)
+        return mapping
+
+    def _console_manager(self) -> Consoles:
+        if self._consoles is None:
+            raise GRPCError(Status.UNIMPLEMENTED, "this opsd serves no console sessions")
+        return self._consoles
+
+    async def _console(self, stream: Stream[pb.ConsoleInput, pb.ConsoleOutput]) -> None:
+        consoles = self._console_manager()
+        who = caller()
+        if who is None:  # require_uids admitted the call, so this cannot be
+            raise GRPCError(Status.PERMISSION_DENIED, "opsd: cannot verify the caller")
+        with _errors():
+            await consoles.serve(stream, who)
+
+    async def console_enable(self, console_enable_request: pb.ConsoleEnableRequest
+                             ) -> pb.ConsoleEnableResponse:
+        r = console_enable_request
+        with _errors():
+            on = await self._console_manager().enable(r.sandbox_id, r.enabled)
+        who = caller()
+        log.info("console of sandbox %s %s by uid %s", r.sandbox_id,
+                 "enabled" if on else "disabled", who.uid if who else "?")
+        return pb.ConsoleEnableResponse(enabled=on)
+
+    async def list_consoles(self, list_consoles_request: pb.ListConsolesRequest
+                            ) -> pb.ListConsolesResponse:
+        return pb.ListConsolesResponse(sessions=self._console_manager().list())
+
+    async def kill_console(self, kill_console_request: pb.KillConsoleRequest
+                           ) -> pb.KillConsoleResponse:
+        with _errors():
+            self._console_manager().kill(kill_console_request.session_id, caller())
+        return pb.KillConsoleResponse()
 
     async def list_sandboxes(self, list_sandboxes_request: pb.ListSandboxesRequest
                              ) -> pb.ListSandboxesResponse:

@@ -80,7 +80,7 @@ async def check_agent_release(sb: Sandbox, agent_path: str) -> str | None:
     if bundle is None or sb.vm is None:
         return None
     try:
-        await ops_call(sb.vm.dialer("ops"), lambda s: s.stage_release(
+        await ops_call(sb.ops or sb.vm.dialer("ops"), lambda s: s.stage_release(
             ops_pb.StageReleaseRequest(version=bundle.version, sha256="", size=0)), 10.0,
             sb.session_key)
     except Unimplemented:
@@ -146,16 +146,15 @@ async def upgrade_agent(sb: Sandbox, agent_path: str,
     """
     if sb.vm is None or sb.agent is None:
         raise FailedPrecondition(f"sandbox {sb.id} has no running agent")
-    channel = DialChannel(sb.vm.dialer("ops"), sb.session_key)
-    try:
-        stub = ops_pb.OpsServiceStub(channel)
-        agent_path = await _guest_path(sb, stub, agent_path)
-        resp: ops_pb.UpgradeAgentResponse = await sb.agent.call(
-            stub.upgrade_agent,
-            ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),
-            timeout=UPGRADE_CALL_S, attempt_s=None, retry_for=0, resend=False)
-    finally:
-        channel.close()
+    if sb.ops is None:
+        sb.ops = DialChannel(sb.vm.dialer("ops"), sb.session_key)
+    stub = ops_pb.OpsServiceStub(sb.ops)
+    agent_path = await _guest_path(sb, stub, agent_path)
+    resp: ops_pb.UpgradeAgentResponse = await sb.agent.call(
+        stub.upgrade_agent,
+        ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),
+        timeout=UPGRADE_CALL_S, attempt_s=None, retry_for=0, resend=False)
+    sb.release_ops()  # the agent execs: the next call dials the new image
     began = asyncio.get_running_loop().time()
     # A VM's agent ends the host's old serial session itself (GOAWAY); should
     # that be lost, a Hello unanswered for long is taken as a dead connection.

@@ -194,6 +194,9 @@ class Daemon:
         from keel.errors import Unavailable
         from shim._handoff import hand_off
 
+        # The new shim checks the agent on its ops channel, which a
+        # virtio-serial port gives one client: let go of ours first.
+        self.sandbox.release_ops()
         result = await hand_off(self, shim_path)
         self.handed_off = True
         self.server.release_all()

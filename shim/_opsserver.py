@@ -13,8 +13,8 @@ from grpclib.server import Server
 
 from agent.api import ops_pb
 from keel.errors import KeelError
-from keel.grpc import NO_STATUS_DETAILS, limit_messages, require_uids
-from shim import version
+from keel.grpc import NO_STATUS_DETAILS, caller, limit_messages, require_uids
+from shim import _console, version
 from shim._agent_upgrade import check_agent_release, upgrade_agent
 from shim.state import SCHEMA_VERSION
 
@@ -49,6 +49,7 @@ class ShimOps(ops_pb.ShimOpsBase):
             sandbox_id=sb.id, shim_version=version(), shim_pid=os.getpid(), agent_version=agent,
             backend=sb.config.backend, namespace=sb.namespace, state_schema=SCHEMA_VERSION,
             accel=str(sb.vm.record().get("accel", "")) if sb.vm is not None else "",
+            console_enabled=_console.enabled(sb),
             containers=[
                 ops_pb.ContainerInfo(id=c.id, pid=c.init.pid, status=c.init.state.value,
                                      exec_ids=list(c.execs))
@@ -87,6 +88,57 @@ class ShimOps(ops_pb.ShimOpsBase):
             raise GRPCError(Status.INVALID_ARGUMENT, "agent_path is required")
         return ops_pb.CheckAgentReleaseResponse(
             problem=await check_agent_release(self._sb, req.agent_path) or "")
+
+    # -- console sessions (shim/_console.py) ---------------------------------
+
+    @contextlib.contextmanager
+    def _console_call(self) -> Iterator[None]:
+        # During and after a handoff the new shim answers (and owns the agent's
+        # ops port): never dial it from here again.
+        if self._upgrading == "a shim upgrade" or self._daemon.handed_off:
+            raise GRPCError(Status.UNAVAILABLE, f"sandbox {self._sb.id}: its shim is being"
+                            f" upgraded; console calls resume with the new one")
+        try:
+            yield
+        except KeelError as exc:
+            raise GRPCError(Status(exc.code.value), str(exc)) from exc
+
+    async def console_start(self, req: ops_pb.ConsoleStartRequest) -> ops_pb.ConsoleStartResponse:
+        with self._console_call():
+            return await _console.start(self._sb, req)
+
+    async def console_read(self, req: ops_pb.ConsoleReadRequest) -> ops_pb.ConsoleReadResponse:
+        with self._console_call():
+            return await _console.relay(self._sb, lambda s: s.console_read(req), req.wait_ms)
+
+    async def console_write(self, req: ops_pb.ConsoleWriteRequest) -> ops_pb.ConsoleWriteResponse:
+        with self._console_call():
+            return await _console.relay(self._sb, lambda s: s.console_write(req))
+
+    async def console_control(self, req: ops_pb.ConsoleControlRequest
+                              ) -> ops_pb.ConsoleControlResponse:
+        with self._console_call():
+            return await _console.relay(self._sb, lambda s: s.console_control(req))
+
+    async def console_wait(self, req: ops_pb.ConsoleWaitRequest) -> ops_pb.ConsoleWaitResponse:
+        with self._console_call():
+            return await _console.relay(self._sb, lambda s: s.console_wait(req), req.wait_ms)
+
+    async def console_remove(self, req: ops_pb.ConsoleRemoveRequest
+                             ) -> ops_pb.ConsoleRemoveResponse:
+        with self._console_call():
+            return await _console.remove(self._sb, req)
+
+    async def console_enable(self, req: ops_pb.ConsoleEnableRequest
+                             ) -> ops_pb.ConsoleEnableResponse:
+        with self._console_call():
+            return ops_pb.ConsoleEnableResponse(
+                enabled=_console.set_enabled(self._sb, bool(req.enabled), _peer_uid()))
+
+
+def _peer_uid() -> int:
+    cred = caller()
+    return cred.uid if cred is not None else -1
 
 
 async def serve_ops(daemon: Daemon) -> Server:

@@ -142,7 +142,7 @@ class SandboxHandoff:
         assert sb.vm is not None
         # Inside the freeze: a stuck ops channel fails the handoff (the old shim
         # thaws) well before the old shim's own deadline.
-        return await ops_call(ops or sb.vm.dialer("ops"),
+        return await ops_call(ops or sb.ops or sb.vm.dialer("ops"),
                               lambda s: s.health(ops_pb.HealthRequest()),
                               min(sb.config.agent_timeout_s, FREEZE_CHECK_S), sb.session_key)
 

@@ -31,7 +31,7 @@ DEFAULT_PATH = Path("/etc/keel/config.toml")
 #: loaded host), the process backend's almost at once.
 AGENT_TIMEOUT_S = {"process": 10.0, "qemu": 30.0}
 #: Tables of the config file owned by other components.
-OTHER_TABLES = ("qemu",)
+OTHER_TABLES = ("qemu", "console")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,6 +60,9 @@ class ShimConfig:
     #: process agents from a warm interpreter) stays up without a request;
     #: 0: no launcher, every shim and agent is a fresh interpreter.
     launcher_idle_s: float = 600.0
+    #: ``[console] enabled``: whether ``opsctl console`` may attach to new
+    #: sandboxes (each can be switched live with ``opsctl console enable``).
+    console_enabled: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("process", "qemu"):
@@ -110,9 +113,20 @@ def load(path: str | Path | None = None) -> ShimConfig:
         if key not in known:
             raise InvalidArgument(f"config file {file}: unknown key {key!r}")
         values[key] = _coerce(key, value, file)
+    if "console" in raw:
+        values["console_enabled"] = _console_table(raw["console"], file)
     if root := os.environ.get("KEEL_STATE_ROOT"):
         values["state_root"] = Path(root)
     return ShimConfig(**values)  # type: ignore[arg-type]
+
+
+def _console_table(table: object, file: Path) -> bool:
+    if not isinstance(table, dict) or set(table) - {"enabled"}:
+        raise InvalidArgument(f"config file {file}: [console] takes one key, enabled = true|false")
+    enabled = table.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise InvalidArgument(f"config file {file}: [console] enabled must be true or false")
+    return enabled
 
 
 def _check_other_tables(raw: dict[str, object], file: Path) -> None:

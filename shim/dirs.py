@@ -92,6 +92,11 @@ class SandboxDir:
         return self.root / "agent"
 
     @property
+    def audit_log(self) -> Path:
+        """Console sessions' audit records, JSON lines (0600)."""
+        return self.root / "audit.log"
+
+    @property
     def agent_log(self) -> Path:
         """The agent's log; a VM's serial console (kernel messages too)."""
         return self.root / "agent.log"

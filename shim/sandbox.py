@@ -35,7 +35,7 @@ from keel.errors import (
 from keel.lifecycle import State
 from keel.logs import tail
 from shim import _pumps, events_pb, keel_events_pb, version
-from shim._agentconn import AgentConnection
+from shim._agentconn import AgentConnection, DialChannel
 from shim._bundle import read_spec
 from shim._events import EventPublisher
 from shim._exits import Exits
@@ -78,6 +78,11 @@ class Sandbox:
         #: A launch begun before this object existed (shim._prelaunch); set by the daemon.
         self.prelaunch: Prelaunch | None = None
         self.agent: AgentConnection | None = None
+        #: The one connection to the agent's ops channel (a virtio-serial port
+        #: serves one client): upgrades, staging and console sessions share it.
+        self.ops: DialChannel | None = None
+        #: The console switch set live; None: the config decides (shim/_console.py).
+        self.console: bool | None = None
         self.containers: dict[str, Container] = {}
         #: Presented on every agent call; the agent binds the first it sees (agent/_session.py).
         self.session_key = secrets.token_hex(16)
@@ -104,7 +109,14 @@ class Sandbox:
                                      timeout=self.config.agent_timeout_s,
                                      deadline=self.config.agent_call_timeout_s)
         self.agent.on_violation = self._protocol_violation
+        self.ops = DialChannel(vm.dialer("ops"), self.session_key)
         return self.agent
+
+    def release_ops(self) -> None:
+        """Close the ops connection (a handoff's new shim needs the port); the
+        next ops call dials again."""
+        if self.ops is not None:
+            self.ops.close()
 
     def _protocol_violation(self, cid: str, eid: str, detail: str) -> None:
         """Publish ``/keel/protocol-violation`` (the stream concerned logged it and stopped)."""
@@ -141,6 +153,7 @@ class Sandbox:
         handoff's ``go_live``.
         """
         self.session_key = rec.session_key  # "" when an older release started it: keyless
+        self.console = rec.console
         self._connect(self._backend.restore(self._launch_spec(), rec.vmm))
         self.containers = {c.id: Container.from_record(c) for c in rec.containers}
 
@@ -180,6 +193,9 @@ class Sandbox:
         if self.agent is not None:
             self.agent.close()
             self.agent = None
+        if self.ops is not None:
+            self.ops.close()
+            self.ops = None
         if vm is not None:
             await vm.stop()
             self._backend.close_fds(vm)
@@ -193,6 +209,7 @@ class Sandbox:
             shim_version=version(),
             containers=tuple(c.record() for c in self.containers.values()),
             session_key=self.session_key,
+            console=self.console,
         )
         self._store.save(rec)
         return rec

@@ -116,6 +116,9 @@ class SandboxRecord:
     #: The key this shim session presents to the agent (agent/_session.py);
     #: "" for a sandbox an older release started (then nothing is checked).
     session_key: str = ""
+    #: The console switch set live (``opsctl console enable|disable``);
+    #: None: the config's ``[console] enabled`` decides.
+    console: bool | None = None
 
 
 # -- JSON layout (schema 1) ---------------------------------------------------
@@ -130,7 +133,7 @@ def encode(rec: SandboxRecord) -> Doc:
     return {"sandbox_id": rec.sandbox_id, "namespace": rec.namespace, "backend": rec.backend,
             "vmm": vmm, "shim_version": rec.shim_version,
             "containers": [_encode_container(c) for c in rec.containers],
-            "session_key": rec.session_key}
+            "session_key": rec.session_key, "console": rec.console}
 
 
 def _encode_container(c: ContainerRecord) -> Doc:
@@ -156,7 +159,8 @@ def decode(doc: Doc) -> SandboxRecord:
         shim=ShimIdentity(int(shim["pid"]), int(shim["start_time"])) if shim else None,
         shim_version=_str(doc["shim_version"]),
         containers=tuple(_decode_container(_obj(c)) for c in doc["containers"]),
-        session_key=_str(doc.get("session_key", "")))
+        session_key=_str(doc.get("session_key", "")),
+        console=_opt_bool(doc.get("console")))
 
 
 def _decode_container(doc: Doc) -> ContainerRecord:
@@ -184,6 +188,12 @@ def _decode_process(doc: Doc) -> ProcessRecord:
 def _obj(value: Any) -> Doc:
     if not isinstance(value, dict):
         raise TypeError(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _opt_bool(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"expected true, false or null, got {type(value).__name__}")
     return value
 
 

@@ -1,0 +1,224 @@
+"""``opsctl console`` against a real pod: real containerd, the Keel shim
+(process backend), a real opsd, and opsctl run as a user runs it, through a
+real pseudo-terminal for the interactive cases.
+
+Checked: refused while disabled (and after ``disable``), with the command
+that enables it; non-interactive sessions with stdout and stderr apart, stdin
+sent, the remote exit code as opsctl's; a session in a container's
+namespaces; an interactive shell (prompt, ``stty size`` before and after a
+resize, Ctrl-C to a running ``sleep``, exit status); detach, after which the
+session is gone; 10 concurrent sessions; a caller opsd does not admit; the
+audit records, field by field, in the sandbox's ``audit.log`` (0600) and in
+opsd's log.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import json
+import os
+import re
+import select
+import stat
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shim.api import SandboxDir
+from tests.containerd import Containerd, wait_for
+from tests.integration.keel_ctr import host_pids, kill_and_remove, run_detached
+from tests.opsd_harness import ENV, REPO, Opsd, opsctl, running_opsd
+
+pytestmark = [pytest.mark.integration, pytest.mark.requires_root]
+
+
+@pytest.fixture
+def node(containerd: Containerd, container_ids: Callable[[], str]) -> Iterator[Opsd]:
+    """A real opsd for this test; stopped before the test's leftover check
+    (which would see it: its command line names the state root)."""
+    with tempfile.TemporaryDirectory(prefix="keel-con-rel-") as releases:
+        with running_opsd("kcon-", Path(releases), containerd.paths.tmp_root / "keel",
+                          {"status": 5}) as d:
+            yield d
+
+
+@pytest.fixture
+def pod(containerd: Containerd, busybox: str, container_ids: Callable[[], str]
+        ) -> Iterator[tuple[str, int]]:
+    cid = container_ids()
+    pid = run_detached(containerd, busybox, cid, "sleep", "100000")  # one per test
+    try:
+        yield cid, pid
+    finally:
+        kill_and_remove(containerd, cid)
+
+
+def _audit(ctd: Containerd, cid: str) -> list[dict[str, Any]]:
+    path = SandboxDir.of(ctd.paths.tmp_root / "keel", cid).audit_log
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_disabled_then_enabled_non_interactive(containerd: Containerd, node: Opsd,
+                                               pod: tuple[str, int]) -> None:
+    cid, _ = pod
+    [pid] = host_pids(containerd, "sleep 100000")  # ctr shows the sandbox's own pid
+    r = opsctl(node.socket, "console", cid, "--", "true")
+    assert r.returncode == 1, r
+    assert f"the console of sandbox {cid} is disabled; enable it with: opsctl console enable" \
+        f" {cid}" in r.stderr, r.stderr
+
+    r = opsctl(node.socket, "console", "enable", cid)
+    assert (r.returncode, r.stdout.strip()) == (0, f"console of sandbox {cid}: enabled"), r
+    r = opsctl(node.socket, "console", cid, "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n"), r
+    # stdin goes through (and is closed at its end); -T is the default off a terminal.
+    r = subprocess.run([sys.executable, "-m", "opsd.cli", "--socket", str(node.socket),
+                        "console", cid, "-T", "--", "sh", "-c", "tr a-z A-Z; exit 0"],
+                       input="hello console\n", capture_output=True, text=True, env=ENV,
+                       cwd=REPO, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "HELLO CONSOLE\n"), r
+
+    # In the container: its pid namespace and cgroups, with the agent's tools.
+    r = opsctl(node.socket, "console", cid, "--container", cid, "--", "sh", "-c",
+               "readlink /proc/self/ns/pid; cat /proc/self/cgroup")
+    assert r.returncode == 0, r
+    assert os.readlink(f"/proc/{pid}/ns/pid") in r.stdout, (r.stdout, pid)
+    with open(f"/proc/{pid}/cgroup") as f:
+        memory = [line for line in f.read().splitlines() if ":memory:" in line]
+    assert memory and memory[0] in r.stdout.splitlines(), (memory, r.stdout)
+
+    # Ten at once.
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        runs = list(pool.map(lambda n: opsctl(node.socket, "console", cid, "--", "sh", "-c",
+                                              f"sleep 1; echo session-{n}"), range(10)))
+    assert [(x.returncode, x.stdout) for x in runs] == [(0, f"session-{n}\n")
+                                                       for n in range(10)], runs
+
+    # A caller opsd does not admit.
+    r = opsctl(node.socket, "console", cid, "--", "true", as_nobody=True)
+    assert r.returncode == 1 and ("refuses uid 65534" in r.stderr
+                                  or "permission denied" in r.stderr), r
+
+    r = opsctl(node.socket, "console", "disable", cid)
+    assert r.returncode == 0, r
+    r = opsctl(node.socket, "console", cid, "--", "true")
+    assert r.returncode == 1 and "is disabled" in r.stderr, r
+
+    records = _audit(containerd, cid)
+    assert [x["event"] for x in records[:3]] == ["console-enabled", "console-start",
+                                                 "console-end"], records[:3]
+    start, end = records[1], records[2]
+    assert {k: start[k] for k in ("sandbox", "container", "argv", "terminal", "uid")} == {
+        "sandbox": cid, "container": "", "argv": ["sh", "-c", "echo out; echo err >&2; exit 3"],
+        "terminal": False, "uid": 0}, start
+    assert start["pid"] > 0 and start["time"] > 0
+    assert {k: end[k] for k in ("session", "reason", "exit_status", "bytes_in", "bytes_out")} \
+        == {"session": start["session"], "reason": "exited", "exit_status": 3, "bytes_in": 0,
+            "bytes_out": 8}, end
+    piped = [x for x in records if x["event"] == "console-end" and x["bytes_in"] == 14]
+    assert len(piped) == 1 and piped[0]["bytes_out"] == 14, records
+    assert sum(x["event"] == "console-start" for x in records) == 13, records
+    assert records[-1]["event"] == "console-disabled"
+    log = node.log()
+    assert re.search(rf"console {start['session']} opened by uid 0 \(pid \d+, tty none\) on "
+                     rf"sandbox {cid}: \['sh', '-c', 'echo out; echo err >&2; exit 3'\]", log)
+    assert f"console {start['session']} ended (exited): exit 3, 0 bytes in, 8 bytes out" in log
+
+
+class Pty:
+    """opsctl on a pseudo-terminal of its own (its controlling terminal)."""
+
+    def __init__(self, *argv: str, rows: int = 30, cols: int = 100) -> None:
+        self.master, slave = os.openpty()
+        termios.tcsetwinsize(slave, (rows, cols))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "opsd.cli", *argv], stdin=slave, stdout=slave, stderr=slave,
+            env={**ENV, "TERM": "xterm"}, cwd=REPO, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.seen = bytearray()
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def expect(self, pattern: bytes, timeout: float = 30.0) -> bytes:
+        """Read until *pattern* (a regex) matches what came since the last match."""
+        deadline = time.monotonic() + timeout
+        while not (m := re.search(pattern, self.seen)):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {pattern!r} in {bytes(self.seen)[-500:]!r}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:
+                    chunk = b""
+                assert chunk, f"opsctl ended before {pattern!r}: {bytes(self.seen)[-500:]!r}"
+                self.seen += chunk
+        del self.seen[:m.end()]
+        return m.group(0)
+
+    def resize(self, rows: int, cols: int) -> None:
+        termios.tcsetwinsize(self.master, (rows, cols))  # opsctl gets SIGWINCH
+
+    def close(self) -> int:
+        try:
+            rc = self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            os.close(self.master)
+        return rc
+
+
+def test_interactive_shell_resize_ctrl_c_and_detach(containerd: Containerd, node: Opsd,
+                                                    pod: tuple[str, int]) -> None:
+    cid, _ = pod
+    assert opsctl(node.socket, "console", "enable", cid).returncode == 0
+    t = Pty("--socket", str(node.socket), "console", cid, "--", "/bin/sh", "-i")
+    try:
+        t.expect(rb"# ")
+        t.type(b"stty size; tty\n")
+        t.expect(rb"\r\n30 100\r\n/dev/pts/\d+")
+        t.resize(40, 120)
+        time.sleep(0.5)  # the resize travels opsctl -> opsd -> shim -> agent
+        t.type(b"stty size\n")
+        t.expect(rb"\r\n40 120\r\n")
+        t.type(b"sleep 100; echo not-interrupted\n")
+        time.sleep(1)
+        t.type(b"\x03")  # Ctrl-C: SIGINT to the remote foreground job, not to opsctl
+        t.type(b"echo rc=$?\n")
+        seen = t.expect(rb"rc=130")
+        assert b"not-interrupted\r\n" not in seen
+        t.type(b"exit 5\n")
+    finally:
+        rc = t.close()
+    assert rc == 5
+
+    # Detach (Ctrl-]): opsctl leaves, and the session (a sleep) is ended and reaped.
+    t = Pty("--socket", str(node.socket), "console", cid, "--", "sleep", "1000")
+    try:
+        wait_for(lambda: "sleep 1000" in opsctl(node.socket, "console", "ls").stdout, 30,
+                 "the session to be listed")
+        t.type(b"\x1d")
+        t.expect(rb"detached")
+    finally:
+        rc = t.close()
+    assert rc == 0
+    wait_for(lambda: "(no console sessions)" in opsctl(node.socket, "console", "ls").stdout, 30,
+             "the detached session to be reaped")
+    wait_for(lambda: _audit(containerd, cid)[-1].get("reason") == "the client detached", 30,
+             "the detach's audit record")
+    end = _audit(containerd, cid)[-1]
+    assert end["event"] == "console-end" and end["exit_status"] is None, end
+    starts = [x for x in _audit(containerd, cid) if x["event"] == "console-start"]
+    assert starts[0]["terminal"] is True and starts[0]["tty"].startswith("/dev/pts/"), starts
