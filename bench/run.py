@@ -1,6 +1,6 @@
 """Run the benchmarks and print keel's figures next to the baseline's, measured in the same run.
 
-    python -m bench.run [--quick] [--only core|upgrade|vm|vm-upgrade ...] [--json FILE]
+    python -m bench.run [--quick] [--only core|upgrade|vm|vm-upgrade|console ...] [--json FILE]
                         [--pods N] [--batch K]
 
 * core (issue 2): keel (process backend) vs the runc shim: `ctr run --rm`,
@@ -10,7 +10,9 @@
 * vm: the qemu backend (TCG where KVM is missing): boot to agent ready,
   `ctr run --rm`, host memory per idle VM sandbox;
 * vm-upgrade (issue 18): a VM sandbox's shim freeze window and agent
-  upgrade gap next to the process backend's.
+  upgrade gap next to the process backend's;
+* console (issue 13): ``opsctl console`` attach and keystroke echo next to
+  ``ctr task exec`` on runc, and a pod's stdout with a busy console session.
 
 Needs root, containerd, ctr, runc and busybox-static (the same as the
 integration tests).  Every benchmark runs on its own private containerd
@@ -107,8 +109,18 @@ def bench_vm_upgrade(args: argparse.Namespace
             f" process backend", NAMES, rows, raw)
 
 
+def bench_console(args: argparse.Namespace
+                  ) -> tuple[str, tuple[str, str], list[Row], dict[str, Any]]:
+    from bench.console import NAMES, ConsoleConfig, run_console
+
+    cfg = ConsoleConfig.quick() if args.quick else ConsoleConfig()
+    with Stage() as stage:
+        rows, raw = run_console(stage, cfg)
+    return "issue 13: opsctl console (process backend) vs ctr task exec on runc", NAMES, rows, raw
+
+
 BENCHES: dict[str, Bench] = {"core": bench_core, "upgrade": bench_upgrade, "vm": bench_vm,
-                             "vm-upgrade": bench_vm_upgrade}
+                             "vm-upgrade": bench_vm_upgrade, "console": bench_console}
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

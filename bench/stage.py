@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -178,3 +179,56 @@ def _flag(argv: list[str], name: str) -> str | None:
         return argv[argv.index(name) + 1]
     except (ValueError, IndexError):
         return None
+
+
+#: opsd's environment: no NOTIFY_SOCKET (it is not under systemd here).
+OPSD_ENV = {**{k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+            "PYTHONPATH": str(REPO)}
+
+
+class Opsd:
+    """The real opsd over the stage's sandboxes and the releases under *releases*;
+    opsctl against it."""
+
+    def __init__(self, stage: Stage, releases: Path) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="opsd-", dir=stage.tmp))
+        self.socket = self.base / "opsd.sock"
+        self.log = self.base / "opsd.log"
+        self._argv = [sys.executable, "-m", "opsd", "--socket", str(self.socket),
+                      "--state-dir", str(self.base / "state"), "--releases", str(releases),
+                      "--state-root", str(stage.state_root)]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Opsd:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, env=OPSD_ENV, cwd=REPO)
+        try:
+            wait_for(lambda: self._exited() or self.opsctl("ls").returncode == 0, 60,
+                     "opsd to answer")
+            if self._exited():
+                raise RuntimeError(f"opsd exited at start:\n{self.log_tail()}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def opsctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "opsd.cli", "--socket", str(self.socket),
+                               *args], capture_output=True, text=True, env=OPSD_ENV,
+                              cwd=REPO, timeout=600)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

@@ -23,11 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,15 +34,12 @@ from grpclib.client import Channel
 
 from agent.api import ops_pb
 from bench.common import Row, median, p99, pid_tree
-from bench.releases import REPO, make_release, next_minor
-from bench.stage import Stage, progress
+from bench.releases import make_release, next_minor
+from bench.stage import Opsd, Stage, progress
 from shim import version as shim_version
-from tests.containerd import wait_for
 from upgrade.releases import AGENT_ENTRY, SHIM_ENTRY
 
 NAMES = ("keel live", "stop+start")
-_ENV = {**{k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
-        "PYTHONPATH": str(REPO)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +210,7 @@ def _fleet(stage: Stage, cfg: UpgradeConfig, releases: Path, to: str,
 def _live_upgrade(stage: Stage, releases: Path, to: str, batch: int,
                   raw: dict[str, Any]) -> tuple[float, int]:
     """`opsctl upgrade --to TO --batch K` through a real opsd; (seconds, sandboxes at TO)."""
-    with _Opsd(stage, releases) as opsd:
+    with Opsd(stage, releases) as opsd:
         t0 = time.perf_counter()
         res = opsd.opsctl("upgrade", "--to", to, "--batch", str(batch))
         elapsed = time.perf_counter() - t0
@@ -272,50 +264,3 @@ def _kept(stage: Stage, before: dict[str, tuple[int, int]]) -> int:
         except RuntimeError:
             pass
     return kept
-
-
-class _Opsd:
-    """The real opsd over the stage's sandboxes and the bench releases; opsctl against it."""
-
-    def __init__(self, stage: Stage, releases: Path) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="opsd-", dir=stage.tmp))
-        self.socket = self.base / "opsd.sock"
-        self.log = self.base / "opsd.log"
-        self._argv = [sys.executable, "-m", "opsd", "--socket", str(self.socket),
-                      "--state-dir", str(self.base / "state"), "--releases", str(releases),
-                      "--state-root", str(stage.state_root)]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> _Opsd:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, env=_ENV, cwd=REPO)
-        try:
-            wait_for(lambda: self._exited() or self.opsctl("ls").returncode == 0, 60,
-                     "opsd to answer")
-            if self._exited():
-                raise RuntimeError(f"opsd exited at start:\n{self.log_tail()}")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def _exited(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
-
-    def opsctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "opsd.cli", "--socket", str(self.socket),
-                               *args], capture_output=True, text=True, env=_ENV, cwd=REPO,
-                              timeout=600)
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

@@ -1,4 +1,5 @@
-"""Smoke test of the benchmarks: `python -m bench.run --quick --only core --json FILE`.
+"""Smoke test of the benchmarks: `python -m bench.run --quick --only core --json FILE`
+(and `--only console`).
 
 Checks only that every core metric came out as a finite, positive number
 for both keel and runc, in the table and in the JSON (the bench ran end to
@@ -44,3 +45,20 @@ def test_quick_core_bench_gives_figures_for_keel_and_runc(
     header = next(line for line in lines if line.startswith("metric"))
     assert [c.strip() for c in header.split("|")][1:3] == ["keel", "runc"], header
     assert any(line.startswith("ctr run --rm median") for line in lines), lines
+
+
+def test_quick_console_bench_gives_figures(require_env: Callable[[str], None],
+                                           tmp_path: Path) -> None:
+    """`--only console`: attach, keystroke echo and stdout figures for keel's
+    console and runc's exec, every one finite and positive."""
+    require_env("integration")
+    out = tmp_path / "bench.json"
+    assert bench_run.main(["--quick", "--only", "console", "--json", str(out)]) == 0
+    console = json.loads(out.read_text())["console"]
+    assert console["names"] == ["keel console", "runc exec"]
+    metrics = [r["metric"] for r in console["rows"]]
+    assert [m.split(" (")[0] for m in metrics[:4]] == [
+        "attach median", "attach p99", "keystroke echo median", "keystroke echo p99"], metrics
+    for row in console["rows"]:
+        for name in console["names"]:
+            assert math.isfinite(row[name]) and row[name] > 0, row

@@ -29,7 +29,10 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,16 @@ import pytest
 
 from shim.api import SandboxDir
 from tests.containerd import Containerd
-from tests.opsd_harness import Opsd, install_releases, opsctl, plan, running_opsd, sandboxes
+from tests.opsd_harness import (
+    ENV,
+    REPO,
+    Opsd,
+    install_releases,
+    opsctl,
+    plan,
+    running_opsd,
+    sandboxes,
+)
 from tests.workloads import CtrCounter
 from upgrade.releases import Release, ReleaseStore
 
@@ -193,3 +205,49 @@ def test_a_release_that_fails_is_rolled_back_on_real_sandboxes(
         assert crashed == ids[:2], crashed
         for p in ps:
             p.finish_in_order(at_least=0)
+
+
+def _console(node: Opsd, cid: str, script: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "opsd.cli", "--socket", str(node.socket),
+                             "console", cid, "--", "sh", "-c", script],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+
+
+def test_a_console_session_goes_on_through_a_shim_upgrade(
+        containerd: Containerd, busybox: str, container_ids: Callable[[], str],
+        releases: ReleaseStore, node: Opsd) -> None:
+    """opsd holds the session's offsets: while the shim changes hands its calls
+    pause and resume, and every line of the session's output arrives once, in
+    order.  An agent upgrade ends a session (its fds do not cross the exec):
+    opsctl says it was lost."""
+    p = CtrCounter(containerd, container_ids(), releases.get(A).shim_path, busybox,
+                   interval_us=10_000, more=10)
+    try:
+        p.running()
+        assert opsctl(node.socket, "console", "enable", p.cid).returncode == 0
+        n = 300
+        con = _console(node, p.cid, f"i=0; while [ $i -lt {n} ]; do echo $i; i=$((i+1));"
+                                    f" sleep 0.02; done")
+        time.sleep(1.5)  # the session runs and prints
+        r = opsctl(node.socket, "upgrade", "--to", B, "--components", "shim", "--sandbox", p.cid)
+        assert r.returncode == 0, r.stdout + r.stderr + node.log()[-3000:]
+        out, err = con.communicate(timeout=120)
+        assert con.returncode == 0, (out[-500:], err)
+        assert out.split() == [str(i) for i in range(n)], out[-500:]
+        assert reported(node, [p])[p.cid]["shim_version"] == B
+        # The switch was kept by the new shim, and it relays new sessions.
+        r = opsctl(node.socket, "console", p.cid, "--", "echo", "still-on")
+        assert (r.returncode, r.stdout) == (0, "still-on\n"), r
+
+        con = _console(node, p.cid, "echo started; sleep 1000")
+        time.sleep(1.5)
+        r = opsctl(node.socket, "upgrade", "--to", B, "--components", "agent", "--sandbox", p.cid)
+        assert r.returncode == 0, r.stdout + r.stderr + node.log()[-3000:]
+        out, err = con.communicate(timeout=120)
+        assert (con.returncode, out) == (255, "started\n"), (out, err)
+        assert "lost: " in err and "agent upgrade" in err, err
+        p.untouched()
+        p.finish_in_order(at_least=0)
+    finally:
+        p.kill()

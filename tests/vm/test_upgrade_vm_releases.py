@@ -146,6 +146,22 @@ def test_a_release_install_builds_or_reuses_its_guest_image(
     assert re.search(rf"(?m)^kept img-{img.id}: .*\brelease {re.escape(b.version)}\b", p.stdout), p
 
 
+def _console_in_the_guest(node: Opsd, c: CtrCounter) -> None:
+    """``opsctl console`` reaches the guest: its kernel and root, and with
+    ``--container`` the container's pid namespace, not the guest's."""
+    r = opsctl(node.socket, "console", c.cid, "--", "true")
+    assert r.returncode == 1 and "is disabled" in r.stderr, r
+    assert opsctl(node.socket, "console", "enable", c.cid).returncode == 0
+    r = opsctl(node.socket, "console", c.cid, "--", "sh", "-c",
+               "uname -r; cat /proc/cmdline; readlink /proc/self/ns/pid; exit 4")
+    assert r.returncode == 4, r
+    _kernel, cmdline, guest_ns = r.stdout.splitlines()
+    assert "console=ttyS0 panic=-1" in cmdline, r.stdout  # the guest kernel's, not the host's
+    r = opsctl(node.socket, "console", c.cid, "--container", c.cid, "--",
+               "readlink", "/proc/self/ns/pid")
+    assert r.returncode == 0 and r.stdout.strip() not in ("", guest_ns), (r, guest_ns)
+
+
 def test_opsctl_moves_a_vm_pod_between_installed_releases(
         vm_containerd: Containerd, releases: ReleaseStore, versions: dict[str, str],
         node: Opsd) -> None:
@@ -174,6 +190,7 @@ def test_opsctl_moves_a_vm_pod_between_installed_releases(
         agent_log = c.sandbox.agent_log.read_text(errors="replace")
         assert "passed its preflight" not in agent_log, agent_log[-2000:]
         c.flows()
+        _console_in_the_guest(node, c)
 
         seen = []
         for _ in range(ROUNDS):
@@ -203,6 +220,9 @@ def test_opsctl_moves_a_vm_pod_between_installed_releases(
         assert "simulated crash while resuming" in agent_log, agent_log[-3000:]
         c.flows(timeout=120)
 
+        # After the handoffs the new shims relay console sessions too.
+        r = opsctl(node.socket, "console", cid, "--", "echo", "after-upgrades")
+        assert (r.returncode, r.stdout) == (0, "after-upgrades\n"), r
         # The same VM and task served throughout.
         assert int((c.sandbox.root / "vmm.pid").read_text()) == vm_pid
         assert ctd.task(cid) == (pid, "RUNNING")
