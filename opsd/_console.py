@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -58,6 +59,8 @@ RESUME_S = 120.0
 POLL_MS = 2000
 READ_BYTES = 256 * 1024
 MAX_SESSIONS = 64
+#: How long a killed session may take to end by itself.
+KILL_S = 10.0
 MAX_SIZE = 9999
 
 
@@ -75,6 +78,7 @@ class Session:
     bytes_out: int = 0
     task: asyncio.Task[None] | None = None
     end_reason: str = ""
+    ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def view(self) -> pb.ConsoleSession:
         return pb.ConsoleSession(
@@ -141,12 +145,25 @@ class Consoles:
     def list(self) -> list[pb.ConsoleSession]:
         return [s.view() for s in self._sessions.values()]
 
-    def kill(self, sid: str, by: PeerCred | None) -> None:
+    async def kill(self, sid: str, by: PeerCred | None) -> None:
+        """End a session: SIGKILL to its process group, so that it ends as
+        sessions end (its last output and its exit status reach opsctl); if
+        that cannot be delivered within KILL_S, the relay is cancelled."""
         session = self._sessions.get(sid)
         if session is None or session.task is None:
             raise NotFound(f"no open console session {sid!r} (opsctl console ls)")
         session.end_reason = f"killed by uid {by.uid if by else '?'} (opsctl console kill)"
-        session.task.cancel()
+        log.info("console %s: %s", sid, session.end_reason)
+        link = ShimLink(self.state_root, session.sandbox_id)
+        try:
+            async with asyncio.timeout(KILL_S):
+                await link.once(_control(ops_pb.ConsoleControlRequest(sid, 0, 0, signal.SIGKILL)))
+                await session.ended.wait()
+        except (KeelError, TimeoutError) as exc:
+            log.warning("console %s: the kill did not end it (%s); ending the relay", sid, exc)
+            session.task.cancel()
+        finally:
+            link.close()
 
     async def enable(self, sandbox_id: str, on: bool) -> bool:
         link = ShimLink(self.state_root, ids.check(sandbox_id, "sandbox id"))
@@ -184,10 +201,11 @@ class Consoles:
         except NotFound as exc:  # the agent no longer knows it: an agent upgrade
             session.end_reason = f"lost: {exc}"
             await send(pb.ConsoleOutput(note=session.end_reason, exited=True, exit_status=255))
-        except _Detached:
-            pass
+        except (_Detached, StreamTerminatedError):
+            pass  # opsctl detached or went away: the session ends below
         finally:
             self._sessions.pop(session.id, None)
+            session.ended.set()
             task = asyncio.get_running_loop().create_task(self._close(session, link, status))
             self._closing.add(task)  # runs even when this call was cancelled
             task.add_done_callback(self._closing.discard)

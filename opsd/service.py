@@ -109,7 +109,7 @@ class OpsdService(pb.OpsdBase):
     async def kill_console(self, kill_console_request: pb.KillConsoleRequest
                            ) -> pb.KillConsoleResponse:
         with _errors():
-            self._console_manager().kill(kill_console_request.session_id, caller())
+            await self._console_manager().kill(kill_console_request.session_id, caller())
         return pb.KillConsoleResponse()
 
     async def list_sandboxes(self, list_sandboxes_request: pb.ListSandboxesRequest

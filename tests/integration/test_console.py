@@ -222,3 +222,45 @@ def test_interactive_shell_resize_ctrl_c_and_detach(containerd: Containerd, node
     assert end["event"] == "console-end" and end["exit_status"] is None, end
     starts = [x for x in _audit(containerd, cid) if x["event"] == "console-start"]
     assert starts[0]["terminal"] is True and starts[0]["tty"].startswith("/dev/pts/"), starts
+
+
+def test_kill_and_a_vanished_client_end_sessions(containerd: Containerd, node: Opsd,
+                                                 pod: tuple[str, int]) -> None:
+    cid, _ = pod
+    assert opsctl(node.socket, "console", "enable", cid).returncode == 0
+
+    def session(script: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "opsd.cli", "--socket", str(node.socket),
+                                 "console", cid, "--", "sh", "-c", script],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+
+    def listed() -> list[dict[str, Any]]:
+        r = opsctl(node.socket, "console", "ls", "--json")
+        assert r.returncode == 0, r
+        return list(json.loads(r.stdout))
+
+    # opsctl console kill: the session's processes die, opsctl gets its end and status.
+    victim = session("echo up; sleep 1000")
+    wait_for(lambda: len(listed()) == 1, 30, "the session to be listed")
+    [row] = listed()
+    assert (row["sandbox"], row["argv"], row["uid"], row["pid"]) == (
+        cid, ["sh", "-c", "echo up; sleep 1000"], 0, victim.pid), row
+    r = opsctl(node.socket, "console", "kill", row["id"])
+    assert (r.returncode, r.stdout.strip()) == (0, f"console session {row['id']} ended"), r
+    out, err = victim.communicate(timeout=30)
+    assert (victim.returncode, out) == (137, "up\n"), (out, err)
+    r = opsctl(node.socket, "console", "kill", row["id"])
+    assert r.returncode == 1 and "no open console session" in r.stderr, r
+
+    # opsctl SIGKILLed: opsd sees the stream break and ends the session.
+    gone = session("echo up; sleep 1000")
+    wait_for(lambda: len(listed()) == 1, 30, "the session to be listed")
+    gone.kill()
+    gone.communicate(timeout=30)
+    wait_for(lambda: not listed(), 30, "the orphaned session to be reaped")
+    ends = [x for x in _audit(containerd, cid) if x["event"] == "console-end"]
+    assert [(x["reason"], x["exit_status"]) for x in ends] == [
+        ("killed by uid 0 (opsctl console kill)", 137), ("the client went away", None)], ends
+    agent_log = SandboxDir.of(containerd.paths.tmp_root / "keel", cid).agent_log
+    assert agent_log.read_text().count("killed pid") >= 1
