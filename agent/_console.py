@@ -5,7 +5,7 @@ itself, not through the OCI runtime: in the sandbox (the guest VM's root
 on qemu, the sandbox's namespaces on the process backend), or in one
 container's namespaces and cgroups but on the agent's filesystem, so that a
 container image without a shell can still be debugged (its files are under
-``/proc/<pid>/root``).  With a terminal the session gets a pseudo-terminal
+``$KEEL_CONTAINER_ROOT``, ``/proc/<its pid>/root``).  With a terminal the session gets a pseudo-terminal
 of its own (a new session and process group, the pty as its controlling
 terminal); without, three pipes.
 
@@ -144,6 +144,8 @@ class Consoles:
         environ = _environment(env, terminal)
         if container_id:
             pid = self._container_pid(ids.check(container_id, "container_id"))
+            # Its files, as this session's /proc (the sandbox's) shows them.
+            environ |= {"KEEL_CONTAINER_PID": str(pid), "KEEL_CONTAINER_ROOT": f"/proc/{pid}/root"}
             command = ("/bin/sh", "-c", _JOIN, "sh", *cgroup_procs(pid), "--",
                        "nsenter", "-t", str(pid), "-p", "-n", "-i", "-u", "--", *command)
         since = time.monotonic_ns()

@@ -57,8 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                           " SANDBOX [-- CMD])")
     att.add_argument("sandbox")
     att.add_argument("--container", default="", metavar="ID",
-                     help="in this container's namespaces and cgroups (its files are under"
-                     " /proc/1/root there)")
+                     help="in this container's namespaces and cgroups, with the agent's tools"
+                     " (the container's files are under $KEEL_CONTAINER_ROOT)")
     mode = att.add_mutually_exclusive_group()
     mode.add_argument("-t", "--tty", dest="tty", action="store_true", default=None,
                       help="give the session a terminal (default: when stdin is one)")
