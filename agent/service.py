@@ -42,6 +42,7 @@ from agent._upgrade import Upgrader
 from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
 from keel import ids
 from keel.errors import FailedPrecondition, InvalidArgument, KeelError
+from keel.grpc import serve_raw
 from keel.lifecycle import State
 
 log = logging.getLogger("keel.agent.service")
@@ -258,10 +259,7 @@ class OpsService(ConsoleRpcs, ops_pb.OpsServiceBase):
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()
-        path = "/keel.ops.v1.OpsService/UpgradeAgent"
-        generated = mapping[path]
-        mapping[path] = grpclib.const.Handler(self._upgrade_stream, generated.cardinality,
-                                              generated.request_type, generated.reply_type)
+        serve_raw(mapping, "/keel.ops.v1.OpsService/UpgradeAgent", self._upgrade_stream)
         return mapping
 
     async def _upgrade_stream(self, stream: Stream[Any, Any]) -> None:

@@ -30,14 +30,14 @@ import contextvars
 import logging
 import socket
 import struct
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
-from grpclib.const import Status
+from grpclib.const import Handler, Status
 from grpclib.encoding.base import StatusDetailsCodecBase
 from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError
-from grpclib.server import Server
+from grpclib.server import Server, Stream
 
 from keel import peercred
 from keel.peercred import PeerCred
@@ -129,6 +129,16 @@ def _cred_of(event: RecvRequest) -> PeerCred | None:
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     return peercred.of(sock)
+
+
+def serve_raw(mapping: dict[str, Any], path: str,
+              handler: Callable[[Stream[Any, Any]], Coroutine[Any, Any, None]]) -> None:
+    """Serve the RPC *path* of a generated service's ``__mapping__`` with
+    *handler* on the raw grpclib stream (for what betterproto's generated
+    handlers cannot do: send before starting work, read and write at once)."""
+    generated = mapping[path]
+    mapping[path] = Handler(handler, generated.cardinality, generated.request_type,
+                            generated.reply_type)
 
 
 #: The peer credentials of the call being handled, on servers that

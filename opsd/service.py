@@ -18,7 +18,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from keel.errors import KeelError
-from keel.grpc import caller
+from keel.grpc import caller, serve_raw
 from opsd._console import Consoles
 from opsd._discovery import SandboxView, Shims, Unreachable, scan
 from opsd._manager import Manager
@@ -73,10 +73,7 @@ class OpsdService(pb.OpsdBase):
         """Console is served on the raw stream (opsd/_console.py reads and
         writes it concurrently, which the generated handler cannot)."""
         mapping = super().__mapping__()
-        path = "/keel.opsd.v1.Opsd/Console"
-        generated = mapping[path]
-        mapping[path] = grpclib.const.Handler(self._console, generated.cardinality,
-                                              generated.request_type, generated.reply_type)
+        serve_raw(mapping, "/keel.opsd.v1.Opsd/Console", self._console)
         return mapping
 
     def _console_manager(self) -> Consoles:
