@@ -54,8 +54,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: Runs the command inside *pid*'s cgroups, then its namespaces (not its
 #: mount namespace: the tools are ours).  ``sh -c`` moves itself into every
 #: cgroup before it execs, so nothing the command forks escapes them.
-_JOIN = ('while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; '
-         'exec "$@"')
+_JOIN = ('while [ "$1" != -- ]; do echo $$ 2>/dev/null > "$1" || {'
+         ' echo "keel console: cannot join the container\'s cgroup $1" >&2; exit 125; };'
+         ' shift; done; shift; exec "$@"')
 
 
 @dataclasses.dataclass(slots=True)

@@ -192,8 +192,10 @@ class Consoles:
         session.task = asyncio.current_task()
         self._sessions[session.id] = session
         status: int | None = None
+        started = False
         try:
             await self._start(session, link, opening)
+            started = True
             await send(pb.ConsoleOutput(session_id=session.id))
             status = await self._relay(session, link, stream, send)
             session.end_reason = session.end_reason or "exited"
@@ -206,9 +208,13 @@ class Consoles:
         finally:
             self._sessions.pop(session.id, None)
             session.ended.set()
-            task = asyncio.get_running_loop().create_task(self._close(session, link, status))
-            self._closing.add(task)  # runs even when this call was cancelled
-            task.add_done_callback(self._closing.discard)
+            if started:
+                task = asyncio.get_running_loop().create_task(self._close(session, link, status))
+                self._closing.add(task)  # runs even when this call was cancelled
+                task.add_done_callback(self._closing.discard)
+            else:
+                link.close()
+                log.info("console %s not started", session.id)
 
     async def _relay(self, session: Session, link: ShimLink,
                      stream: Stream[pb.ConsoleInput, pb.ConsoleOutput],
@@ -346,7 +352,7 @@ def _tty_of(pid: int) -> str:
         target = os.readlink(f"/proc/{pid}/fd/0")
     except OSError:
         return ""
-    return target if target.startswith("/dev/") and "tty" in target or "pts" in target else ""
+    return target if target.startswith(("/dev/pts/", "/dev/tty")) else ""
 
 
 __all__ = ["Consoles", "Session", "ShimLink"]
