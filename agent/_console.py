@@ -16,16 +16,20 @@ lost or doubled.  That is what lets opsd carry a session across a shim
 upgrade.  Buffers are bounded (the output buffer size of the agent's config):
 a slow reader stops the session's writes, never grows memory.
 
-Sessions do not cross an agent upgrade: their fds are close-on-exec, so the
-shell sees its terminal hang up and the new image knows no session (a call
-naming it is NOT_FOUND).  An exited session nobody reads for
-:data:`EXITED_TTL_S` is removed; at most :data:`MAX_SESSIONS` exist at once.
+Sessions cross an agent upgrade as containers' processes do: their fds are
+in the agent's fd table (kept across the exec), :meth:`Consoles.freeze`
+stops their I/O, the bytes held go into the hand-over with the session
+records (:meth:`records`, :meth:`held`), and the new image rebuilds them
+(:meth:`Consoles.adopt`): same process, same offsets.  An exited session
+nobody reads for :data:`EXITED_TTL_S` is removed; at most
+:data:`MAX_SESSIONS` exist at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -34,6 +38,8 @@ import termios
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from agent import state
+from agent._fds import FdTable
 from agent._output import OutputBuffer, OutputPump
 from agent._reaper import Exit, Reaper
 from agent._stdin import StdinWriter
@@ -69,11 +75,36 @@ class Session:
     stderr: OutputBuffer
     stdin: StdinWriter
     pumps: list[OutputPump]
-    #: Extra fds the session owns (a terminal's control fd).
-    fds: list[int]
+    #: A terminal's control fd (resizes), -1 without one.
+    control: int = -1
     exit: Exit | None = None
     exited: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     last_read: float = dataclasses.field(default_factory=time.monotonic)
+
+    def record(self) -> state.ConsoleRecord:
+        return state.ConsoleRecord(
+            self.id, self.pid, self.terminal, self.container_id,
+            self.exit.status if self.exit else None, self.exit.exited_at_ns if self.exit else 0,
+            self.stdout.end, self.stderr.end, self.stdin.ledger.accepted)
+
+
+@dataclasses.dataclass(slots=True)
+class Handed:
+    """A session as the hand-over describes it (agent/_handover.py), before adopt."""
+
+    record: state.ConsoleRecord
+    stdout: OutputBuffer
+    stderr: OutputBuffer
+    #: The stdin stream's hand-over and its pending bytes (None: nothing held).
+    stdin: state.StreamHandover | None
+    stdin_pending: bytes
+    #: Role suffix ("out", "err", "in", "ctl") -> adopted fd.
+    fds: dict[str, int]
+
+
+def role(sid: str, which: str) -> str:
+    """The fd table role of session *sid*'s fd *which* (out, err, in, ctl)."""
+    return f"console:{sid}:{which}"
 
 
 def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
@@ -115,9 +146,10 @@ class Consoles:
     """Every console session of this agent.  *container_pid* names the init
     pid of a running container (NotFound, FailedPrecondition otherwise)."""
 
-    def __init__(self, reaper: Reaper, buffer_bytes: int,
+    def __init__(self, reaper: Reaper, fds: FdTable, buffer_bytes: int,
                  container_pid: Callable[[str], int]) -> None:
         self._reaper = reaper
+        self._fds = fds
         self._limit = buffer_bytes
         self._container_pid = container_pid
         self._sessions: dict[str, Session] = {}
@@ -129,8 +161,8 @@ class Consoles:
         try:
             return self._sessions[sid]
         except KeyError:
-            raise NotFound(f"console session {sid} not found (ended, or lost in an agent "
-                           f"upgrade)") from None
+            raise NotFound(f"console session {sid} not found (it ended, or the sandbox's agent"
+                           f" restarted)") from None
 
     def start(self, sid: str, argv: Sequence[str], *, terminal: bool, rows: int, cols: int,
               container_id: str, env: Mapping[str, str]) -> int:
@@ -159,7 +191,7 @@ class Consoles:
             raise InvalidArgument(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
         session.container_id = container_id
         self._sessions[sid] = session
-        self._reaper.watch(session.pid, since, lambda exit: self._exited(session, exit))
+        self._reaper.watch(session.pid, since, functools.partial(self._exited, session))
         log.info("console session %s: pid %d runs %r%s%s", sid, session.pid, list(wanted),
                  f" in container {container_id}" if container_id else "",
                  " on a terminal" if terminal else "")
@@ -188,11 +220,12 @@ class Consoles:
                 if fd >= 0:
                     os.close(fd)
             raise
+        for which, fd in zip(("out", "in", "ctl"), fds, strict=True):
+            self._fds.add(fd, role(sid, which))
         out, err = OutputBuffer(self._limit), OutputBuffer(self._limit)
         err.close()  # a terminal has one stream
-        return Session(sid, pid, True, "", out, err,
-                       StdinWriter(writer, self._limit, os.close, f"console {sid} stdin"),
-                       [OutputPump(master, out, os.close, f"console {sid} output")], [control])
+        return Session(sid, pid, True, "", out, err, self._writer(sid, writer),
+                       [self._pump(sid, master, out, "output")], control)
 
     def _spawn_pipes(self, sid: str, command: Sequence[str], env: dict[str, str]) -> Session:
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
@@ -212,11 +245,19 @@ class Consoles:
                     os.close(fd)
                 except OSError:
                     pass
+        ours = {"in": pipes[0][1], "out": pipes[1][0], "err": pipes[2][0]}
+        for which, fd in ours.items():
+            self._fds.add(fd, role(sid, which))
         out, err = OutputBuffer(self._limit), OutputBuffer(self._limit)
-        return Session(sid, pid, False, "", out, err,
-                       StdinWriter(pipes[0][1], self._limit, os.close, f"console {sid} stdin"),
-                       [OutputPump(pipes[1][0], out, os.close, f"console {sid} stdout"),
-                        OutputPump(pipes[2][0], err, os.close, f"console {sid} stderr")], [])
+        return Session(sid, pid, False, "", out, err, self._writer(sid, ours["in"]),
+                       [self._pump(sid, ours["out"], out, "stdout"),
+                        self._pump(sid, ours["err"], err, "stderr")])
+
+    def _writer(self, sid: str, fd: int) -> StdinWriter:
+        return StdinWriter(fd, self._limit, self._fds.close, f"console {sid} stdin")
+
+    def _pump(self, sid: str, fd: int, buffer: OutputBuffer, what: str) -> OutputPump:
+        return OutputPump(fd, buffer, self._fds.close, f"console {sid} {what}")
 
     def _exited(self, session: Session, exit: Exit) -> None:
         session.exit = exit
@@ -245,7 +286,7 @@ class Consoles:
             if not session.terminal:
                 raise FailedPrecondition(f"console session {sid} has no terminal to resize")
             # TIOCSWINSZ on the master: the kernel sends SIGWINCH to the foreground group.
-            termios.tcsetwinsize(session.fds[0], (min(rows, 9999), min(cols, 9999)))
+            termios.tcsetwinsize(session.control, (min(rows, 9999), min(cols, 9999)))
         if sig:
             try:
                 signal.Signals(sig)
@@ -281,9 +322,8 @@ class Consoles:
         session.stdin.abort()
         for pump in session.pumps:
             pump.close()
-        for fd in session.fds:
-            os.close(fd)
-        session.fds.clear()
+        self._fds.close(session.control)
+        session.control = -1
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -297,3 +337,57 @@ class Consoles:
         """End every session (the agent stops)."""
         for sid in list(self._sessions):
             self.remove(sid)
+
+    # -- across an in-place upgrade (agent/_upgrade.py, agent/_handover.py) --
+
+    def freeze(self) -> None:
+        """Stop every session's I/O; the fds stay open for the exec."""
+        for session in self._sessions.values():
+            for pump in session.pumps:
+                pump.stop_reading()
+            session.stdin.freeze()
+
+    def thaw(self) -> None:
+        """Undo :meth:`freeze` (the exec failed)."""
+        for session in self._sessions.values():
+            for pump in session.pumps:
+                pump.start_reading()
+            session.stdin.thaw()
+
+    def records(self) -> tuple[state.ConsoleRecord, ...]:
+        return tuple(s.record() for s in self._sessions.values())
+
+    def held(self) -> list[tuple[str, str, int, bytes, bool, str]]:
+        """(session id, stream, base, bytes, ended, broken) of every stream's
+        held bytes, for the hand-over file (frozen sessions only)."""
+        out = []
+        for s in self._sessions.values():
+            out.append((s.id, "stdout", s.stdout.base, s.stdout.held(), s.stdout.eof, ""))
+            out.append((s.id, "stderr", s.stderr.base, s.stderr.held(), s.stderr.eof, ""))
+            pending = s.stdin.pending()
+            out.append((s.id, "stdin", s.stdin.ledger.accepted - len(pending), pending,
+                        s.stdin.close_requested, s.stdin.broken))
+        return out
+
+    def adopt(self, handed: list[Handed]) -> None:
+        """Take the sessions an upgrade handed over and start their I/O."""
+        for h in handed:
+            rec = h.record
+            sid = rec.session_id
+            writer = StdinWriter.resumed(
+                h.fds.get("in", -1), self._limit, self._fds.close, f"console {sid} stdin",
+                accepted=rec.stdin_offset, pending=h.stdin_pending,
+                close_requested=h.stdin.ended if h.stdin else False,
+                broken=h.stdin.broken if h.stdin else "")
+            pumps = [self._pump(sid, fd, buffer, which) for which, buffer in
+                     (("out", h.stdout), ("err", h.stderr)) if (fd := h.fds.get(which, -1)) >= 0]
+            session = Session(sid, rec.pid, rec.terminal, rec.container_id, h.stdout, h.stderr,
+                              writer, pumps, h.fds.get("ctl", -1))
+            self._sessions[sid] = session
+            if rec.exit_status is not None:
+                session.exit = Exit(rec.pid, rec.exit_status, rec.exited_at_ns, 0)
+                session.exited.set()
+            else:
+                self._reaper.watch(rec.pid, 0, functools.partial(self._exited, session))
+            writer.thaw()
+            log.info("console session %s (pid %d) resumed", sid, rec.pid)

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent import _bundle, _oom, _sysctls, state
+from agent._console import Consoles
 from agent._fds import FdTable
 from agent._ops import Activity
 from agent._processes import ChildPipes, Container, ExitInfo, Process, Stdio
@@ -74,6 +75,8 @@ class AgentCore:
         self.last_upgrade: state.UpgradeResult | None = None
         #: The owning session's key (agent/_session.py); persisted.
         self.session_key = ""
+        #: Console sessions (agent/_console.py): persisted and handed over with the rest.
+        self.consoles = Consoles(reaper, fds, config.output_buffer_bytes, self.running_pid)
 
     # -- lookups ---------------------------------------------------------
 
@@ -114,10 +117,12 @@ class AgentCore:
     def freeze_io(self) -> None:
         for proc in self.processes():
             proc.freeze_io()
+        self.consoles.freeze()
 
     def thaw_io(self) -> None:
         for proc in self.processes():
             proc.thaw_io()
+        self.consoles.thaw()
 
     def adopt(self, containers: list[Container]) -> None:
         """Take the containers an upgrade handed over; watch their live processes' exits."""
@@ -394,6 +399,7 @@ class AgentCore:
             handover=handover,
             last_upgrade=self.last_upgrade,
             session_key=self.session_key,
+            consoles=self.consoles.records(),
         )
 
     def persist(self, handover: state.Handover | None = None, *, strict: bool = False) -> None:

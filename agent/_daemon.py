@@ -24,7 +24,6 @@ from pathlib import Path
 
 from agent import _resume, state
 from agent._channels import Channels, open_listener
-from agent._console import Consoles
 from agent._core import AgentCore
 from agent._fds import FdTable
 from agent._ops import agent_version
@@ -128,10 +127,9 @@ async def _serve(config: AgentConfig, fds: FdTable, reaper: Reaper,
         upgrader = Upgrader(config, core, reaper, fds, group)
         stager = Stager(config.state_dir / "releases", Path(this_tree()))
         gate = SessionGate(core.session_key, partial(_keep_key, core))
-        consoles = Consoles(reaper, config.output_buffer_bytes, core.running_pid)
-        upgrader.before_exec = consoles.close_all  # sessions do not cross an exec
         await channels.start(listeners, {"agent": [AgentService(core, gate)],
-                                         "ops": [OpsService(core, upgrader, stager, consoles)]},
+                                         "ops": [OpsService(core, upgrader, stager,
+                                                            core.consoles)]},
                              gate.on_request)
         log.info("keel-agent %s %s (boot %s)", agent_version(),
                  "resumed and ready" if resumed else "ready", boot_id)
@@ -139,6 +137,6 @@ async def _serve(config: AgentConfig, fds: FdTable, reaper: Reaper,
         log.info("stopping: closing channels; containers are left running")
         upgrader.cancel()
         await channels.aclose()
-        consoles.close_all()
+        core.consoles.close_all()
         # Leaving the group waits for in-flight lifecycle operations to finish.
     core.persist()

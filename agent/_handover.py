@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent import state
+from agent._console import Handed
+from agent._console import role as console_role
 from agent._fds import FdTable
 from agent._output import OutputBuffer, OutputPump
 from agent._processes import Container, ExitInfo, Process, Stdio
@@ -36,6 +38,8 @@ from upgrade.errors import CorruptState
 log = logging.getLogger("keel.agent.handover")
 
 BLOB_PREFIX = "handover-"
+#: The container id console sessions' streams travel under (no container has it).
+CONSOLES = ""
 
 
 def blob_path(state_dir: Path, upgrade_id: str) -> Path:
@@ -43,26 +47,32 @@ def blob_path(state_dir: Path, upgrade_id: str) -> Path:
 
 
 def write(state_dir: Path, upgrade_id: str, processes: Iterable[Process],
-          unclaimed: Iterable[Exit]) -> state.Handover:
-    """Write the held bytes of *processes* (frozen) to the hand-over file; describe them."""
+          unclaimed: Iterable[Exit],
+          consoles: Iterable[tuple[str, str, int, bytes, bool, str]] = ()) -> state.Handover:
+    """Write the held bytes of *processes* and console sessions (frozen; as
+    ``Consoles.held`` gives them, under container ``""``) to the hand-over
+    file; describe them."""
     chunks: list[bytes] = []
     streams: list[state.StreamHandover] = []
     position = 0
 
-    def add(p: Process, stream: str, base: int, data: bytes, ended: bool, broken: str = "") -> None:
+    def add(cid: str, eid: str, stream: str, base: int, data: bytes, ended: bool,
+            broken: str = "") -> None:
         nonlocal position
-        streams.append(state.StreamHandover(p.container_id, p.exec_id, stream, base, position,
-                                            len(data), ended, broken))
+        streams.append(state.StreamHandover(cid, eid, stream, base, position, len(data), ended,
+                                            broken))
         chunks.append(data)
         position += len(data)
 
     for p in processes:
-        add(p, "stdout", p.stdout.base, p.stdout.held(), p.stdout.eof)
-        add(p, "stderr", p.stderr.base, p.stderr.held(), p.stderr.eof)
+        add(p.container_id, p.exec_id, "stdout", p.stdout.base, p.stdout.held(), p.stdout.eof)
+        add(p.container_id, p.exec_id, "stderr", p.stderr.base, p.stderr.held(), p.stderr.eof)
         if p.stdin is not None:
             pending = p.stdin.pending()
-            add(p, "stdin", p.stdin.ledger.accepted - len(pending), pending,
-                p.stdin.close_requested, p.stdin.broken)
+            add(p.container_id, p.exec_id, "stdin", p.stdin.ledger.accepted - len(pending),
+                pending, p.stdin.close_requested, p.stdin.broken)
+    for sid, stream, base, data, ended, broken in consoles:
+        add(CONSOLES, sid, stream, base, data, ended, broken)
     blob = b"".join(chunks)
     path = blob_path(state_dir, upgrade_id)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -113,6 +123,7 @@ class Rebuilt:
     #: Inherited fds nobody claimed (closed after the commit).
     leftover_fds: list[int]
     _io: list[_PendingIO]
+    consoles: list[Handed] = dataclasses.field(default_factory=list)
 
     def start_io(self, fds: FdTable, config: AgentConfig) -> None:
         """After the commit: pump the inherited pipes, write pending stdin."""
@@ -152,18 +163,18 @@ class _Builder:
             self._fds.adopt(fd, f"leftover:{role}")
         return list(self._unadopted.values())
 
-    def _fd(self, role: str) -> int:
+    def fd(self, role: str) -> int:
         fd = self._unadopted.pop(role, -1)
         return -1 if fd < 0 else self._fds.adopt(fd, role)
 
-    def _stream(self, cid: str, eid: str, stream: str) -> tuple[state.StreamHandover, bytes] | None:
+    def stream(self, cid: str, eid: str, stream: str) -> tuple[state.StreamHandover, bytes] | None:
         h = self._streams.get((cid, eid, stream))
         if h is None:
             return None
         return h, self._blob[h.position:h.position + h.length]
 
-    def _output(self, cid: str, eid: str, stream: str, end: int) -> OutputBuffer:
-        found = self._stream(cid, eid, stream)
+    def output(self, cid: str, eid: str, stream: str, end: int) -> OutputBuffer:
+        found = self.stream(cid, eid, stream)
         if found is None:
             raise CorruptState(f"hand-over has no {stream} of {cid}/{eid}")
         h, data = found
@@ -177,27 +188,40 @@ class _Builder:
         p = Process(cid, rec.exec_id, stdio, rec.fingerprint, self._limit)
         exit = None if rec.exit_status is None else ExitInfo(rec.exit_status, rec.exited_at_ns)
         p.restore(pid=rec.pid, state=State(rec.state), started=rec.started, exit=exit)
-        p.stdout = self._output(cid, rec.exec_id, "stdout", rec.stdout_offset)
-        p.stderr = self._output(cid, rec.exec_id, "stderr", rec.stderr_offset)
+        p.stdout = self.output(cid, rec.exec_id, "stdout", rec.stdout_offset)
+        p.stderr = self.output(cid, rec.exec_id, "stderr", rec.stderr_offset)
         name = p.name
         outputs = []
         for stream, buf in (("stdout", p.stdout), ("stderr", p.stderr)):
-            fd = self._fd(f"{stream}:{name}:r")
+            fd = self.fd(f"{stream}:{name}:r")
             if fd >= 0:
                 outputs.append((fd, buf, f"{name} {stream}"))
-        pty_fd = self._fd(f"pty:{name}")
-        out = self._fd(f"pty-out:{name}")
+        pty_fd = self.fd(f"pty:{name}")
+        out = self.fd(f"pty-out:{name}")
         if out >= 0:
             outputs.append((out, p.stdout, f"{name} pty"))
-        stdin = self._stream(cid, rec.exec_id, "stdin")
+        stdin = self.stream(cid, rec.exec_id, "stdin")
         # A pty's writer shares the pty fd (a released one just stays released on thaw).
-        stdin_fd = pty_fd if rec.terminal else self._fd(f"stdin:{name}:w")
+        stdin_fd = pty_fd if rec.terminal else self.fd(f"stdin:{name}:w")
         if stdin is not None and stdin[0].base + stdin[0].length != rec.stdin_offset:
             raise CorruptState(f"{name} stdin: hand-over ends at "
                                f"{stdin[0].base + stdin[0].length}, the state says {rec.stdin_offset}")
         self.io.append(_PendingIO(p, outputs, pty_fd, stdin_fd,
                                   stdin[0] if stdin else None, stdin[1] if stdin else b""))
         return p
+
+
+def _console(builder: _Builder, rec: state.ConsoleRecord) -> Handed:
+    sid = rec.session_id
+    stdin = builder.stream(CONSOLES, sid, "stdin")
+    if stdin is not None and stdin[0].base + stdin[0].length != rec.stdin_offset:
+        raise CorruptState(f"console {sid} stdin: hand-over ends at "
+                           f"{stdin[0].base + stdin[0].length}, the state says {rec.stdin_offset}")
+    return Handed(rec, builder.output(CONSOLES, sid, "stdout", rec.stdout_offset),
+                  builder.output(CONSOLES, sid, "stderr", rec.stderr_offset),
+                  stdin[0] if stdin else None, stdin[1] if stdin else b"",
+                  {which: fd for which in ("out", "err", "in", "ctl")
+                   if (fd := builder.fd(console_role(sid, which))) >= 0})
 
 
 def rebuild(st: state.AgentState, state_dir: Path, fds: FdTable,
@@ -216,6 +240,7 @@ def rebuild(st: state.AgentState, state_dir: Path, fds: FdTable,
         container = Container(c.container_id, Path(c.bundle), inits[0])
         container.execs = {p.exec_id: p for p in procs if p.exec_id}
         containers.append(container)
+    consoles = [_console(builder, rec) for rec in st.consoles]
     unclaimed = [Exit(e.pid, e.status, e.exited_at_ns, e.reaped_mono_ns)
                  for e in st.handover.unclaimed]
-    return Rebuilt(containers, unclaimed, builder.leftovers(), builder.io)
+    return Rebuilt(containers, unclaimed, builder.leftovers(), builder.io, consoles)

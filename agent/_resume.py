@@ -74,6 +74,7 @@ def commit(resumed: Resumed, core: AgentCore, reaper: Reaper, fds: FdTable,
         (config.state_dir / resumed.saved.handover.blob).unlink(missing_ok=True)
     fds.set_inheritable(False)
     resumed.rebuilt.start_io(fds, config)
+    core.consoles.adopt(resumed.rebuilt.consoles)
     reaper.restore_unclaimed(resumed.rebuilt.unclaimed)
     streams = resumed.saved.handover.streams if resumed.saved.handover else ()
     if rec is None:

@@ -41,7 +41,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -128,8 +127,6 @@ class Upgrader:
         self._group = group
         self._busy: Plan | None = None
         self._task: asyncio.Task[None] | None = None
-        #: Called just before execve (what must not cross it ends there).
-        self.before_exec: Callable[[], None] | None = None
 
     async def prepare(self, agent_path: str, to_version: str) -> Plan:
         """Check the request and the release; FailedPrecondition when it cannot go."""
@@ -290,7 +287,8 @@ class Upgrader:
             self._hand_over_ports(self._serial_bridges(), swapped)
             argv = self._argv()
             handover = _handover.write(self._config.state_dir, plan.upgrade_id,
-                                       self._core.processes(), self._reaper.unclaimed())
+                                       self._core.processes(), self._reaper.unclaimed(),
+                                       self._core.consoles.held())
             self._core.persist(handover, strict=True)
             target = release_launch(plan.agent_path, argv)
             records.save(state.UpgradeRecord(
@@ -301,8 +299,6 @@ class Upgrader:
             log.info("upgrade %s: exec %s (hand-over: %d streams, %d bytes, written in %.1f ms)",
                      plan.upgrade_id, plan.agent_path, len(handover.streams), handover.blob_size,
                      (time.monotonic_ns() - began) / 1e6)
-            if self.before_exec is not None:
-                self.before_exec()
             os.execve(target.executable, target.argv, target.env)
         except Exception as exc:  # whatever it was, this image must keep serving
             if not isinstance(exc, OSError):

@@ -70,6 +70,25 @@ class ContainerRecord:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ConsoleRecord:
+    """A console session (agent/_console.py): what an exec'd image resumes it from.
+
+    Its streams travel in the hand-over as those of container ``""``, exec
+    ``session_id``; its fds under the roles ``console:<id>:out|err|in|ctl``.
+    """
+
+    session_id: str
+    pid: int
+    terminal: bool
+    container_id: str
+    exit_status: int | None
+    exited_at_ns: int
+    stdout_offset: int
+    stderr_offset: int
+    stdin_offset: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StreamHandover:
     """Bytes one stream held at the exec: ``[base, base + length)`` of the stream.
 
@@ -139,6 +158,7 @@ class AgentState:
     last_upgrade: UpgradeResult | None = None
     #: The key of the shim session that owns this agent ("" for none: agent/_session.py).
     session_key: str = ""
+    consoles: tuple[ConsoleRecord, ...] = ()
 
 
 def encode(state: AgentState) -> dict[str, Any]:
@@ -171,7 +191,8 @@ def decode(doc: dict[str, Any]) -> AgentState:
     return AgentState(boot_id=str(doc["boot_id"]), containers=containers, fds=fds,
                       handover=_handover(doc.get("handover")),
                       last_upgrade=UpgradeResult(**last) if last is not None else None,
-                      session_key=str(doc.get("session_key", "")))
+                      session_key=str(doc.get("session_key", "")),
+                      consoles=tuple(ConsoleRecord(**c) for c in doc.get("consoles", ())))
 
 
 def v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ when it opens and when it ends, and the shim's records in the sandbox's
 ``audit.log``.  A session ends when its command exits, when opsctl goes
 away (the stream breaks: the session is reaped, its process group killed),
 on ``opsctl console kill``, or when the agent no longer knows it (an agent
-upgrade ends sessions).  Output is read from the agent only as fast as
+that restarted, or rolled back to a release without consoles).  Output is read from the agent only as fast as
 opsctl takes it (HTTP/2 flow control), so a slow reader holds the agent's
 buffer full and the command blocks, never opsd's memory.
 """
@@ -200,7 +200,8 @@ class Consoles:
             status = await self._relay(session, link, stream, send)
             session.end_reason = session.end_reason or "exited"
             await send(pb.ConsoleOutput(exited=True, exit_status=status))
-        except NotFound as exc:  # the agent no longer knows it: an agent upgrade
+        except NotFound as exc:  # the agent no longer knows it (a rollback to an older
+            # release, a restarted agent, a VM rebooted)
             session.end_reason = f"lost: {exc}"
             await send(pb.ConsoleOutput(note=session.end_reason, exited=True, exit_status=255))
         except (_Detached, StreamTerminatedError):
