@@ -6,16 +6,18 @@ agent at its offsets and writes stdin at its offset, through the sandbox's
 channel).  So when the shim is replaced by a live upgrade the session
 pauses while ``ops.sock`` changes hands and resumes where it was, nothing
 lost or doubled (the agent keeps the bytes nobody acknowledged and accepts
-a resent write once).
+a resent write once); an agent upgrade hands the session to the new image
+at the same offsets.
 
 Every session is audited: a line in opsd's log (the journal under systemd)
 when it opens and when it ends, and the shim's records in the sandbox's
 ``audit.log``.  A session ends when its command exits, when opsctl goes
 away (the stream breaks: the session is reaped, its process group killed),
 on ``opsctl console kill``, or when the agent no longer knows it (an agent
-that restarted, or rolled back to a release without consoles).  Output is read from the agent only as fast as
-opsctl takes it (HTTP/2 flow control), so a slow reader holds the agent's
-buffer full and the command blocks, never opsd's memory.
+that restarted, or rolled back to a release without consoles).  Output is
+read from the agent only as fast as opsctl takes it (HTTP/2 flow control),
+so a slow reader holds the agent's buffer full and the command blocks,
+never opsd's memory.
 """
 
 from __future__ import annotations
