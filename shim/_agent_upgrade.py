@@ -146,15 +146,17 @@ async def upgrade_agent(sb: Sandbox, agent_path: str,
     """
     if sb.vm is None or sb.agent is None:
         raise FailedPrecondition(f"sandbox {sb.id} has no running agent")
-    if sb.ops is None:
-        sb.ops = DialChannel(sb.vm.dialer("ops"), sb.session_key)
-    stub = ops_pb.OpsServiceStub(sb.ops)
-    agent_path = await _guest_path(sb, stub, agent_path)
-    resp: ops_pb.UpgradeAgentResponse = await sb.agent.call(
-        stub.upgrade_agent,
-        ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),
-        timeout=UPGRADE_CALL_S, attempt_s=None, retry_for=0, resend=False)
-    sb.release_ops()  # the agent execs: the next call dials the new image
+    # The sandbox's one ops connection (a virtio-serial port serves one client).
+    channel = sb.ops or DialChannel(sb.vm.dialer("ops"), sb.session_key)
+    try:
+        stub = ops_pb.OpsServiceStub(channel)
+        agent_path = await _guest_path(sb, stub, agent_path)
+        resp: ops_pb.UpgradeAgentResponse = await sb.agent.call(
+            stub.upgrade_agent,
+            ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),
+            timeout=UPGRADE_CALL_S, attempt_s=None, retry_for=0, resend=False)
+    finally:
+        channel.close()  # the agent execs: the next ops call dials the new image
     began = asyncio.get_running_loop().time()
     # A VM's agent ends the host's old serial session itself (GOAWAY); should
     # that be lost, a Hello unanswered for long is taken as a dead connection.

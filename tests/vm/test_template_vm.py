@@ -123,6 +123,7 @@ def _release_with_bundle(root: Path) -> Path:
 async def _upgrade_agent(vm: QemuSandbox, conn: AgentConnection, rel: Path) -> None:
     """The shim's agent upgrade (shim/_agent_upgrade.py) against *vm*: check, stage, exec."""
     sb = SimpleNamespace(id=vm.files.root.name, vm=vm, agent=conn, persist=lambda: None,
+                         ops=None, session_key="",
                          config=SimpleNamespace(agent_timeout_s=AGENT_TIMEOUT_S))
     r = await upgrade_agent(sb, str(rel / "bin" / "keel-agent"), rel.name)  # type: ignore[arg-type]
     assert (r.to_version, r.rolled_back, r.message) == (rel.name, False, "upgraded"), r

@@ -117,7 +117,8 @@ def _at(node: Opsd, c: CtrCounter, version: str) -> dict[str, Any]:
 
 def _upgrade(node: Opsd, c: CtrCounter, to: str) -> str:
     r = opsctl(node.socket, "upgrade", "--to", to, "--sandbox", c.cid, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr + node.log()[-3000:]
+    assert r.returncode == 0, (r.stdout + r.stderr + node.log()[-3000:] + "\n--- guest console:\n"
+                               + c.sandbox.agent_log.read_text(errors="replace")[-6000:])
     assert r.stdout.rstrip().endswith(f"succeeded: 1 sandboxes at {to}"), r.stdout
     return r.stdout
 
