@@ -15,16 +15,13 @@ opsd's log.
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import json
 import os
 import re
-import select
 import stat
 import subprocess
 import sys
 import tempfile
-import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import Any
 import pytest
 
 from shim.api import SandboxDir
+from tests.console_pty import Pty
 from tests.containerd import Containerd, wait_for
 from tests.integration.keel_ctr import host_pids, kill_and_remove, run_detached
 from tests.opsd_harness import ENV, REPO, Opsd, opsctl, running_opsd
@@ -137,52 +135,6 @@ def test_disabled_then_enabled_non_interactive(containerd: Containerd, node: Ops
     assert re.search(rf"console {start['session']} opened by uid 0 \(pid \d+, tty none\) on "
                      rf"sandbox {cid}: \['sh', '-c', 'echo out; echo err >&2; exit 3'\]", log)
     assert f"console {start['session']} ended (exited): exit 3, 0 bytes in, 8 bytes out" in log
-
-
-class Pty:
-    """opsctl on a pseudo-terminal of its own (its controlling terminal)."""
-
-    def __init__(self, *argv: str, rows: int = 30, cols: int = 100) -> None:
-        self.master, slave = os.openpty()
-        termios.tcsetwinsize(slave, (rows, cols))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opsd.cli", *argv], stdin=slave, stdout=slave, stderr=slave,
-            env={**ENV, "TERM": "xterm"}, cwd=REPO, start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
-        os.close(slave)
-        self.seen = bytearray()
-
-    def type(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def expect(self, pattern: bytes, timeout: float = 30.0) -> bytes:
-        """Read until *pattern* (a regex) matches what came since the last match."""
-        deadline = time.monotonic() + timeout
-        while not (m := re.search(pattern, self.seen)):
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {pattern!r} in {bytes(self.seen)[-500:]!r}"
-            if select.select([self.master], [], [], left)[0]:
-                try:
-                    chunk = os.read(self.master, 4096)
-                except OSError:
-                    chunk = b""
-                assert chunk, f"opsctl ended before {pattern!r}: {bytes(self.seen)[-500:]!r}"
-                self.seen += chunk
-        del self.seen[:m.end()]
-        return m.group(0)
-
-    def resize(self, rows: int, cols: int) -> None:
-        termios.tcsetwinsize(self.master, (rows, cols))  # opsctl gets SIGWINCH
-
-    def close(self) -> int:
-        try:
-            rc = self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            os.close(self.master)
-        return rc
 
 
 def test_interactive_shell_resize_ctrl_c_and_detach(containerd: Containerd, node: Opsd,

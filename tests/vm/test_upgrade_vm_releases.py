@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from grpclib.exceptions import GRPCError
 
 from agent.api import ops_pb
 from shim.vmm.qemu import image
+from tests.console_pty import Pty
 from tests.containerd import Containerd
 from tests.integration.live_upgrade import shim_ops
 from tests.opsd_harness import Opsd, install_releases, opsctl, plan, running_opsd, sandboxes
@@ -161,6 +163,25 @@ def _console_in_the_guest(node: Opsd, c: CtrCounter) -> None:
     r = opsctl(node.socket, "console", c.cid, "--container", c.cid, "--",
                "readlink", "/proc/self/ns/pid")
     assert r.returncode == 0 and r.stdout.strip() not in ("", guest_ns), (r, guest_ns)
+    # Interactive, on a terminal: the guest's shell, a resize, Ctrl-C, its exit status.
+    t = Pty("--socket", str(node.socket), "console", c.cid, "--", "/bin/sh", "-i")
+    try:
+        t.expect(rb"# ", timeout=60)
+        t.type(b"stty size\n")
+        t.expect(rb"\r\n30 100\r\n", timeout=60)
+        t.resize(40, 120)
+        time.sleep(2)  # opsctl -> opsd -> shim -> the guest's agent, under emulation
+        t.type(b"stty size\n")
+        t.expect(rb"\r\n40 120\r\n", timeout=60)
+        t.type(b"sleep 100; echo not-interrupted\n")
+        time.sleep(2)
+        t.type(b"\x03")
+        t.type(b"echo rc=$?\n")
+        assert b"not-interrupted\r\n" not in t.expect(rb"rc=130", timeout=60)
+        t.type(b"exit 3\n")
+    finally:
+        rc = t.close()
+    assert rc == 3
 
 
 def test_opsctl_moves_a_vm_pod_between_installed_releases(
