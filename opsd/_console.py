@@ -114,6 +114,10 @@ class ShimLink:
             return await call(self._stub())
         except GRPCError as exc:
             raise from_code(exc.status.value, exc.message or exc.status.name) from exc
+        except FileNotFoundError as exc:  # no ops.sock: no such sandbox, or it is gone
+            self.close()
+            raise Unavailable(f"sandbox {self._sandbox} not found or not running (no "
+                              f"{self._sock})") from exc
         except (TimeoutError, OSError, StreamTerminatedError) as exc:
             self.close()  # whoever serves the path next gets a new connection
             raise Unavailable(f"sandbox {self._sandbox}: {self._sock}: {exc!r}") from exc
@@ -204,6 +208,8 @@ class Consoles:
             await send(pb.ConsoleOutput(exited=True, exit_status=status))
         except NotFound as exc:  # the agent no longer knows it (a rollback to an older
             # release, a restarted agent, a VM rebooted)
+            if not started:
+                raise
             session.end_reason = f"lost: {exc}"
             await send(pb.ConsoleOutput(note=session.end_reason, exited=True, exit_status=255))
         except (_Detached, StreamTerminatedError):

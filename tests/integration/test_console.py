@@ -111,6 +111,9 @@ def test_disabled_then_enabled_non_interactive(containerd: Containerd, node: Ops
     assert r.returncode == 1 and ("refuses uid 65534" in r.stderr
                                   or "permission denied" in r.stderr), r
 
+    r = opsctl(node.socket, "console", "no-such-pod", "--", "true")
+    assert r.returncode == 1 and "sandbox no-such-pod not found or not running" in r.stderr, r
+
     r = opsctl(node.socket, "console", "disable", cid)
     assert r.returncode == 0, r
     r = opsctl(node.socket, "console", cid, "--", "true")
