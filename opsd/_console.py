@@ -61,6 +61,12 @@ RESUME_S = 120.0
 POLL_MS = 2000
 READ_BYTES = 256 * 1024
 MAX_SESSIONS = 64
+#: Output bytes per second one session may move (stdout and stderr
+#: together): a hundred full screens a second, and a session that prints
+#: without end then leaves the sandbox's containers their CPU
+#: (bench/console.py: a pod's stdout with `yes` in a console at 4 MiB/s ran
+#: at 0.80x of its speed alone, at 1 MiB/s at 1.01x).
+RATE_BYTES_S = 1 << 20
 #: How long a killed session may take to end by itself.
 KILL_S = 10.0
 MAX_SIZE = 9999
@@ -272,6 +278,8 @@ class Consoles:
         def paused(why: str) -> None:
             log.info("console %s: paused (%s); resuming when the shim answers", session.id, why)
 
+        began = time.monotonic()
+
         async def stream(n: int) -> None:
             offset = 0
             while True:
@@ -285,6 +293,9 @@ class Consoles:
                     # the command blocks.
                     await send(pb.ConsoleOutput(stdout=r.data) if n == 1
                                else pb.ConsoleOutput(stderr=r.data))
+                    ahead = session.bytes_out / RATE_BYTES_S - (time.monotonic() - began)
+                    if ahead > 0:  # over the session's rate: the agent holds the rest
+                        await asyncio.sleep(ahead)
                 if r.eof:
                     return
 
