@@ -17,15 +17,18 @@ from pathlib import Path
 
 from keel.errors import KeelError
 from opsd._client import CliError, call
-from opsd._discovery import ShimClient, scan
 from opsd._pb.keel.opsd import v1 as pb
 from opsd.api import default_state_root
-from shim.api import SandboxDir, load_record
 from upgrade.releases import DEFAULT_ROOT, ReleaseStore
 
 
 def in_use(args: argparse.Namespace) -> dict[str, set[str]]:
     """version -> who uses it (sandboxes, the active upgrade plan)."""
+    # Here, not at the top: every opsctl command (a console's attach too)
+    # would pay for importing the shim's side.
+    from opsd._discovery import ShimClient, scan
+    from shim.api import SandboxDir, load_record
+
     users: dict[str, set[str]] = defaultdict(set)
     views, dead = asyncio.run(scan(ShimClient(args.state_root, status_timeout=2.0)))
     for v in views:
