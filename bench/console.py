@@ -13,7 +13,9 @@ against what runc users do today, ``ctr task exec``, same host, same minutes.
   as fast as it may (``yes``: opsd holds a session to 1 MiB/s), against the
   same pod with no session.
 
-Targets (issue 13): attach at most 300 ms; echo p99 at most 20 ms.
+Targets (issue 13): attach at most 300 ms on the process backend; echo p99
+at most 20 ms (process), 50 ms (qemu under TCG).  ``--only console-vm``
+measures attach and echo with the keel pod in a VM (:func:`vm_stage`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ NAMES = ("keel console", "runc exec")
 class ConsoleConfig:
     attach_rounds: int = 20
     keystrokes: int = 200
+    #: 0: no stdout figures (a VM pod's stdout under TCG measures emulation).
     throughput_rounds: int = 3
     throughput_bytes: int = 128 * MIB
 
@@ -49,6 +52,26 @@ class ConsoleConfig:
     def quick(cls) -> ConsoleConfig:
         return cls(attach_rounds=3, keystrokes=20, throughput_rounds=1,
                    throughput_bytes=8 * MIB)
+
+    @classmethod
+    def vm(cls, quick: bool) -> ConsoleConfig:
+        return cls(attach_rounds=2 if quick else 10, keystrokes=10 if quick else 100,
+                   throughput_rounds=0)
+
+
+def vm_stage() -> Stage:
+    """A stage whose keel pods are VMs (the guest image built or found as the VM
+    tests do; KVM where usable, TCG otherwise)."""
+    from shim.vmm.qemu import image
+
+    img = image.build(image.default_dir(), say=lambda line: progress(f"console-vm: {line}"))
+    stage = Stage()
+    config = stage.tmp / "keel.toml"
+    config.write_text("\n".join([
+        "[shim]", 'backend = "qemu"', "agent_timeout_s = 120", "", "[qemu]",
+        f'image = "{img.initrd.parent}"', f'probe_cache = "{stage.tmp / "kvm-probe.json"}"', ""]))
+    stage.shim_env["KEEL_CONFIG"] = str(config)
+    return stage
 
 
 def run_console(stage: Stage, cfg: ConsoleConfig) -> tuple[list[Row], dict[str, Any]]:
@@ -82,6 +105,8 @@ def run_console(stage: Stage, cfg: ConsoleConfig) -> tuple[list[Row], dict[str, 
                           cfg.keystrokes)
         raw["echo_s"] = {NAMES[0]: keel_echo, NAMES[1]: runc_echo}
 
+        if not cfg.throughput_rounds:
+            return _rows(attaches, keel_echo, runc_echo, [], []), raw
         size = cfg.throughput_bytes
         progress(f"console: pod stdout with and without a busy console session, "
                  f"{size // MIB} MiB x {cfg.throughput_rounds}")
@@ -97,7 +122,11 @@ def run_console(stage: Stage, cfg: ConsoleConfig) -> tuple[list[Row], dict[str, 
             busy.terminate()
             busy.wait(30)
         raw["stdout_mb_s"] = {"alone": alone, "busy console": loaded}
+    return _rows(attaches, keel_echo, runc_echo, loaded, alone), raw
 
+
+def _rows(attaches: dict[str, list[float]], keel_echo: list[float], runc_echo: list[float],
+          loaded: list[float], alone: list[float]) -> list[Row]:
     a, b = attaches[NAMES[0]], attaches[NAMES[1]]
     rows = [
         Row("attach median (console -- true / exec true)", median(a) * 1e3, median(b) * 1e3,
@@ -105,11 +134,12 @@ def run_console(stage: Stage, cfg: ConsoleConfig) -> tuple[list[Row], dict[str, 
         Row(f"attach p99 (n={len(a)})", p99(a) * 1e3, p99(b) * 1e3, "ms", 0),
         Row("keystroke echo median", median(keel_echo) * 1e3, median(runc_echo) * 1e3, "ms", 1),
         Row(f"keystroke echo p99 (n={len(keel_echo)})", p99(keel_echo) * 1e3,
-            p99(runc_echo) * 1e3, "ms", 1, "keel <= 20 ms"),
-        Row("keel pod stdout: with a busy console | alone", median(loaded), median(alone),
-            "MB/s", 1, "console bytes do not slow the pod"),
+            p99(runc_echo) * 1e3, "ms", 1, "keel <= 20 ms (process), 50 ms (qemu TCG)"),
     ]
-    return rows, raw
+    if alone:
+        rows.append(Row("keel pod stdout: with a busy console | alone", median(loaded),
+                        median(alone), "MB/s", 1, "console bytes do not slow the pod"))
+    return rows
 
 
 def _echo(argv: list[str], keystrokes: int) -> list[float]:

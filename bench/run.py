@@ -1,6 +1,7 @@
 """Run the benchmarks and print keel's figures next to the baseline's, measured in the same run.
 
-    python -m bench.run [--quick] [--only core|upgrade|vm|vm-upgrade|console ...] [--json FILE]
+    python -m bench.run [--quick] [--only core|upgrade|vm|vm-upgrade|console|console-vm ...]
+                        [--json FILE]
                         [--pods N] [--batch K]
 
 * core (issue 2): keel (process backend) vs the runc shim: `ctr run --rm`,
@@ -12,7 +13,8 @@
 * vm-upgrade (issue 18): a VM sandbox's shim freeze window and agent
   upgrade gap next to the process backend's;
 * console (issue 13): ``opsctl console`` attach and keystroke echo next to
-  ``ctr task exec`` on runc, and a pod's stdout with a busy console session.
+  ``ctr task exec`` on runc, and a pod's stdout with a busy console session;
+  console-vm: attach and echo into a VM pod.
 
 Needs root, containerd, ctr, runc and busybox-static (the same as the
 integration tests).  Every benchmark runs on its own private containerd
@@ -119,8 +121,18 @@ def bench_console(args: argparse.Namespace
     return "issue 13: opsctl console (process backend) vs ctr task exec on runc", NAMES, rows, raw
 
 
+def bench_console_vm(args: argparse.Namespace
+                     ) -> tuple[str, tuple[str, str], list[Row], dict[str, Any]]:
+    from bench.console import NAMES, ConsoleConfig, run_console, vm_stage
+
+    with vm_stage() as stage:
+        rows, raw = run_console(stage, ConsoleConfig.vm(args.quick))
+    return "issue 13: opsctl console into a VM pod vs ctr task exec on runc", NAMES, rows, raw
+
+
 BENCHES: dict[str, Bench] = {"core": bench_core, "upgrade": bench_upgrade, "vm": bench_vm,
-                             "vm-upgrade": bench_vm_upgrade, "console": bench_console}
+                             "vm-upgrade": bench_vm_upgrade, "console": bench_console,
+                             "console-vm": bench_console_vm}
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
