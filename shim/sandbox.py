@@ -37,6 +37,7 @@ from keel.logs import tail
 from shim import _pumps, events_pb, keel_events_pb, version
 from shim._agentconn import AgentConnection, DialChannel
 from shim._bundle import read_spec
+from shim._container_calls import ContainerCalls
 from shim._events import EventPublisher
 from shim._exits import Exits
 from shim._portforward import PortRelay
@@ -46,7 +47,6 @@ from shim._pumps import Endpoints
 from shim.config import ShimConfig
 from shim.dirs import SandboxDir
 from shim.state import Exit, SandboxRecord, ShimIdentity, Stdio, store
-from shim.vmm import _sizing
 from shim.vmm import backend as get_backend
 from shim.vmm.api import LaunchSpec, MountSpec
 from shim.vmm.api import Sandbox as VmmSandbox
@@ -57,7 +57,7 @@ log = logging.getLogger("keel.shim")
 KILL_DEADLINE_S = 10.0
 
 
-class Sandbox:
+class Sandbox(ContainerCalls):
     """One pod's sandbox.  Lives on the daemon's event loop; its background
     jobs (pumps, exit watchers, the sandbox watch) run in *tasks*.
 
@@ -385,67 +385,6 @@ class Sandbox:
             self.persist()
             log.info("deleted %s", p.name)
             return p.pid, exit
-
-    async def close_io(self, cid: str, eid: str) -> None:
-        p = self.container(cid).process(eid)
-        if p.input is not None:
-            await p.input.close_input()
-
-    async def resize(self, cid: str, eid: str, width: int, height: int) -> None:
-        p = self.container(cid).process(eid)
-        if p.state is State.STOPPED:
-            return  # ctr resizes after a short-lived process exited; runc's shim ignores it too
-        agent = self._live_agent()
-        try:
-            await agent.call(agent.stub.resize_pty, pb.ResizePtyRequest(
-                container_id=cid, exec_id=eid, width=width, height=height))
-        except (NotFound, FailedPrecondition):
-            pass  # it exited while the call was on its way: as above
-
-    async def pause(self, cid: str) -> None:
-        await self._pause(cid, pause=True)
-
-    async def resume(self, cid: str) -> None:
-        await self._pause(cid, pause=False)
-
-    async def _pause(self, cid: str, *, pause: bool) -> None:
-        c = self.container(cid)
-        action, before, after = ("pause", State.RUNNING, State.PAUSED) if pause else \
-            ("resume", State.PAUSED, State.RUNNING)
-        c.init.require(action, before)
-        agent = self._live_agent()
-        call = agent.stub.pause_container if pause else agent.stub.resume_container
-        await agent.call(call, pb.ContainerRequest(container_id=cid), resend=False)
-        c.init.to(after, action)
-        if pause:
-            self._events.publish_nowait("/tasks/paused", events_pb.TaskPaused(container_id=cid))
-        else:
-            self._events.publish_nowait("/tasks/resumed", events_pb.TaskResumed(container_id=cid))
-        self.persist()
-
-    async def update(self, cid: str, resources_json: bytes) -> None:
-        self.container(cid).init.require("update", State.CREATED, State.RUNNING, State.PAUSED)
-        agent = self._live_agent()
-        assert self.vm is not None
-        # The sandbox grows first (a VM hotplugs vCPUs and memory), so the new
-        # limits have room; sized by this container's resources alone.
-        await self.vm.grow_to(_sizing.of_update(resources_json))
-        await agent.call(agent.stub.update_container, pb.UpdateContainerRequest(
-            container_id=cid, resources_json=resources_json))
-
-    async def stats(self, cid: str) -> pb.CgroupStats:
-        self.container(cid)
-        agent = self._live_agent()
-        resp = await agent.call(agent.stub.stats_container, pb.ContainerRequest(container_id=cid))
-        return resp.stats
-
-    async def pids(self, cid: str) -> list[pb.ProcessEntry]:
-        c = self.container(cid)
-        if c.init.state is State.STOPPED:
-            return []
-        agent = self._live_agent()
-        resp = await agent.call(agent.stub.list_processes, pb.ContainerRequest(container_id=cid))
-        return list(resp.processes)
 
 
 def _pb_mount(m: MountSpec) -> Any:
