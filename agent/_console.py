@@ -33,6 +33,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import signal
 import termios
 import time
@@ -181,6 +182,9 @@ class Consoles:
             environ |= {"KEEL_CONTAINER_PID": str(pid), "KEEL_CONTAINER_ROOT": f"/proc/{pid}/root"}
             command = ("/bin/sh", "-c", _JOIN, "sh", *cgroup_procs(pid), "--",
                        "nsenter", "-t", str(pid), "-p", "-n", "-i", "-u", "--", *command)
+        # Looked up in the session's PATH, not the agent's own.
+        program = shutil.which(command[0], path=environ["PATH"]) or command[0]
+        command = (program, *command[1:])
         since = time.monotonic_ns()
         try:
             if terminal:
@@ -209,7 +213,7 @@ class Consoles:
             # as its controlling terminal: Ctrl-C and Ctrl-Z work in it.
             actions = [(os.POSIX_SPAWN_OPEN, 0, name, os.O_RDWR, 0),
                        (os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
-            pid = os.posix_spawnp(command[0], list(command), env, file_actions=actions,
+            pid = os.posix_spawn(command[0], list(command), env, file_actions=actions,
                                   setsid=True)
             os.close(slave)
             slave = -1
@@ -232,7 +236,7 @@ class Consoles:
         theirs = (pipes[0][0], pipes[1][1], pipes[2][1])
         try:
             actions = [(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate(theirs)]
-            pid = os.posix_spawnp(command[0], list(command), env, file_actions=actions,
+            pid = os.posix_spawn(command[0], list(command), env, file_actions=actions,
                                   setsid=True)
         except BaseException:
             for r, w in pipes:
