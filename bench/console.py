@@ -21,6 +21,7 @@ measures attach and echo with the keel pod in a VM (:func:`vm_stage`).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import subprocess
@@ -46,6 +47,8 @@ class ConsoleConfig:
     keystrokes: int = 200
     #: 0: no stdout figures (a VM pod's stdout under TCG measures emulation).
     throughput_rounds: int = 3
+    #: The backend the keel pod must be on (checked with ``opsctl ls``).
+    backend: str = "process"
     throughput_bytes: int = 128 * MIB
 
     @classmethod
@@ -56,7 +59,7 @@ class ConsoleConfig:
     @classmethod
     def vm(cls, quick: bool) -> ConsoleConfig:
         return cls(attach_rounds=2 if quick else 10, keystrokes=10 if quick else 100,
-                   throughput_rounds=0)
+                   throughput_rounds=0, backend="qemu")
 
 
 def vm_stage() -> Stage:
@@ -83,6 +86,12 @@ def run_console(stage: Stage, cfg: ConsoleConfig) -> tuple[list[Row], dict[str, 
         r = opsd.opsctl("console", "enable", pod)
         if r.returncode != 0:
             raise RuntimeError(f"console enable: {r.stderr}")
+        listed = {sb["id"]: sb for sb in json.loads(opsd.opsctl("ls", "--json").stdout)
+                  ["sandboxes"]}
+        raw["backend"] = listed[pod].get("backend", "?")
+        raw["accel"] = listed[pod].get("accel", "")
+        if raw["backend"] != cfg.backend:
+            raise RuntimeError(f"the keel pod runs on {raw['backend']}, not {cfg.backend}")
 
         progress(f"console: attach, {cfg.attach_rounds} rounds each")
         ids = iter(range(1, 1 << 30))

@@ -127,7 +127,8 @@ def bench_console_vm(args: argparse.Namespace
 
     with vm_stage() as stage:
         rows, raw = run_console(stage, ConsoleConfig.vm(args.quick))
-    return "issue 13: opsctl console into a VM pod vs ctr task exec on runc", NAMES, rows, raw
+    return (f"issue 13: opsctl console into a VM pod ({raw.get('accel') or '?'}) vs ctr task exec"
+            f" on runc", NAMES, rows, raw)
 
 
 BENCHES: dict[str, Bench] = {"core": bench_core, "upgrade": bench_upgrade, "vm": bench_vm,
