@@ -19,7 +19,7 @@ a slow reader stops the session's writes, never grows memory.
 Sessions cross an agent upgrade as containers' processes do: their fds are
 in the agent's fd table (kept across the exec), :meth:`Consoles.freeze`
 stops their I/O, the bytes held go into the hand-over with the session
-records (:meth:`records`, :meth:`held`), and the new image rebuilds them
+records (:meth:`records`, :meth:`streams`), and the new image rebuilds them
 (:meth:`Consoles.adopt`): same process, same offsets.  An exited session
 nobody reads for :data:`EXITED_TTL_S` is removed; at most
 :data:`MAX_SESSIONS` exist at once.
@@ -50,6 +50,8 @@ from keel.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceE
 log = logging.getLogger("keel.agent.console")
 
 MAX_SESSIONS = 16
+#: The container id sessions' streams travel under in a hand-over (no container has it).
+HANDOVER_CID = ""
 #: How long an exited session stays for a reader that went away.
 EXITED_TTL_S = 300.0
 DEFAULT_COMMAND = ("/bin/sh", "-l")
@@ -361,17 +363,11 @@ class Consoles:
     def records(self) -> tuple[state.ConsoleRecord, ...]:
         return tuple(s.record() for s in self._sessions.values())
 
-    def held(self) -> list[tuple[str, str, int, bytes, bool, str]]:
-        """(session id, stream, base, bytes, ended, broken) of every stream's
-        held bytes, for the hand-over file (frozen sessions only)."""
-        out = []
-        for s in self._sessions.values():
-            out.append((s.id, "stdout", s.stdout.base, s.stdout.held(), s.stdout.eof, ""))
-            out.append((s.id, "stderr", s.stderr.base, s.stderr.held(), s.stderr.eof, ""))
-            pending = s.stdin.pending()
-            out.append((s.id, "stdin", s.stdin.ledger.accepted - len(pending), pending,
-                        s.stdin.close_requested, s.stdin.broken))
-        return out
+    def streams(self) -> list[tuple[str, str, OutputBuffer, OutputBuffer, StdinWriter]]:
+        """("", session id, stdout, stderr, stdin) of every session, as the
+        hand-over file takes them (agent/_handover.py; frozen sessions only)."""
+        return [(HANDOVER_CID, s.id, s.stdout, s.stderr, s.stdin)
+                for s in self._sessions.values()]
 
     def adopt(self, handed: list[Handed]) -> None:
         """Take the sessions an upgrade handed over and start their I/O."""

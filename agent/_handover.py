@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent import state
-from agent._console import Handed
+from agent._console import HANDOVER_CID, Handed
 from agent._console import role as console_role
 from agent._fds import FdTable
 from agent._output import OutputBuffer, OutputPump
@@ -39,19 +39,23 @@ log = logging.getLogger("keel.agent.handover")
 
 BLOB_PREFIX = "handover-"
 #: The container id console sessions' streams travel under (no container has it).
-CONSOLES = ""
+CONSOLES = HANDOVER_CID
 
 
 def blob_path(state_dir: Path, upgrade_id: str) -> Path:
     return state_dir / f"{BLOB_PREFIX}{upgrade_id}.bin"
 
 
+#: What write() hands over per stream owner: (container id, exec id, stdout,
+#: stderr, stdin).  Processes are one kind; console sessions are the other,
+#: under container CONSOLES (``Consoles.streams``).
+Streams = tuple[str, str, OutputBuffer, OutputBuffer, StdinWriter | None]
+
+
 def write(state_dir: Path, upgrade_id: str, processes: Iterable[Process],
-          unclaimed: Iterable[Exit],
-          consoles: Iterable[tuple[str, str, int, bytes, bool, str]] = ()) -> state.Handover:
-    """Write the held bytes of *processes* and console sessions (frozen; as
-    ``Consoles.held`` gives them, under container ``""``) to the hand-over
-    file; describe them."""
+          unclaimed: Iterable[Exit], consoles: Iterable[Streams] = ()) -> state.Handover:
+    """Write the held bytes of *processes* and console sessions (frozen) to
+    the hand-over file; describe them."""
     chunks: list[bytes] = []
     streams: list[state.StreamHandover] = []
     position = 0
@@ -64,15 +68,14 @@ def write(state_dir: Path, upgrade_id: str, processes: Iterable[Process],
         chunks.append(data)
         position += len(data)
 
-    for p in processes:
-        add(p.container_id, p.exec_id, "stdout", p.stdout.base, p.stdout.held(), p.stdout.eof)
-        add(p.container_id, p.exec_id, "stderr", p.stderr.base, p.stderr.held(), p.stderr.eof)
-        if p.stdin is not None:
-            pending = p.stdin.pending()
-            add(p.container_id, p.exec_id, "stdin", p.stdin.ledger.accepted - len(pending),
-                pending, p.stdin.close_requested, p.stdin.broken)
-    for sid, stream, base, data, ended, broken in consoles:
-        add(CONSOLES, sid, stream, base, data, ended, broken)
+    owners = [(p.container_id, p.exec_id, p.stdout, p.stderr, p.stdin) for p in processes]
+    for cid, eid, stdout, stderr, stdin in [*owners, *consoles]:
+        add(cid, eid, "stdout", stdout.base, stdout.held(), stdout.eof)
+        add(cid, eid, "stderr", stderr.base, stderr.held(), stderr.eof)
+        if stdin is not None:
+            pending = stdin.pending()
+            add(cid, eid, "stdin", stdin.ledger.accepted - len(pending), pending,
+                stdin.close_requested, stdin.broken)
     blob = b"".join(chunks)
     path = blob_path(state_dir, upgrade_id)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -173,6 +176,19 @@ class _Builder:
             return None
         return h, self._blob[h.position:h.position + h.length]
 
+    def stdin(self, cid: str, eid: str, offset: int, name: str
+              ) -> tuple[state.StreamHandover | None, bytes]:
+        """The stdin hand-over of *cid*/*eid* and its pending bytes, which must
+        end at *offset* (what the state recorded)."""
+        found = self.stream(cid, eid, "stdin")
+        if found is None:
+            return None, b""
+        h, data = found
+        if h.base + h.length != offset:
+            raise CorruptState(f"{name} stdin: hand-over ends at {h.base + h.length}, the state"
+                               f" says {offset}")
+        return h, data
+
     def output(self, cid: str, eid: str, stream: str, end: int) -> OutputBuffer:
         found = self.stream(cid, eid, stream)
         if found is None:
@@ -200,26 +216,18 @@ class _Builder:
         out = self.fd(f"pty-out:{name}")
         if out >= 0:
             outputs.append((out, p.stdout, f"{name} pty"))
-        stdin = self.stream(cid, rec.exec_id, "stdin")
+        stdin, pending = self.stdin(cid, rec.exec_id, rec.stdin_offset, name)
         # A pty's writer shares the pty fd (a released one just stays released on thaw).
         stdin_fd = pty_fd if rec.terminal else self.fd(f"stdin:{name}:w")
-        if stdin is not None and stdin[0].base + stdin[0].length != rec.stdin_offset:
-            raise CorruptState(f"{name} stdin: hand-over ends at "
-                               f"{stdin[0].base + stdin[0].length}, the state says {rec.stdin_offset}")
-        self.io.append(_PendingIO(p, outputs, pty_fd, stdin_fd,
-                                  stdin[0] if stdin else None, stdin[1] if stdin else b""))
+        self.io.append(_PendingIO(p, outputs, pty_fd, stdin_fd, stdin, pending))
         return p
 
 
 def _console(builder: _Builder, rec: state.ConsoleRecord) -> Handed:
     sid = rec.session_id
-    stdin = builder.stream(CONSOLES, sid, "stdin")
-    if stdin is not None and stdin[0].base + stdin[0].length != rec.stdin_offset:
-        raise CorruptState(f"console {sid} stdin: hand-over ends at "
-                           f"{stdin[0].base + stdin[0].length}, the state says {rec.stdin_offset}")
+    stdin, pending = builder.stdin(CONSOLES, sid, rec.stdin_offset, f"console {sid}")
     return Handed(rec, builder.output(CONSOLES, sid, "stdout", rec.stdout_offset),
-                  builder.output(CONSOLES, sid, "stderr", rec.stderr_offset),
-                  stdin[0] if stdin else None, stdin[1] if stdin else b"",
+                  builder.output(CONSOLES, sid, "stderr", rec.stderr_offset), stdin, pending,
                   {which: fd for which in ("out", "err", "in", "ctl")
                    if (fd := builder.fd(console_role(sid, which))) >= 0})
 

@@ -288,7 +288,7 @@ class Upgrader:
             argv = self._argv()
             handover = _handover.write(self._config.state_dir, plan.upgrade_id,
                                        self._core.processes(), self._reaper.unclaimed(),
-                                       self._core.consoles.held())
+                                       self._core.consoles.streams())
             self._core.persist(handover, strict=True)
             target = release_launch(plan.agent_path, argv)
             records.save(state.UpgradeRecord(
