@@ -25,12 +25,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from grpclib.client import Channel
-from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
 
-from agent.api import API_VERSION, MIN_API_VERSION, SESSION_KEY_HEADER, ops_pb, pb
+from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb, present_session_key
 from keel import retry
 from keel.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
 from keel.grpc import NO_STATUS_DETAILS, guest_text, limit_messages, quiet_h2_frames
@@ -79,11 +78,8 @@ class DialChannel(Channel):
         super().__init__(path="<keel-channel>", status_details_codec=NO_STATUS_DETAILS)
         self._dialer = dialer
         self.generation = 0
-        if session_key:  # every call carries the sandbox's session key (agent/_session.py)
-            async def present(event: SendRequest) -> None:
-                event.metadata[SESSION_KEY_HEADER] = session_key
-
-            listen(self, SendRequest, present)
+        if session_key:  # every call carries the sandbox's session key
+            present_session_key(self, session_key)
 
     async def _create_connection(self) -> H2Protocol:
         sock = await self._dialer()

@@ -25,10 +25,9 @@ from typing import Any, TypeVar
 
 from grpclib.client import Channel
 from grpclib.const import Status
-from grpclib.events import SendRequest, listen
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from agent.api import API_VERSION, SESSION_KEY_HEADER, ops_pb, pb
+from agent.api import API_VERSION, ops_pb, pb, present_session_key
 from tests.prereq import skip_or_fail
 
 T = TypeVar("T")
@@ -189,11 +188,8 @@ class Client:
     def __init__(self, agent: AgentProcess, session_key: str = "") -> None:
         self._channels = [Channel(path=str(agent.agent_sock)), Channel(path=str(agent.ops_sock))]
         if session_key:
-            async def present(event: SendRequest) -> None:
-                event.metadata[SESSION_KEY_HEADER] = session_key
-
             for channel in self._channels:
-                listen(channel, SendRequest, present)
+                present_session_key(channel, session_key)
         self.agent = pb.AgentServiceStub(self._channels[0], timeout=30)
         self.ops = ops_pb.OpsServiceStub(self._channels[1], timeout=30)
 
