@@ -22,6 +22,8 @@ import uuid
 from functools import partial
 from pathlib import Path
 
+from grpclib.events import RecvRequest
+
 from agent import _resume, state
 from agent._channels import Channels, open_listener
 from agent._core import AgentCore
@@ -32,6 +34,7 @@ from agent._runc import Runc, RuntimeMissing
 from agent._session import SessionGate
 from agent._stage import Stager
 from agent._tasks import Operations
+from agent._tracing import AgentTracing
 from agent._upgrade import Upgrader, this_tree
 from agent.config import AgentConfig
 from agent.service import AgentService, OpsService
@@ -111,7 +114,9 @@ async def _serve(config: AgentConfig, fds: FdTable, reaper: Reaper,
     """Serve both channels until *stop*; the TaskGroup outlives every call."""
     channels = Channels(fds)
     boot_id = resumed.saved.boot_id if resumed else uuid.uuid4().hex
-    runc = Runc(config.runtime, config.state_dir / "runc", reaper, config.runtime_timeout_s)
+    tracing = AgentTracing()
+    runc = Runc(config.runtime, config.state_dir / "runc", reaper, config.runtime_timeout_s,
+                tracer=tracing.tracer)
     _check_runtime(runc)
     if resumed is None:
         _replace_previous_state(config)
@@ -127,10 +132,15 @@ async def _serve(config: AgentConfig, fds: FdTable, reaper: Reaper,
         upgrader = Upgrader(config, core, reaper, fds, group)
         stager = Stager(config.state_dir / "releases", Path(this_tree()))
         gate = SessionGate(core.session_key, partial(_keep_key, core))
+
+        async def on_request(event: RecvRequest) -> None:
+            await gate.on_request(event)  # refuses a call without the key: not traced
+            await tracing.on_request(event)
+
         await channels.start(listeners, {"agent": [AgentService(core, gate)],
                                          "ops": [OpsService(core, upgrader, stager,
-                                                            core.consoles)]},
-                             gate.on_request)
+                                                            core.consoles, tracing)]},
+                             on_request)
         log.info("keel-agent %s %s (boot %s)", agent_version(),
                  "resumed and ready" if resumed else "ready", boot_id)
         await stop.wait()

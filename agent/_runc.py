@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from agent._reaper import Reaper
 from keel.errors import FailedPrecondition, NotFound
+from observability.spans import Tracer
 
 log = logging.getLogger("keel.agent.runc")
 
@@ -63,8 +64,10 @@ def _error_message(log_file: IO[bytes], stderr: IO[bytes] | None) -> str:
 class Runc:
     """Runs runtime commands against one state root (``runc --root``)."""
 
-    def __init__(self, binary: str, root: Path, reaper: Reaper, timeout_s: float) -> None:
+    def __init__(self, binary: str, root: Path, reaper: Reaper, timeout_s: float, *,
+                 tracer: Tracer | None = None) -> None:
         self.binary = binary
+        self._tracer = tracer or Tracer("keel-agent")
         self.root = root
         self._reaper = reaper
         self._timeout_s = timeout_s
@@ -88,6 +91,8 @@ class Runc:
         """
         binary = self.resolve()
         with contextlib.ExitStack() as stack:
+            stack.enter_context(self._tracer.span(f"{self._name} {args[0]}",
+                                                  {"process.command_args": " ".join(args)}))
             log_file = stack.enter_context(tempfile.NamedTemporaryFile(dir=self.root, prefix=".log-"))
             argv = [binary, "--root", str(self.root), "--log", log_file.name,
                     "--log-format", "json", *args]

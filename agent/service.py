@@ -38,6 +38,7 @@ from agent._rpc import rpc, to_grpc_error
 from agent._rpc import uint as _uint
 from agent._session import SessionGate
 from agent._stage import MAX_CHUNK, Stager
+from agent._tracing import AgentTracing, TracingRpcs
 from agent._upgrade import Upgrader
 from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
 from keel import ids
@@ -249,10 +250,11 @@ async def _flush(stream: Stream[Any, Any]) -> None:
                 await asyncio.sleep(0.005)
 
 
-class OpsService(ConsoleRpcs, ops_pb.OpsServiceBase):
+class OpsService(ConsoleRpcs, TracingRpcs, ops_pb.OpsServiceBase):
     def __init__(self, core: AgentCore, upgrader: Upgrader, stager: Stager,
-                 consoles: Consoles) -> None:
+                 consoles: Consoles, tracing: AgentTracing | None = None) -> None:
         self._core = core
+        self._tracing = tracing or AgentTracing()
         self._upgrader = upgrader
         self._stager = stager
         self._consoles = consoles
@@ -304,5 +306,5 @@ class OpsService(ConsoleRpcs, ops_pb.OpsServiceBase):
             ok=h.ok, agent_version=h.agent_version, api_version=h.api_version,
             agent_pid=h.agent_pid, boot_id=h.boot_id, containers=h.containers,
             uptime_s=h.uptime_s, state_schema=h.state_schema,
-            container_ids=self._core.container_ids(),
+            container_ids=self._core.container_ids(), console_sessions=len(self._consoles),
         )

@@ -1,8 +1,7 @@
 """Run the benchmarks and print keel's figures next to the baseline's, measured in the same run.
 
-    python -m bench.run [--quick] [--only core|upgrade|vm|vm-upgrade|console|console-vm ...]
-                        [--json FILE]
-                        [--pods N] [--batch K]
+    python -m bench.run [--quick] [--only core|upgrade|vm|vm-upgrade|console|console-vm|tracing
+                        ...] [--json FILE] [--pods N] [--batch K] [--trace-base REV]
 
 * core (issue 2): keel (process backend) vs the runc shim: `ctr run --rm`,
   `ctr task exec`, stdout throughput, shim and sandbox memory;
@@ -15,6 +14,8 @@
 * console (issue 13): ``opsctl console`` attach and keystroke echo next to
   ``ctr task exec`` on runc, and a pod's stdout with a busy console session;
   console-vm: attach and echo into a VM pod.
+* tracing (issue 14): `ctr run --rm` with tracing off and on (ratio 1.0,
+  exporting to a live OTLP receiver), and at `--trace-base REV`, next to runc.
 
 Needs root, containerd, ctr, runc and busybox-static (the same as the
 integration tests).  Every benchmark runs on its own private containerd
@@ -131,9 +132,19 @@ def bench_console_vm(args: argparse.Namespace
             f" on runc", NAMES, rows, raw)
 
 
+def bench_tracing(args: argparse.Namespace
+                  ) -> tuple[str, tuple[str, str], list[Row], dict[str, Any]]:
+    from bench.tracing import NAMES, TracingConfig, run_tracing
+
+    cfg = (TracingConfig.quick(args.trace_base) if args.quick
+           else TracingConfig(base=args.trace_base))
+    rows, raw = run_tracing(cfg)
+    return "issue 14: ctr run --rm with tracing off and on (process backend)", NAMES, rows, raw
+
+
 BENCHES: dict[str, Bench] = {"core": bench_core, "upgrade": bench_upgrade, "vm": bench_vm,
                              "vm-upgrade": bench_vm_upgrade, "console": bench_console,
-                             "console-vm": bench_console_vm}
+                             "console-vm": bench_console_vm, "tracing": bench_tracing}
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -144,6 +155,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     p.add_argument("--pods", type=int, default=None, help="pods in the rolling upgrade")
     p.add_argument("--batch", type=int, default=None, help="opsctl upgrade --batch")
+    p.add_argument("--trace-base", metavar="REV", default=None,
+                   help="tracing: also measure this repository at REV (the code before tracing)")
     return p.parse_args(argv)
 
 

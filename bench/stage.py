@@ -196,7 +196,7 @@ class Opsd:
         self.log = self.base / "opsd.log"
         self._argv = [sys.executable, "-m", "opsd", "--socket", str(self.socket),
                       "--state-dir", str(self.base / "state"), "--releases", str(releases),
-                      "--state-root", str(stage.state_root)]
+                      "--state-root", str(stage.state_root), "--metrics-address", "none"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Opsd:

@@ -57,6 +57,32 @@ def open_pidfd(pid: int, started: int | None = None) -> int:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Memory:
+    """Host memory of one process, in bytes."""
+
+    #: Resident pages, shared ones counted in full.
+    rss: int
+    #: Resident pages, each shared one divided among the processes that map it.
+    pss: int
+
+
+def memory(pid: int) -> Memory:
+    """RSS and PSS of *pid* from ``/proc/<pid>/smaps_rollup`` (one read of the
+    kernel's sums: cheaper than smaps, Linux 4.14+).  Raises OSError when the
+    process is gone or not ours to read, ValueError when the file lacks them
+    (a zombie's is empty)."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+        for line in f:
+            key, _, rest = line.partition(b":")
+            if key in (b"Rss", b"Pss"):
+                found[key.decode()] = int(rest.split()[0]) * 1024  # the file says kB
+    if len(found) != 2:
+        raise ValueError(f"/proc/{pid}/smaps_rollup has no Rss and Pss lines")
+    return Memory(rss=found["Rss"], pss=found["Pss"])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Mount:
     """One line of /proc/self/mountinfo."""
 

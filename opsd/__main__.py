@@ -2,12 +2,16 @@
 
     opsd [--socket /run/keel/opsd.sock] [--state-dir /var/lib/keel/opsd]
          [--releases /opt/keel/releases] [--state-root /run/keel]
+         [--metrics-address 127.0.0.1:9464|none]
 
 Serves keel.opsd.v1.Opsd on a 0600 unix socket (peer uid checked on each
 call), drives each sandbox's ops.sock, runs one upgrade plan at a time and
-resumes a persisted one at start.  READY=1 is sent once the socket
-listens; SIGTERM/SIGINT stop it (a running plan stays persisted and
-resumes at the next start).  One opsd per state directory (flock).
+resumes a persisted one at start.  Serves Prometheus metrics over HTTP at
+``/metrics`` (opsd/_metrics.py; the address: ``--metrics-address``, else
+``[metrics] address`` in the Keel config file, else 127.0.0.1:9464).
+READY=1 is sent once both listen; SIGTERM/SIGINT stop it (a running plan
+stays persisted and resumes at the next start).  One opsd per state
+directory (flock).
 """
 
 from __future__ import annotations
@@ -23,18 +27,26 @@ import sys
 from pathlib import Path
 
 from grpclib.server import Server
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from keel.errors import FailedPrecondition, KeelError
 from keel.grpc import limit_messages, require_uids
 from keel.logs import loop_error_handler
+from keel.release import version as release_version
+from observability import Tracing
+from observability.config import from_table as tracing_from_table
 from opsd._console import Consoles
 from opsd._discovery import ShimClient
 from opsd._manager import Manager, status_line
+from opsd._metrics import NodeCollector, UpgradeMetrics, state_identity
+from opsd._metrics_http import MetricsServer, configured_address
 from opsd._notify import Notifier, setup_logging
 from opsd._rollout import RolloutConfig
+from opsd._trace import Traces
 from opsd.api import DEFAULT_SOCKET, DEFAULT_STATE_DIR, default_state_root
 from opsd.service import OpsdService
 from opsd.state import plan_store
+from shim.api import read_config
 from upgrade.releases import DEFAULT_ROOT, ReleaseStore
 
 log = logging.getLogger("opsd")
@@ -59,6 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="deadline of one UpgradeShim/UpgradeAgent call (%(default)s)")
     p.add_argument("--status-timeout", type=float, default=5.0, metavar="S",
                    help="deadline of one Status call (%(default)s)")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics; 'none' turns"
+                        " them off (default: [metrics] address in $KEEL_CONFIG or"
+                        " /etc/keel/config.toml, else 127.0.0.1:9464)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -100,18 +116,47 @@ async def _listen(server: Server, path: Path) -> None:
     os.chmod(path, 0o600)
 
 
+async def _serve_metrics(args: argparse.Namespace,
+                         collector: NodeCollector) -> MetricsServer | None:
+    """Start the metrics endpoint where configured (None: turned off)."""
+    address = configured_address(args.metrics_address)
+    if address is None:
+        log.info("metrics: off")
+        return None
+    server = MetricsServer(collector.scrape)
+    log.info("serving metrics on http://%s/metrics", await server.start(address))
+    return server
+
+
+def _tracing() -> Tracing:
+    """opsd's tracing (its upgrade plans), from the node config's ``[tracing]`` and ``OTEL_*``."""
+    file, raw = read_config()
+    config = tracing_from_table(raw.get("tracing"), where=f"config file {file}")
+    if config.enabled:
+        log.info("tracing: upgrade plans traced (ratio %g) to %s", config.ratio, config.endpoint)
+    return Tracing("opsd", config, {"service.version": release_version()})
+
+
 async def serve(args: argparse.Namespace) -> None:
     lock = _lock_state_dir(args.state_dir)
+    tracing = _tracing()
     notifier = Notifier()
     shims = ShimClient(args.state_root, status_timeout=args.status_timeout,
                        upgrade_timeout=args.upgrade_timeout)
     releases = ReleaseStore(args.releases)
     config = RolloutConfig(gate_timeout_s=args.gate_timeout, settle_timeout_s=args.settle_timeout)
+    registry = CollectorRegistry()  # opsd's own: never prometheus_client's global one
+    disable_created_metrics()  # no *_created series next to each counter (process-wide)
     manager = Manager(store=plan_store(args.state_dir), releases=releases, shims=shims,
-                      config=config, on_change=lambda p: notifier.status(status_line(p)))
+                      config=config, on_change=lambda p: notifier.status(status_line(p)),
+                      metrics=UpgradeMetrics(registry), tracer=tracing.tracer)
     manager.load()
+    collector = NodeCollector(registry, shims, plan=lambda: manager.plan,
+                              releases=lambda: len(releases.list()),
+                              identity=state_identity(args.state_root))
     limit_messages()
-    server = Server([OpsdService(manager, shims, releases, Consoles(args.state_root))])
+    server = Server([OpsdService(manager, shims, releases, Consoles(args.state_root),
+                                 Traces(shims))])
     require_uids(server, {0, *args.allow_uid}, "opsd")
     await _listen(server, args.socket)
     stop = asyncio.Event()
@@ -119,10 +164,12 @@ async def serve(args: argparse.Namespace) -> None:
     loop.set_exception_handler(loop_error_handler(log))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("listening on %s (state root %s, releases %s)", args.socket, args.state_root,
-             args.releases)
-    notifier.ready(status_line(manager.plan))
+    metrics: MetricsServer | None = None
     try:
+        metrics = await _serve_metrics(args, collector)
+        log.info("listening on %s (state root %s, releases %s)", args.socket, args.state_root,
+                 args.releases)
+        notifier.ready(status_line(manager.plan))
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(manager.run(), name="manager"),
                      tg.create_task(notifier.watchdog(), name="watchdog")]
@@ -134,8 +181,11 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         server.close()
         await server.wait_closed()
+        if metrics is not None:
+            await metrics.aclose()
         args.socket.unlink(missing_ok=True)
         os.close(lock)
+        await asyncio.to_thread(tracing.close, 2.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from agent.api import ops_pb
 from keel import ids, procfs
 from keel.errors import DeadlineExceeded, KeelError, NotFound, Unavailable, Unimplemented, from_code
+from observability.grpc import propagate
 from shim.api import SandboxDir, load_record
 
 _FANOUT = 16
@@ -78,6 +79,37 @@ class Switched:
     to_version: str
     new_pid: int
     detail: str
+    #: The shim handoff's freeze window (shim), the agent's gap (agent); 0: not said.
+    freeze_s: float = 0.0
+    gap_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerUsage:
+    id: str
+    #: None when the agent did not give the container's stats in time.
+    cpu_ns: int | None
+    memory_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxMetrics:
+    """What a shim said about its sandbox in one Metrics call (opsd/_metrics.py).
+    None: not known (the agent did not say in time; a shim older than Metrics
+    said only what Status says)."""
+
+    id: str
+    namespace: str
+    backend: str
+    shim_version: str
+    agent_version: str
+    uptime_s: float | None
+    console_sessions: int | None
+    vm_rss_bytes: int | None
+    vm_pss_bytes: int | None
+    vcpus: int | None
+    containers: tuple[ContainerUsage, ...]
+    spans_dropped: int
 
 
 class Shims(Protocol):
@@ -139,13 +171,35 @@ class ShimClient:
                 s = await stub.upgrade_shim(ops_pb.UpgradeShimRequest(str(path), to_version),
                                             timeout=self.upgrade_timeout)
                 return Switched(s.from_version, s.to_version, s.new_shim_pid,
-                                f"freeze {s.freeze_ms:.0f} ms")
+                                f"freeze {s.freeze_ms:.0f} ms", freeze_s=s.freeze_ms / 1000)
             a = await stub.upgrade_agent(ops_pb.UpgradeAgentRequest(str(path), to_version),
                                          timeout=self.upgrade_timeout)
             if a.rolled_back:
                 raise Unavailable(f"sandbox {sandbox_id}: agent {to_version} failed and went back"
                                   f" to {a.from_version}: {a.message}")
-            return Switched(a.from_version, a.to_version, 0, f"gap {a.gap_s * 1000:.0f} ms")
+            return Switched(a.from_version, a.to_version, 0, f"gap {a.gap_s * 1000:.0f} ms",
+                            gap_s=a.gap_s)
+
+    async def metrics(self, sandbox_id: str) -> SandboxMetrics:
+        """One Metrics call (within the Status deadline; the caller may cut it
+        shorter); what Status says for a shim older than Metrics."""
+        try:
+            async with self._stub(sandbox_id) as stub:
+                r = await stub.metrics(ops_pb.MetricsRequest(), timeout=self.status_timeout)
+        except Unimplemented:
+            v = await self.status(sandbox_id)
+            return SandboxMetrics(v.id, v.namespace, v.backend, v.shim_version, v.agent_version,
+                                  None, None, None, None, None,
+                                  tuple(ContainerUsage(c.id, None, None) for c in v.containers), 0)
+        return SandboxMetrics(
+            id=sandbox_id, namespace=_clip(r.namespace), backend=_clip(r.backend),
+            shim_version=_clip(r.shim_version), agent_version=_clip(r.agent_version),
+            uptime_s=r.uptime_s, console_sessions=r.console_sessions if r.console_sessions_known
+            else None, vm_rss_bytes=r.vm_rss_bytes, vm_pss_bytes=r.vm_pss_bytes, vcpus=r.vcpus,
+            containers=tuple(ContainerUsage(_clip(c.id), c.cpu_usage_ns if c.has_stats else None,
+                                            c.memory_usage_bytes if c.has_stats else None)
+                             for c in r.containers[:4096]),
+            spans_dropped=r.spans_dropped)
 
     async def agent_release_problem(self, sandbox_id: str, agent_path: Path) -> str | None:
         try:
@@ -181,6 +235,7 @@ class ShimClient:
     async def _stub(self, sandbox_id: str) -> AsyncIterator[ops_pb.ShimOpsStub]:
         sock = SandboxDir.of(self.state_root, check_id(sandbox_id)).ops_socket
         channel = Channel(path=str(sock))
+        propagate(channel)  # an upgrade's spans in the shim nest under opsd's
         try:
             yield ops_pb.ShimOpsStub(channel)
         except GRPCError as exc:

@@ -16,7 +16,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from keel.errors import FailedPrecondition, NotFound
+from observability.spans import Tracer
 from opsd._discovery import Shims
+from opsd._metrics import UpgradeMetrics
 from opsd._preflight import UpgradeRequest, build_plan
 from opsd._rollout import Rollout, RolloutConfig
 from opsd.state import Plan, PlanState
@@ -40,12 +42,15 @@ def status_line(plan: Plan | None) -> str:
 class Manager:
     def __init__(self, *, store: StateStore[Plan], releases: ReleaseStore, shims: Shims,
                  config: RolloutConfig | None = None,
-                 on_change: Callable[[Plan | None], None] = lambda p: None) -> None:
+                 on_change: Callable[[Plan | None], None] = lambda p: None,
+                 metrics: UpgradeMetrics | None = None, tracer: Tracer | None = None) -> None:
         self._store = store
+        self._tracer = tracer
         self._releases = releases
         self._shims = shims
         self._config = config or RolloutConfig()
         self._on_change = on_change
+        self._metrics = metrics or UpgradeMetrics()
         self._plan: Plan | None = None
         self._broken: str | None = None
         self._rollout: Rollout | None = None
@@ -135,7 +140,8 @@ class Manager:
     def _spawn(self, plan: Plan) -> None:
         assert self._tg is not None, "Manager.run() owns the rollout tasks"
         self._rollout = Rollout(plan, shims=self._shims, releases=self._releases,
-                                save=self._saved, event=self._event, config=self._config)
+                                save=self._saved, event=self._event, config=self._config,
+                                metrics=self._metrics, tracer=self._tracer)
         self._tg.create_task(self._drive(self._rollout), name=f"rollout-{plan.id}")
 
     async def _drive(self, rollout: Rollout) -> None:

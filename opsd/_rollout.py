@@ -30,7 +30,9 @@ from pathlib import Path
 
 from keel import retry
 from keel.errors import Unavailable
+from observability.spans import Tracer
 from opsd._discovery import SandboxView, Shims
+from opsd._metrics import UpgradeMetrics
 from opsd.state import Plan, PlanState, Target, TargetState
 from upgrade.releases import ReleaseStore
 
@@ -79,20 +81,25 @@ class Rollout:
     """Runs one plan until it is no longer active.
 
     *save* is called with every new plan value (persist + tell watchers);
-    *event* with progress lines.  The caller owns the task that awaits
-    :meth:`run`; cancelling it leaves the plan persisted as it was, to
-    resume later.
+    *event* with progress lines; *metrics* counts every upgrade call.  The
+    caller owns the task that awaits :meth:`run`; cancelling it leaves the
+    plan persisted as it was, to resume later.
     """
 
     def __init__(self, plan: Plan, *, shims: Shims, releases: ReleaseStore,
                  save: Callable[[Plan], None], event: Callable[[str], None],
-                 config: RolloutConfig = RolloutConfig()) -> None:
+                 config: RolloutConfig = RolloutConfig(),
+                 metrics: UpgradeMetrics | None = None, tracer: Tracer | None = None) -> None:
         self._plan = plan
+        #: One trace per plan run by this opsd: batches, sandboxes, each switch
+        #: (the shims' handoff and agent-upgrade spans nest under it).
+        self._tracer = tracer or Tracer("opsd")
         self._shims = shims
         self._releases = releases
         self._save = save
         self._event = event
         self._config = config
+        self._metrics = metrics or UpgradeMetrics()
         self._wake = asyncio.Event()
 
     @property
@@ -107,6 +114,17 @@ class Rollout:
         return self._plan
 
     async def run(self) -> Plan:
+        p = self._plan
+        with self._tracer.span(f"upgrade plan {p.id}", {
+                "keel.plan.id": p.id, "keel.to_version": p.to_version,
+                "keel.components": ",".join(p.components), "keel.batches": p.batches,
+                "keel.sandboxes": len(p.targets)}, root=True) as span:
+            plan = await self._run()
+            if span is not None:
+                span.set("keel.plan.state", plan.state.value)
+            return plan
+
+    async def _run(self) -> Plan:
         while self._plan.active:
             p = self._plan
             if p.state is PlanState.ROLLING_BACK:
@@ -161,6 +179,13 @@ class Rollout:
 
     async def _run_batch(self, batch: int) -> bool:
         """Upgrade and gate one batch; False if any sandbox failed."""
+        with self._tracer.span(f"batch {batch + 1}/{self._plan.batches}") as span:
+            ok = await self._run_batch_traced(batch)
+            if span is not None and not ok:
+                span.error = "a sandbox failed its upgrade or health gate"
+            return ok
+
+    async def _run_batch_traced(self, batch: int) -> bool:
         targets = self._plan.batch_targets(batch)
         self._event(f"{self._tag(batch)} {', '.join(t.sandbox_id for t in targets)}")
         async with asyncio.TaskGroup() as tg:
@@ -176,6 +201,12 @@ class Rollout:
         return all(t.state is _T.HEALTHY for t in self._plan.batch_targets(batch))
 
     async def _upgrade_target(self, sid: str, batch: int) -> None:
+        with self._tracer.span(f"sandbox {sid}", {"keel.sandbox.id": sid}) as span:
+            await self._upgrade_target_traced(sid, batch)
+            if span is not None and self._plan.target(sid).state is _T.FAILED:
+                span.error = self._plan.target(sid).message or "failed"
+
+    async def _upgrade_target_traced(self, sid: str, batch: int) -> None:
         try:
             view = await self._shims.status(sid)
             if self._plan.target(sid).state is _T.PENDING:
@@ -196,7 +227,14 @@ class Rollout:
             return view
         release = self._releases.get(version)
         path: Path = release.shim_path if component == "shim" else release.agent_path
-        done = await self._shims.upgrade(sid, component, path, version)
+        try:
+            with self._tracer.span(f"switch {component}", {"keel.from": current,
+                                                            "keel.to": version}):
+                done = await self._shims.upgrade(sid, component, path, version)
+        except Exception:
+            self._metrics.failed(component)
+            raise
+        self._metrics.upgraded(component, done)
         self._event(f"{self._tag(batch)} {sid}: {component} {current} -> {version} ({done.detail})")
 
         def settled(v: SandboxView) -> str | None:
@@ -243,6 +281,10 @@ class Rollout:
         raise AssertionError("unreachable: retrying never stops by itself")
 
     async def _rollback(self, batch: int) -> None:
+        with self._tracer.span(f"rollback of batch {batch + 1}"):
+            await self._rollback_traced(batch)
+
+    async def _rollback_traced(self, batch: int) -> None:
         todo = [t for t in self._plan.batch_targets(batch)
                 if t.state not in (_T.ROLLED_BACK, _T.ROLLBACK_FAILED)]
         self._event(f"{self._tag(batch)} failed; rolling back {len(todo)} sandboxes")

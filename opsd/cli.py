@@ -9,6 +9,7 @@
     opsctl upgrade abort
     opsctl console SANDBOX [--container ID] [-t|-T] [-- CMD ...]
     opsctl console enable|disable SANDBOX | ls [--json] | kill SESSION
+    opsctl trace on|off [SANDBOX ...|--all] [--ratio R] | SANDBOX --follow [--json]
 
 ``ls`` and ``upgrade`` talk to opsd on its socket; ``release`` works on
 the releases directory directly (no opsd needed: it installs the release
@@ -28,7 +29,7 @@ from pathlib import Path
 import betterproto
 
 from keel.errors import KeelError
-from opsd import _cli_console, _cli_release
+from opsd import _cli_console, _cli_release, _cli_trace
 from opsd._client import CliError, call
 from opsd._pb.keel.opsd import v1 as pb
 from opsd._progress import ACTIVE, EXIT_BY_STATE, Progress, describe, summary
@@ -159,6 +160,7 @@ def parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=cmd_ls)
     _cli_release.add_parser(sub)
     _cli_console.add_parser(sub)
+    _cli_trace.add_parser(sub)
     up = sub.add_parser("upgrade", help="roll sandboxes to another release",
                         description="Upgrade running sandboxes in batches, with a health gate"
                         " after each batch and automatic rollback of a failed batch.")

@@ -24,6 +24,7 @@ from opsd._discovery import SandboxView, Shims, Unreachable, scan
 from opsd._manager import Manager
 from opsd._pb.keel.opsd import v1 as pb
 from opsd._preflight import UpgradeRequest
+from opsd._trace import Traces
 from opsd.state import Plan
 from upgrade.releases import ReleaseStore
 
@@ -63,11 +64,12 @@ def sandbox_pb(v: SandboxView | Unreachable) -> pb.Sandbox:
 
 class OpsdService(pb.OpsdBase):
     def __init__(self, manager: Manager, shims: Shims, releases: ReleaseStore,
-                 consoles: Consoles | None = None) -> None:
+                 consoles: Consoles | None = None, traces: Traces | None = None) -> None:
         self._manager = manager
         self._shims = shims
         self._releases = releases
         self._consoles = consoles
+        self._traces = traces
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         """Console is served on the raw stream (opsd/_console.py reads and
@@ -108,6 +110,24 @@ class OpsdService(pb.OpsdBase):
         with _errors():
             await self._console_manager().kill(kill_console_request.session_id, caller())
         return pb.KillConsoleResponse()
+
+    def _trace_manager(self) -> Traces:
+        if self._traces is None:
+            raise GRPCError(Status.UNIMPLEMENTED, "this opsd does not switch tracing")
+        return self._traces
+
+    async def set_tracing(self, set_tracing_request: pb.SetTracingRequest
+                          ) -> pb.SetTracingResponse:
+        r = set_tracing_request
+        with _errors():
+            results = await self._trace_manager().set(r.sandbox_ids, r.all, r.ratio)
+        return pb.SetTracingResponse(results=results)
+
+    async def follow_spans(self, follow_spans_request: pb.FollowSpansRequest
+                           ) -> AsyncIterator[pb.Span]:
+        with _errors():
+            async for span in self._trace_manager().follow(follow_spans_request.sandbox_id):
+                yield span
 
     async def list_sandboxes(self, list_sandboxes_request: pb.ListSandboxesRequest
                              ) -> pb.ListSandboxesResponse:

@@ -146,22 +146,33 @@ async def upgrade_agent(sb: Sandbox, agent_path: str,
     """
     if sb.vm is None or sb.agent is None:
         raise FailedPrecondition(f"sandbox {sb.id} has no running agent")
-    # The sandbox's one ops connection (a virtio-serial port serves one client).
-    channel = sb.ops or DialChannel(sb.vm.dialer("ops"), sb.session_key)
-    try:
-        stub = ops_pb.OpsServiceStub(channel)
-        agent_path = await _guest_path(sb, stub, agent_path)
-        resp: ops_pb.UpgradeAgentResponse = await sb.agent.call(
-            stub.upgrade_agent,
-            ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),
-            timeout=UPGRADE_CALL_S, attempt_s=None, retry_for=0, resend=False)
-    finally:
-        channel.close()  # the agent execs: the next ops call dials the new image
-    began = asyncio.get_running_loop().time()
-    # A VM's agent ends the host's old serial session itself (GOAWAY); should
-    # that be lost, a Hello unanswered for long is taken as a dead connection.
-    hello = await sb.agent.wait_ready(sb.config.agent_timeout_s, sb.vm.alive,
-                                      attempt_s=UPGRADE_HELLO_ATTEMPT_S)
+    # Spans under opsd's (when it traces): staging, the drain the agent does
+    # before it answers, and the exec until the new image answers a Hello.
+    tracer = sb.tracing.tracer
+    with tracer.span("agent upgrade", {"keel.sandbox.id": sb.id, "keel.agent.to": to_version},
+                     force=True) as top:
+        # The sandbox's one ops connection (a virtio-serial port serves one client).
+        channel = sb.ops or DialChannel(sb.vm.dialer("ops"), sb.session_key)
+        try:
+            stub = ops_pb.OpsServiceStub(channel)
+            with tracer.span("stage release", force=True):
+                agent_path = await _guest_path(sb, stub, agent_path)
+            with tracer.span("drain and answer", force=True):
+                resp: ops_pb.UpgradeAgentResponse = await sb.agent.call(
+                    stub.upgrade_agent,
+                    ops_pb.UpgradeAgentRequest(agent_path=agent_path, to_version=to_version),
+                    timeout=UPGRADE_CALL_S, attempt_s=None, retry_for=0, resend=False)
+        finally:
+            channel.close()  # the agent execs: the next ops call dials the new image
+        began = asyncio.get_running_loop().time()
+        # A VM's agent ends the host's old serial session itself (GOAWAY); should
+        # that be lost, a Hello unanswered for long is taken as a dead connection.
+        with tracer.span("exec until ready", force=True):
+            hello = await sb.agent.wait_ready(sb.config.agent_timeout_s, sb.vm.alive,
+                                              attempt_s=UPGRADE_HELLO_ATTEMPT_S)
+        if top is not None:
+            top.set("keel.agent.from", resp.from_version)
+            top.set("keel.agent.now", hello.agent_version)
     # The agent answered just before its exec; what runs now tells how it
     # ended.  The gap is as the shim saw it: that answer to the new Hello.
     resp.gap_s = asyncio.get_running_loop().time() - began

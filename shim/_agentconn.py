@@ -33,6 +33,7 @@ from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb, present_session_
 from keel import retry
 from keel.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
 from keel.grpc import NO_STATUS_DETAILS, guest_text, limit_messages, quiet_h2_frames
+from observability.grpc import propagate
 from shim.vmm.api import Dialer
 
 log = logging.getLogger("keel.shim.agent")
@@ -80,6 +81,7 @@ class DialChannel(Channel):
         self.generation = 0
         if session_key:  # every call carries the sandbox's session key
             present_session_key(self, session_key)
+        propagate(self)  # and the current span's traceparent, when one is sampled
 
     async def _create_connection(self) -> H2Protocol:
         sock = await self._dialer()

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from observability.spans import detached
+
 log = logging.getLogger("keel.shim")
 
 
@@ -46,4 +48,5 @@ async def finish(task: asyncio.Task[None] | None, *, cancel: bool = True) -> Non
 def spawn(tasks: asyncio.TaskGroup, job: Coroutine[Any, Any, None], what: str,
           name: str) -> asyncio.Task[None]:
     """``guarded(job)`` as a task of *tasks* named *name*."""
-    return tasks.create_task(guarded(job, what), name=name)
+    # Not a child of the call that started it (observability.spans.detached).
+    return tasks.create_task(guarded(job, what), name=name, context=detached())

@@ -12,6 +12,7 @@ from shim import events_pb
 from shim.vmm import _sizing
 
 if TYPE_CHECKING:
+    from observability import Tracing
     from shim._agentconn import AgentConnection
     from shim._events import EventPublisher
     from shim._process import Container
@@ -25,6 +26,7 @@ class ContainerCalls:
     if TYPE_CHECKING:
         vm: VmmSandbox | None
         _events: EventPublisher
+        tracing: Tracing
 
         def container(self, cid: str) -> Container: ...
 
@@ -75,7 +77,9 @@ class ContainerCalls:
         assert self.vm is not None
         # The sandbox grows first (a VM hotplugs vCPUs and memory), so the new
         # limits have room; sized by this container's resources alone.
-        await self.vm.grow_to(_sizing.of_update(resources_json))
+        size = _sizing.of_update(resources_json)
+        with self.tracing.tracer.span("hotplug", {"keel.vm.size": size}):
+            await self.vm.grow_to(size)
         await agent.call(agent.stub.update_container, pb.UpdateContainerRequest(
             container_id=cid, resources_json=resources_json))
 

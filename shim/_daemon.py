@@ -92,6 +92,7 @@ class Daemon:
         from shim._events import EventPublisher
         from shim._opsserver import serve_ops
         from shim._resume import SandboxHandoff
+        from shim._tracing import observe
         from shim.sandbox import Sandbox
         from shim.service import SERVICE, TaskService
         from shim.ttrpc import Method, TtrpcServer
@@ -109,7 +110,7 @@ class Daemon:
                 self.sandbox.prelaunch = prelaunch
                 self.handoff = SandboxHandoff(self.sandbox)
                 task = TaskService(self.sandbox, on_shutdown=self.stop.set)
-                self.server = TtrpcServer()
+                self.server = TtrpcServer(observe=observe(self.sandbox))
                 self.server.register(SERVICE, {n: Method(r, f) for n, (r, f) in task.methods().items()})
                 if self.flags.handoff_fd:
                     from shim._handoff import adopt
@@ -136,12 +137,14 @@ class Daemon:
     async def _exit(self) -> None:
         if self.handed_off:
             log.info("sandbox %s now served by the new shim; exiting", self.sandbox.id)
-            return
-        log.info("shim of sandbox %s exiting", self.sandbox.id)
-        await self.events.drain(timeout=2.0)
-        await self.server.aclose()
-        if self.flags.socket:
-            Path(self.flags.socket).unlink(missing_ok=True)
+        else:
+            log.info("shim of sandbox %s exiting", self.sandbox.id)
+            await self.events.drain(timeout=2.0)
+            await self.server.aclose()
+            if self.flags.socket:
+                Path(self.flags.socket).unlink(missing_ok=True)
+        # Spans still queued get a bounded chance to reach the collector.
+        await asyncio.to_thread(self.sandbox.tracing.close, 2.0)
 
     # -- handoff hooks (used by shim._handoff) -----------------------------
 
@@ -189,6 +192,8 @@ class Daemon:
         for sock, unparsed, pending in conns:
             self.server.adopt_connection(sock, unparsed, pending)
         self.handoff.go_live()
+        if self.sandbox.tracing.ratio > 0:
+            self.sandbox.span_pump.kick()
 
     async def upgrade_shim(self, shim_path: str) -> Any:
         from keel.errors import Unavailable
@@ -196,8 +201,13 @@ class Daemon:
 
         # The new shim checks the agent on its ops channel, which a
         # virtio-serial port gives one client: let go of ours first.
+        self.sandbox.ops_frozen = True
         self.sandbox.release_ops()
-        result = await hand_off(self, shim_path)
+        try:
+            result = await hand_off(self, shim_path)
+        except BaseException:
+            self.sandbox.ops_frozen = False  # still ours
+            raise
         self.handed_off = True
         self.server.release_all()
         # Exit once the reply to opsd is on its way.

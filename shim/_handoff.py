@@ -102,6 +102,17 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
         argv.append("-debug")
     ops_sock = daemon.sandbox.dir.ops_socket
     ops_before = _inode(ops_sock)
+    # Spans (under opsd's upgrade span when it traces): the handoff, its
+    # hello, and the freeze window with its phases; the new shim's restore
+    # nests under the freeze through the state message's traceparent.
+    tracer = daemon.sandbox.tracing.tracer
+    top = tracer.begin("shim handoff", {"keel.sandbox.id": daemon.sandbox.id,
+                                        "keel.shim.from": version(), "keel.shim.path": shim_path,
+                                        "keel.shim.pid": os.getpid()},
+                       force=True)
+    ctx = top.context if top is not None else None
+    t_spawn = time.time_ns()
+    freeze_span = None
     # The new shim's stderr (an unlinked file): what a release that dies
     # before it can log (at import) printed, for the error we return.
     errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
@@ -119,24 +130,41 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
         except HandoffError as exc:
             raise HandoffError(await _died(child, errors, shim_path, exc)) from exc
         _close_fds(fds)
+        tracer.record("handoff hello", t_spawn, time.time_ns(),
+                      {"keel.shim.to": str(hello.get("version", ""))}, parent=ctx, force=True)
         _check_hello(hello)
+        freeze_span = tracer.begin("handoff freeze", parent=ctx, force=True)
+        w0 = time.time_ns()
         t0 = time.monotonic()
         frozen, record = await daemon.freeze()
         t_frozen = time.monotonic()
+        w_frozen = time.time_ns()
         state = {
             "type": "state",
             "sandbox": daemon.sandbox_doc(record),
             "connections": [_encode_conn(f, i + 1) for i, f in enumerate(frozen)],
         }
+        if freeze_span is not None:  # a key older shims do not read
+            state["traceparent"] = freeze_span.context.traceparent
         await ch.send(state, [daemon.listener.fileno(), *(f.fd for f in frozen)])
         ready, fds = await ch.recv(TIMEOUT_S)
         _close_fds(fds)
         if ready["type"] != "ready":
             raise HandoffError(f"new shim refused: {ready.get('reason', ready)}")
+        w_ready = time.time_ns()
         await ch.send({"type": "commit"})
         t_commit = time.monotonic()
         freeze_ms = (t_commit - t0) * 1000
+        if freeze_span is not None:
+            inner = freeze_span.context
+            tracer.record("quiesce", w0, w_frozen, parent=inner, force=True)
+            tracer.record("transfer and restore", w_frozen, w_ready, parent=inner, force=True)
+            tracer.record("commit", w_ready, time.time_ns(), parent=inner, force=True)
+            freeze_span.set("keel.freeze_ms", f"{freeze_ms:.1f}")
+            tracer.end(freeze_span)
     except BaseException as exc:
+        tracer.end(freeze_span, error=str(exc))
+        tracer.end(top, error=f"{type(exc).__name__}: {exc}")
         log.error("handoff to %s failed, thawing: %s", shim_path, exc)
         _reap(child)
         if frozen is not None:
@@ -147,7 +175,13 @@ async def hand_off(daemon: Any, shim_path: str) -> Result:
             os.close(f.fd)
         ch.close()
         errors.close()
+    w_commit = time.time_ns()
     serving = await _wait_serving(ops_sock, ops_before, child)
+    tracer.record("new shim serving", w_commit, time.time_ns(), parent=ctx, force=True)
+    if top is not None:
+        top.set("keel.shim.to", str(ready.get("version", "")))
+        top.set("keel.freeze_ms", f"{freeze_ms:.1f}")
+    tracer.end(top, error="" if serving else "the new shim died after taking over")
     log.info("handed sandbox %s to %s (pid %d); freeze %.1f ms (quiesce %.1f ms, new shim "
              "restore %.1f ms: %s)", daemon.sandbox.id, ready.get("version"), child.pid, freeze_ms,
              (t_frozen - t0) * 1000, (t_commit - t_frozen) * 1000, ready.get("phases", "-"))
@@ -285,7 +319,12 @@ async def _adopt(daemon: Any, ch: HandoffChannel, ops: Any) -> None:
         if msg["type"] != "state":
             raise HandoffError(f"expected state, got {msg['type']!r}")
         failpoint(sdir, "after-state")
+        w0 = time.time_ns()
         phases = await daemon.restore(msg["sandbox"], ops)
+        # Under the old shim's freeze span, whatever this sandbox's ratio.
+        daemon.sandbox.tracing.tracer.record(
+            "new shim restore", w0, time.time_ns(), {"keel.phases": phases, "keel.shim.pid": os.getpid()},
+            parent=msg.get("traceparent"), force=True)
         failpoint(sdir, "after-restore")
         await ch.send({"type": "ready", "version": version(), "pid": os.getpid(),
                        "phases": phases})

@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                                             "a warm interpreter (started by the shim's start).")
     p.add_argument("--socket", required=True, type=Path, help="socket to serve on")
     p.add_argument("--idle", type=float, default=600.0, help="exit after this many idle seconds")
+    p.add_argument("--tracing", action="store_true",
+                   help="also warm the span exporter (the config traces): see TRACING_MODULES")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s launcher[%(process)d] %(levelname)s %(message)s")
-    return Launcher(args.socket, args.idle).serve()
+    return Launcher(args.socket, args.idle, tracing=args.tracing).serve()
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def needs_spawn(path: Path) -> bool:
     return True
 
 
-def spawn(path: Path, idle_s: float, env: Mapping[str, str]) -> None:
+def spawn(path: Path, idle_s: float, env: Mapping[str, str], *, tracing: bool = False) -> None:
     """Start a launcher for *path* in the background (it exits at once if
     another one holds the path's lock)."""
     import subprocess
@@ -131,7 +131,7 @@ def spawn(path: Path, idle_s: float, env: Mapping[str, str]) -> None:
     try:
         subprocess.Popen([sys.executable, *_interpreter_flags(), "-m", "shim._launcher",
                           "--socket", str(path),
-                          "--idle", str(idle_s)],
+                          "--idle", str(idle_s), *(["--tracing"] if tracing else [])],
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=dict(env),
                          cwd="/", start_new_session=True)
     finally:

@@ -35,14 +35,23 @@ WARM_MODULES = (
     "shim.state", "shim.vmm.process", "shim._handoff", "shim._bundle",
     "agent._cli", "agent.service", "agent._daemon", "agent.state", "agent._upgrade",
 )
+#: Warmed too when the config traces (``--tracing``): the exporter a shim
+#: loads at its first span would otherwise cost each new pod ~70 ms of
+#: imports, run while its first Task calls are served.  A node whose config
+#: does not trace has a launcher without them (its key differs: _start.py).
+TRACING_MODULES = (
+    "observability.export", "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.sdk.trace", "opentelemetry.sdk.resources",
+)
 
 
 class Launcher:
     """Serves *path* until *idle_s* seconds pass without a request, or SIGTERM."""
 
-    def __init__(self, path: Path, idle_s: float) -> None:
+    def __init__(self, path: Path, idle_s: float, *, tracing: bool = False) -> None:
         self.path = path
         self.idle_s = idle_s
+        self.tracing = tracing
         #: The lock and the listener: a forked child closes them first.
         self.own_fds: list[int] = []
 
@@ -50,7 +59,7 @@ class Launcher:
         import gc
         import importlib
 
-        for name in WARM_MODULES:
+        for name in (*WARM_MODULES, *(TRACING_MODULES if self.tracing else ())):
             importlib.import_module(name)
         gc.collect()
         gc.freeze()  # children must not touch (and so copy) these objects' pages

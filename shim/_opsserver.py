@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 from grpclib.const import Status
+from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from agent.api import ops_pb
 from keel.errors import KeelError
 from keel.grpc import NO_STATUS_DETAILS, caller, limit_messages, require_uids
-from shim import _console, version
+from observability.spans import TRACEPARENT, remote_parent
+from shim import _console, _metrics, _tracing, version
 from shim._agent_upgrade import check_agent_release, upgrade_agent
 from shim.state import SCHEMA_VERSION
 
@@ -56,6 +58,11 @@ class ShimOps(ops_pb.ShimOpsBase):
                 for c in sb.containers.values()
             ],
         )
+
+    async def metrics(self, metrics_request: ops_pb.MetricsRequest) -> ops_pb.MetricsResponse:
+        # During and after a handoff the agent's channels are the new shim's.
+        handing_off = self._upgrading == "a shim upgrade" or self._daemon.handed_off
+        return await _metrics.gather(self._sb, ask_agent=not handing_off)
 
     async def upgrade_shim(self, upgrade_shim_request: ops_pb.UpgradeShimRequest) -> ops_pb.UpgradeShimResponse:
         req = upgrade_shim_request
@@ -135,6 +142,25 @@ class ShimOps(ops_pb.ShimOpsBase):
             return ops_pb.ConsoleEnableResponse(
                 enabled=_console.set_enabled(self._sb, bool(req.enabled), _peer_uid()))
 
+    async def set_tracing(self, req: ops_pb.SetTracingRequest) -> ops_pb.SetTracingResponse:
+        if not 0.0 <= req.ratio <= 1.0:  # NaN fails this too
+            raise GRPCError(Status.INVALID_ARGUMENT, f"ratio must be within 0 and 1, not {req.ratio}")
+        if self._upgrading == "a shim upgrade" or self._daemon.handed_off:
+            # The state the new shim takes over is written: a change now would be lost.
+            raise GRPCError(Status.UNAVAILABLE, f"sandbox {self._sb.id}: its shim is being"
+                                                " upgraded; ask again (the new shim answers)")
+        problem = await _tracing.set_ratio(self._sb, req.ratio)
+        return ops_pb.SetTracingResponse(ratio=self._sb.tracing.ratio, agent_problem=problem)
+
+    async def follow_spans(self, req: ops_pb.FollowSpansRequest) -> AsyncIterator[ops_pb.SpanData]:
+        async for span in _tracing.follow(self._sb, self._daemon.stop):
+            yield span
+
+
+async def _remote_parent(event: RecvRequest) -> None:
+    value = event.metadata.get(TRACEPARENT)
+    remote_parent(value if isinstance(value, str) else None)
+
 
 def _peer_uid() -> int:
     cred = caller()
@@ -155,6 +181,7 @@ async def serve_ops(daemon: Daemon) -> Server:
     tmp.unlink(missing_ok=True)
     limit_messages()
     server = Server([ShimOps(daemon)], status_details_codec=NO_STATUS_DETAILS)
+    listen(server, RecvRequest, _remote_parent)  # opsd's upgrade spans are our parents
     # UpgradeShim runs a program as this shim's user: its own user and root only.
     require_uids(server, {0, os.geteuid()}, f"shim of sandbox {daemon.sandbox.id}")
     old = os.umask(0o177)

@@ -87,7 +87,10 @@ def _spawn_daemon(cfg: ShimConfig, argv: list[str], env: dict[str, str], bundle:
     if cfg.launcher_idle_s:
         from shim import _launcher
 
-        sock = _launcher.socket_path(cfg.state_root)
+        # A config that traces gets a launcher that has the exporter warm.
+        tracing = cfg.tracing.start_ratio > 0
+        sock = _launcher.socket_path(cfg.state_root,
+                                     _launcher.release_key() + ("-traced" if tracing else ""))
         try:
             env["KEEL_LAUNCHER"] = str(sock)
             _launcher.request(sock, {"op": "shim", "argv": argv, "env": env, "cwd": str(bundle)},
@@ -96,7 +99,8 @@ def _spawn_daemon(cfg: ShimConfig, argv: list[str], env: dict[str, str], bundle:
         except (_launcher.LauncherError, OSError) as exc:
             env.pop("KEEL_LAUNCHER", None)
             if _launcher.needs_spawn(sock):
-                _launcher.spawn(sock, cfg.launcher_idle_s, {**_MALLOC_TUNING, **os.environ})
+                _launcher.spawn(sock, cfg.launcher_idle_s, {**_MALLOC_TUNING, **os.environ},
+                                tracing=tracing)
             elif not isinstance(exc, _launcher.NotRunning):
                 # Not on stderr: containerd reads it with stdout as our address.
                 _launcher.note(sock, f"start (pid {os.getpid()}): {exc}; exec'd the daemon")

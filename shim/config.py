@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from keel.errors import InvalidArgument
+from observability.config import TracingConfig
+from observability.config import from_table as tracing_from_table
 
 DEFAULT_PATH = Path("/etc/keel/config.toml")
 #: Seconds to wait for the agent by backend, when the file does not say:
@@ -31,7 +33,7 @@ DEFAULT_PATH = Path("/etc/keel/config.toml")
 #: loaded host), the process backend's almost at once.
 AGENT_TIMEOUT_S = {"process": 10.0, "qemu": 30.0}
 #: Tables of the config file owned by other components.
-OTHER_TABLES = ("qemu", "console")
+OTHER_TABLES = ("qemu", "console", "tracing", "metrics")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,6 +65,8 @@ class ShimConfig:
     #: ``[console] enabled``: whether ``opsctl console`` may attach to new
     #: sandboxes (each can be switched live with ``opsctl console enable``).
     console_enabled: bool = False
+    #: ``[tracing]`` with the ``OTEL_*`` variables (observability/config.py).
+    tracing: TracingConfig = TracingConfig()
 
     def __post_init__(self) -> None:
         if self.backend not in ("process", "qemu"):
@@ -108,13 +112,14 @@ def load(path: str | Path | None = None) -> ShimConfig:
     if not isinstance(section, dict):
         raise InvalidArgument(f"config file {file}: [shim] must be a table")
     _check_other_tables(raw, file)
-    known = {f.name: f for f in dataclasses.fields(ShimConfig)}
+    known = {f.name: f for f in dataclasses.fields(ShimConfig) if f.name != "tracing"}
     for key, value in section.items():
         if key not in known:
             raise InvalidArgument(f"config file {file}: unknown key {key!r}")
         values[key] = _coerce(key, value, file)
     if "console" in raw:
         values["console_enabled"] = _console_table(raw["console"], file)
+    values["tracing"] = tracing_from_table(raw.get("tracing"), where=f"config file {file}")
     if root := os.environ.get("KEEL_STATE_ROOT"):
         values["state_root"] = Path(root)
     return ShimConfig(**values)  # type: ignore[arg-type]

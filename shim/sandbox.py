@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from keel.errors import (
 )
 from keel.lifecycle import State
 from keel.logs import tail
+from observability import Tracing
+from observability.spans import detached
 from shim import _pumps, events_pb, keel_events_pb, version
 from shim._agentconn import AgentConnection, DialChannel
 from shim._bundle import read_spec
@@ -44,6 +47,7 @@ from shim._portforward import PortRelay
 from shim._prelaunch import Prelaunch, launch_spec
 from shim._process import Container, Process, exit_now
 from shim._pumps import Endpoints
+from shim._tracing import SpanPump
 from shim.config import ShimConfig
 from shim.dirs import SandboxDir
 from shim.state import Exit, SandboxRecord, ShimIdentity, Stdio, store
@@ -55,6 +59,10 @@ log = logging.getLogger("keel.shim")
 #: Seconds a signal may take in the agent (at most; the connection's timeout
 #: if shorter) before a SIGKILL to the sandbox stops it through its VMM.
 KILL_DEADLINE_S = 10.0
+
+
+#: What a "sandbox launch" span tells of the VM (from its record).
+_VM_KEYS = ("accel", "machine", "template", "vcpus", "memory_mib")
 
 
 class Sandbox(ContainerCalls):
@@ -83,6 +91,16 @@ class Sandbox(ContainerCalls):
         self.ops: DialChannel | None = None
         #: The console switch set live; None: the config decides (shim/_console.py).
         self.console: bool | None = None
+        #: Tracing (shim/_tracing.py); the ratio set live, None: the config decides.
+        self.tracing = Tracing("keel-shim", config.tracing, {
+            "keel.sandbox.id": sandbox_id, "keel.namespace": namespace,
+            "keel.backend": config.backend, "service.version": version()})
+        self.trace_ratio: float | None = None
+        self.span_pump = SpanPump(self)
+        #: Set while a shim handoff holds the agent's ops port: no ops call of ours.
+        self.ops_frozen = False
+        #: When the sandbox started (ns since the epoch; kept across shim upgrades).
+        self.created_at_ns = 0
         self.containers: dict[str, Container] = {}
         #: Presented on every agent call; the agent binds the first it sees (agent/_session.py).
         self.session_key = secrets.token_hex(16)
@@ -129,12 +147,20 @@ class Sandbox(ContainerCalls):
         if self.agent is not None:
             return self.agent
         self.dir.create()
-        launched = await self.prelaunch.take(spec) if self.prelaunch is not None else None
-        vm = launched or await self._backend.launch(self._launch_spec(spec))
+        tracer = self.tracing.tracer
+        with tracer.span("sandbox launch", {"keel.backend": self._backend.name}) as span:
+            launched = await self.prelaunch.take(spec) if self.prelaunch is not None else None
+            vm = launched or await self._backend.launch(self._launch_spec(spec))
+            if span is not None:
+                span.set("keel.prelaunched", launched is not None)
+                span.set("keel.vm", " ".join(f"{k}={v}" for k, v in sorted(vm.record().items())
+                                             if k in _VM_KEYS))
+        self.created_at_ns = time.time_ns()
         log.info("sandbox %s started (%s backend, pid %d)", self.id, self._backend.name, vm.pid)
         agent = self._connect(vm)
         try:
-            hello = await agent.wait_ready(self.config.agent_timeout_s, vm.alive)
+            with tracer.span("agent ready"):
+                hello = await agent.wait_ready(self.config.agent_timeout_s, vm.alive)
         except KeelError as exc:
             agent_log = tail(self.dir.agent_log, 600)
             await self._stop_vm()
@@ -144,6 +170,8 @@ class Sandbox(ContainerCalls):
         self.watch_sandbox()
         await self.relay_ports()
         self.persist()
+        if self.tracing.ratio > 0:
+            self.span_pump.kick()
         return agent
 
     def adopt(self, rec: SandboxRecord) -> None:
@@ -153,13 +181,13 @@ class Sandbox(ContainerCalls):
         handoff's ``go_live``.
         """
         self.session_key = rec.session_key  # "" when an older release started it: keyless
-        self.console = rec.console
+        self.console, self.created_at_ns = rec.console, rec.created_at_ns
         self._connect(self._backend.restore(self._launch_spec(), rec.vmm))
         self.containers = {c.id: Container.from_record(c) for c in rec.containers}
 
     def watch_sandbox(self) -> None:
         """Report every running process as exited (255) if the sandbox dies."""
-        self._sandbox_watch = self.tasks.create_task(self._watch_sandbox(),
+        self._sandbox_watch = self.tasks.create_task(self._watch_sandbox(), context=detached(),
                                                      name=f"sandbox-watch-{self.id}")
 
     def unwatch_sandbox(self) -> None:
@@ -185,6 +213,8 @@ class Sandbox(ContainerCalls):
             self._ports = await PortRelay.start(self.id, netns, self.agent)
 
     async def _stop_vm(self) -> None:
+        await self.span_pump.drain()
+        self.span_pump.stop()
         if self._ports is not None:
             self._ports.close()
             self._ports = None
@@ -209,7 +239,7 @@ class Sandbox(ContainerCalls):
             shim_version=version(),
             containers=tuple(c.record() for c in self.containers.values()),
             session_key=self.session_key,
-            console=self.console,
+            console=self.console, created_at_ns=self.created_at_ns,
         )
         self._store.save(rec)
         return rec

@@ -119,6 +119,13 @@ class SandboxRecord:
     #: The console switch set live (``opsctl console enable|disable``);
     #: None: the config's ``[console] enabled`` decides.
     console: bool | None = None
+    #: The trace sampling ratio set live (``opsctl trace on|off``); None:
+    #: the config's ``[tracing]`` decides.
+    trace_ratio: float | None = None
+    #: When the sandbox started (wall clock, ns since the epoch), for its
+    #: uptime; 0 for a sandbox an older release started (then the age of its
+    #: VMM process stands in: shim/_metrics.py).
+    created_at_ns: int = 0
 
 
 # -- JSON layout (schema 1) ---------------------------------------------------
@@ -133,7 +140,8 @@ def encode(rec: SandboxRecord) -> Doc:
     return {"sandbox_id": rec.sandbox_id, "namespace": rec.namespace, "backend": rec.backend,
             "vmm": vmm, "shim_version": rec.shim_version,
             "containers": [_encode_container(c) for c in rec.containers],
-            "session_key": rec.session_key, "console": rec.console}
+            "session_key": rec.session_key, "console": rec.console,
+            "trace_ratio": rec.trace_ratio, "created_at_ns": rec.created_at_ns}
 
 
 def _encode_container(c: ContainerRecord) -> Doc:
@@ -160,7 +168,9 @@ def decode(doc: Doc) -> SandboxRecord:
         shim_version=_str(doc["shim_version"]),
         containers=tuple(_decode_container(_obj(c)) for c in doc["containers"]),
         session_key=_str(doc.get("session_key", "")),
-        console=_opt_bool(doc.get("console")))
+        console=_opt_bool(doc.get("console")),
+        trace_ratio=_opt_ratio(doc.get("trace_ratio")),
+        created_at_ns=_int(doc.get("created_at_ns", 0)))
 
 
 def _decode_container(doc: Doc) -> ContainerRecord:
@@ -194,6 +204,20 @@ def _obj(value: Any) -> Doc:
 def _opt_bool(value: Any) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"expected true, false or null, got {type(value).__name__}")
+    return value
+
+
+def _opt_ratio(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"expected a ratio within 0 and 1 or null, got {value!r}")
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
     return value
 
 

@@ -276,7 +276,7 @@ def make_release(root: Path, name: str, version: str, *, copy_code: bool = False
     meta.mkdir(parents=True)
     (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: keel\nVersion: {version}\n")
     if copy_code:
-        for pkg in ("keel", "agent", "upgrade"):
+        for pkg in ("keel", "agent", "upgrade", "observability"):
             shutil.copytree(REPO / pkg, rel / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     for module, code in (patches or {}).items():
         with open(rel / module, "a") as f:

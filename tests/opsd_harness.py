@@ -287,7 +287,9 @@ class Opsd:
         self.state_root = state_root or base / "state"
         self.timeouts = {**STANDIN_TIMEOUTS, **(timeouts or {})}
         self.notify = Notify(base / "notify.sock")
-        self.extra = extra
+        #: Metrics off unless asked for: the default port is one for the whole host.
+        self.extra = extra if any(a.startswith("--metrics-address") for a in extra) else (
+            *extra, "--metrics-address", "none")
         self.proc: subprocess.Popen[bytes] = None  # type: ignore[assignment]
 
     def start(self) -> None:
@@ -334,14 +336,15 @@ class Opsd:
 
 @contextlib.contextmanager
 def running_opsd(prefix: str, releases: Path, state_root: Path,
-                 timeouts: dict[str, float]) -> Iterator[Opsd]:
+                 timeouts: dict[str, float], extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> Iterator[Opsd]:
     """A real opsd in a new directory under /tmp named *prefix*..., for the sandboxes
-    under *state_root* and the releases under *releases*; stopped at the end,
-    and then nothing of it may be left under its directory."""
+    under *state_root* and the releases under *releases*, with *extra* options;
+    stopped at the end, and then nothing of it may be left under its directory."""
     from tests.containerd import leftovers
 
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    d = Opsd(base, releases=releases, state_root=state_root, timeouts=timeouts)
+    d = Opsd(base, *extra, releases=releases, state_root=state_root, timeouts=timeouts, env=env)
     d.start()
     try:
         yield d

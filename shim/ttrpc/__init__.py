@@ -13,6 +13,7 @@ from shim.ttrpc._connection import (
     ServerConnection,
 )
 from shim.ttrpc._frames import MAX_BODY
+from shim.ttrpc._messages import Request
 from shim.ttrpc._wire import check_message, parse_strict
 from shim.ttrpc.client import ClientStatistics, TtrpcClient
 from shim.ttrpc.server import Method, ServerStatistics, TtrpcServer, error_status, same_user
@@ -26,6 +27,7 @@ __all__ = [
     "PeerCred",
     "PendingRequest",
     "Phase",
+    "Request",
     "ServerConnection",
     "ServerStatistics",
     "TtrpcClient",

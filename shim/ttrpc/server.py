@@ -22,6 +22,7 @@ hand-off failed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -52,6 +53,8 @@ ACCEPT_BURST = 64
 log = logging.getLogger("keel.shim.ttrpc")
 
 Handler = Callable[[Any, CallContext], Awaitable[betterproto.Message]]
+#: Called with each parsed request; the call runs inside what it returns (a span).
+Observe = Callable[[Request, Any, CallContext], contextlib.AbstractContextManager[Any]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,8 +102,10 @@ class TtrpcServer:
     """
 
     def __init__(self, *, authorize: Callable[[PeerCred], bool] | None = same_user,
-                 on_connection_lost: Callable[[ServerConnection], None] | None = None) -> None:
+                 on_connection_lost: Callable[[ServerConnection], None] | None = None,
+                 observe: Observe | None = None) -> None:
         self._authorize = authorize
+        self._observe = observe
         self._on_connection_lost = on_connection_lost
         self._services: dict[str, dict[str, Method]] = {}
         self._conns: set[ServerConnection] = set()
@@ -282,9 +287,12 @@ class TtrpcServer:
         except ValueError as exc:
             return error_body(Code.INTERNAL, f"ttrpc: error unmarshalling payload: {exc}")
         deadline = asyncio.timeout(ctx.timeout)
+        observed = (self._observe(request, message, ctx) if self._observe is not None
+                    else contextlib.nullcontext())
         try:
-            async with deadline:
-                result = await method.handler(message, ctx)
+            with observed:
+                async with deadline:
+                    result = await method.handler(message, ctx)
         except Exception as exc:
             if deadline.expired():
                 return error_body(Code.DEADLINE_EXCEEDED, "context deadline exceeded")

@@ -157,7 +157,8 @@ def opsd(ctd: Containerd, releases: ReleaseStore) -> Iterator[list[str]]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "opsd", "--socket", str(sock), "--state-dir",
              str(work / "state"), "--releases", str(releases.root), "--state-root",
-             str(ctd.paths.tmp_root / "keel"), "--settle-timeout", "30", "--gate-timeout", "30"],
+             str(ctd.paths.tmp_root / "keel"), "--settle-timeout", "30", "--gate-timeout", "30",
+             "--metrics-address", "none"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env)
     try:
         wait_for(lambda: proc.poll() is None and sock.exists() or proc.poll() is not None, 30,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -108,6 +109,20 @@ def test_shim_state_written_is_readable_by_schema_1_readers() -> None:
                                        if k not in ("schema_version", "kind")})))
     missing = {k: v for k, v in _leaves(golden).items() if written.get(k, object()) != v}
     assert missing == {}
+
+
+def test_shim_state_keeps_the_sandbox_start() -> None:
+    """``created_at_ns`` (for the sandbox's uptime) survives a handoff's
+    encode/decode; a file without it (an older release's) reads as 0."""
+    from shim.state import decode, encode
+
+    golden = json.loads((GOLDEN / "shim-state-v1.json").read_text())
+    doc = {k: v for k, v in golden.items() if k not in ("schema_version", "kind")}
+    assert decode(doc).created_at_ns == 0
+    rec = dataclasses.replace(decode(doc), created_at_ns=1_700_000_000_123_456_789)
+    assert decode(encode(rec)) == rec
+    with pytest.raises(TypeError):
+        decode({**doc, "created_at_ns": "yesterday"})
 
 
 def test_shim_state_of_a_bad_shape_is_corrupt(tmp_path: Path) -> None:

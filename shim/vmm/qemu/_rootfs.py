@@ -33,7 +33,7 @@ PACKAGES = ("python3", "runc")
 PY_DEPS = ("grpclib", "betterproto", "tenacity")
 _PY_DEFAULT_PINS = {"grpclib": "0.4.9", "betterproto": "2.0.0b7", "tenacity": "9.2.1"}
 #: The Keel packages the agent needs at run time.
-KEEL_PACKAGES = ("keel", "agent", "upgrade")
+KEEL_PACKAGES = ("keel", "agent", "upgrade", "observability")
 GUEST_PYTHON = "/usr/bin/python3"
 DEPS_DIR = "/opt/keel/deps"
 

@@ -6,6 +6,7 @@
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
+    AsyncIterator,
     Dict,
     List,
     Optional,
@@ -42,6 +43,11 @@ class HealthResponse(betterproto.Message):
     """
     The ids of the containers it holds (as many as `containers`; an agent
      older than this field sends none).
+    """
+
+    console_sessions: int = betterproto.uint32_field(10)
+    """
+    Console sessions the agent holds (an agent older than this field sends 0).
     """
 
 
@@ -298,6 +304,124 @@ class ConsoleEnableResponse(betterproto.Message):
     enabled: bool = betterproto.bool_field(1)
 
 
+@dataclass(eq=False, repr=False)
+class SetTracingRequest(betterproto.Message):
+    ratio: float = betterproto.double_field(1)
+    """
+    Sampling ratio of new traces, 0 to 1 (0: off).  The agent only reads
+     whether it is above 0.
+    """
+
+
+@dataclass(eq=False, repr=False)
+class SetTracingResponse(betterproto.Message):
+    ratio: float = betterproto.double_field(1)
+    agent_problem: str = betterproto.string_field(2)
+    """
+    ShimOps: set when the agent could not be told (the shim's part holds).
+    """
+
+
+@dataclass(eq=False, repr=False)
+class SpanData(betterproto.Message):
+    """
+    One ended span.  Checked by the shim when it comes from the agent
+     (observability/spans.py: sizes, ids, counts).
+    """
+
+    trace_id: bytes = betterproto.bytes_field(1)
+    span_id: bytes = betterproto.bytes_field(2)
+    parent_span_id: bytes = betterproto.bytes_field(3)
+    name: str = betterproto.string_field(4)
+    start_unix_nano: int = betterproto.fixed64_field(5)
+    end_unix_nano: int = betterproto.fixed64_field(6)
+    attributes: Dict[str, str] = betterproto.map_field(
+        7, betterproto.TYPE_STRING, betterproto.TYPE_STRING
+    )
+    error: str = betterproto.string_field(8)
+    """Non-empty: the span ended in error, with this description."""
+
+    service: str = betterproto.string_field(9)
+    """FollowSpans: who made it ("keel-shim", "keel-agent")."""
+
+
+@dataclass(eq=False, repr=False)
+class TakeSpansRequest(betterproto.Message):
+    max_spans: int = betterproto.uint32_field(1)
+    wait_ms: int = betterproto.uint32_field(2)
+
+
+@dataclass(eq=False, repr=False)
+class TakeSpansResponse(betterproto.Message):
+    spans: List["SpanData"] = betterproto.message_field(1)
+    dropped: int = betterproto.uint64_field(2)
+    """Spans the agent dropped since it started, its buffer being full."""
+
+    now_unix_nano: int = betterproto.fixed64_field(3)
+    """The agent's clock when it answered, for the shim's offset estimate."""
+
+
+@dataclass(eq=False, repr=False)
+class FollowSpansRequest(betterproto.Message):
+    pass
+
+
+@dataclass(eq=False, repr=False)
+class MetricsRequest(betterproto.Message):
+    pass
+
+
+@dataclass(eq=False, repr=False)
+class ContainerMetrics(betterproto.Message):
+    id: str = betterproto.string_field(1)
+    has_stats: bool = betterproto.bool_field(2)
+    """
+    False when the agent's StatsContainer failed or came late: no figures.
+    """
+
+    cpu_usage_ns: int = betterproto.uint64_field(3)
+    memory_usage_bytes: int = betterproto.uint64_field(4)
+
+
+@dataclass(eq=False, repr=False)
+class MetricsResponse(betterproto.Message):
+    sandbox_id: str = betterproto.string_field(1)
+    namespace: str = betterproto.string_field(2)
+    backend: str = betterproto.string_field(3)
+    shim_version: str = betterproto.string_field(4)
+    agent_version: str = betterproto.string_field(5)
+    """Empty until the shim has heard from its agent."""
+
+    uptime_s: float = betterproto.double_field(6)
+    """Since the sandbox started (kept across shim upgrades)."""
+
+    console_sessions: int = betterproto.uint32_field(7)
+    """
+    Console sessions open, as the agent counts them; valid only when
+     console_sessions_known (the agent answered in time).
+    """
+
+    console_sessions_known: bool = betterproto.bool_field(8)
+    vm_rss_bytes: int = betterproto.uint64_field(9)
+    """
+    Host memory of the VMM process (qemu) or of the agent (process backend),
+     from /proc/<pid>/smaps_rollup.
+    """
+
+    vm_pss_bytes: int = betterproto.uint64_field(10)
+    vcpus: int = betterproto.uint32_field(11)
+    """The VM's vCPUs; 0 for the process backend."""
+
+    containers: List["ContainerMetrics"] = betterproto.message_field(12)
+    """Every container of the sandbox, in creation order."""
+
+    spans_dropped: int = betterproto.uint64_field(13)
+    """
+    Spans the sandbox's tracing dropped, its buffers being full (0 without
+     tracing); opsd sums them into keel_spans_dropped_total.
+    """
+
+
 class OpsServiceStub(betterproto.ServiceStub):
     async def health(
         self,
@@ -447,6 +571,40 @@ class OpsServiceStub(betterproto.ServiceStub):
             "/keel.ops.v1.OpsService/ConsoleRemove",
             console_remove_request,
             ConsoleRemoveResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def set_tracing(
+        self,
+        set_tracing_request: "SetTracingRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "SetTracingResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.OpsService/SetTracing",
+            set_tracing_request,
+            SetTracingResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def take_spans(
+        self,
+        take_spans_request: "TakeSpansRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "TakeSpansResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.OpsService/TakeSpans",
+            take_spans_request,
+            TakeSpansResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
@@ -641,6 +799,58 @@ class ShimOpsStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
+    async def set_tracing(
+        self,
+        set_tracing_request: "SetTracingRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "SetTracingResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/SetTracing",
+            set_tracing_request,
+            SetTracingResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def follow_spans(
+        self,
+        follow_spans_request: "FollowSpansRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> AsyncIterator[SpanData]:
+        async for response in self._unary_stream(
+            "/keel.ops.v1.ShimOps/FollowSpans",
+            follow_spans_request,
+            SpanData,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def metrics(
+        self,
+        metrics_request: "MetricsRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "MetricsResponse":
+        return await self._unary_unary(
+            "/keel.ops.v1.ShimOps/Metrics",
+            metrics_request,
+            MetricsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class OpsServiceBase(ServiceBase):
 
@@ -685,6 +895,16 @@ class OpsServiceBase(ServiceBase):
     async def console_remove(
         self, console_remove_request: "ConsoleRemoveRequest"
     ) -> "ConsoleRemoveResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def set_tracing(
+        self, set_tracing_request: "SetTracingRequest"
+    ) -> "SetTracingResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def take_spans(
+        self, take_spans_request: "TakeSpansRequest"
+    ) -> "TakeSpansResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def __rpc_health(
@@ -752,6 +972,20 @@ class OpsServiceBase(ServiceBase):
         response = await self.console_remove(request)
         await stream.send_message(response)
 
+    async def __rpc_set_tracing(
+        self, stream: "grpclib.server.Stream[SetTracingRequest, SetTracingResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.set_tracing(request)
+        await stream.send_message(response)
+
+    async def __rpc_take_spans(
+        self, stream: "grpclib.server.Stream[TakeSpansRequest, TakeSpansResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.take_spans(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/keel.ops.v1.OpsService/Health": grpclib.const.Handler(
@@ -807,6 +1041,18 @@ class OpsServiceBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ConsoleRemoveRequest,
                 ConsoleRemoveResponse,
+            ),
+            "/keel.ops.v1.OpsService/SetTracing": grpclib.const.Handler(
+                self.__rpc_set_tracing,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                SetTracingRequest,
+                SetTracingResponse,
+            ),
+            "/keel.ops.v1.OpsService/TakeSpans": grpclib.const.Handler(
+                self.__rpc_take_spans,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                TakeSpansRequest,
+                TakeSpansResponse,
             ),
         }
 
@@ -864,6 +1110,20 @@ class ShimOpsBase(ServiceBase):
     async def console_enable(
         self, console_enable_request: "ConsoleEnableRequest"
     ) -> "ConsoleEnableResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def set_tracing(
+        self, set_tracing_request: "SetTracingRequest"
+    ) -> "SetTracingResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def follow_spans(
+        self, follow_spans_request: "FollowSpansRequest"
+    ) -> AsyncIterator[SpanData]:
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield SpanData()
+
+    async def metrics(self, metrics_request: "MetricsRequest") -> "MetricsResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def __rpc_status(
@@ -947,6 +1207,30 @@ class ShimOpsBase(ServiceBase):
         response = await self.console_enable(request)
         await stream.send_message(response)
 
+    async def __rpc_set_tracing(
+        self, stream: "grpclib.server.Stream[SetTracingRequest, SetTracingResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.set_tracing(request)
+        await stream.send_message(response)
+
+    async def __rpc_follow_spans(
+        self, stream: "grpclib.server.Stream[FollowSpansRequest, SpanData]"
+    ) -> None:
+        request = await stream.recv_message()
+        await self._call_rpc_handler_server_stream(
+            self.follow_spans,
+            stream,
+            request,
+        )
+
+    async def __rpc_metrics(
+        self, stream: "grpclib.server.Stream[MetricsRequest, MetricsResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.metrics(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/keel.ops.v1.ShimOps/Status": grpclib.const.Handler(
@@ -1014,5 +1298,23 @@ class ShimOpsBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ConsoleEnableRequest,
                 ConsoleEnableResponse,
+            ),
+            "/keel.ops.v1.ShimOps/SetTracing": grpclib.const.Handler(
+                self.__rpc_set_tracing,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                SetTracingRequest,
+                SetTracingResponse,
+            ),
+            "/keel.ops.v1.ShimOps/FollowSpans": grpclib.const.Handler(
+                self.__rpc_follow_spans,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                FollowSpansRequest,
+                SpanData,
+            ),
+            "/keel.ops.v1.ShimOps/Metrics": grpclib.const.Handler(
+                self.__rpc_metrics,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                MetricsRequest,
+                MetricsResponse,
             ),
         }

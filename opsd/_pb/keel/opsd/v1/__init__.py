@@ -231,6 +231,51 @@ class KillConsoleResponse(betterproto.Message):
     pass
 
 
+@dataclass(eq=False, repr=False)
+class SetTracingRequest(betterproto.Message):
+    sandbox_ids: List[str] = betterproto.string_field(1)
+    all: bool = betterproto.bool_field(2)
+    """Every sandbox under the state root (sandbox_ids must then be empty)."""
+
+    ratio: float = betterproto.double_field(3)
+    """0 to 1; 0 switches tracing off."""
+
+
+@dataclass(eq=False, repr=False)
+class TracingResult(betterproto.Message):
+    sandbox_id: str = betterproto.string_field(1)
+    ratio: float = betterproto.double_field(2)
+    problem: str = betterproto.string_field(3)
+    """Empty when shim and agent took it; else what went wrong."""
+
+
+@dataclass(eq=False, repr=False)
+class SetTracingResponse(betterproto.Message):
+    results: List["TracingResult"] = betterproto.message_field(1)
+
+
+@dataclass(eq=False, repr=False)
+class FollowSpansRequest(betterproto.Message):
+    sandbox_id: str = betterproto.string_field(1)
+
+
+@dataclass(eq=False, repr=False)
+class Span(betterproto.Message):
+    """One ended span (the shim's keel.ops.v1.SpanData)."""
+
+    trace_id: bytes = betterproto.bytes_field(1)
+    span_id: bytes = betterproto.bytes_field(2)
+    parent_span_id: bytes = betterproto.bytes_field(3)
+    name: str = betterproto.string_field(4)
+    start_unix_nano: int = betterproto.fixed64_field(5)
+    end_unix_nano: int = betterproto.fixed64_field(6)
+    attributes: Dict[str, str] = betterproto.map_field(
+        7, betterproto.TYPE_STRING, betterproto.TYPE_STRING
+    )
+    error: str = betterproto.string_field(8)
+    service: str = betterproto.string_field(9)
+
+
 class OpsdStub(betterproto.ServiceStub):
     async def list_sandboxes(
         self,
@@ -390,6 +435,41 @@ class OpsdStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
+    async def set_tracing(
+        self,
+        set_tracing_request: "SetTracingRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "SetTracingResponse":
+        return await self._unary_unary(
+            "/keel.opsd.v1.Opsd/SetTracing",
+            set_tracing_request,
+            SetTracingResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def follow_spans(
+        self,
+        follow_spans_request: "FollowSpansRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> AsyncIterator[Span]:
+        async for response in self._unary_stream(
+            "/keel.opsd.v1.Opsd/FollowSpans",
+            follow_spans_request,
+            Span,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
 
 class OpsdBase(ServiceBase):
 
@@ -439,6 +519,17 @@ class OpsdBase(ServiceBase):
         self, kill_console_request: "KillConsoleRequest"
     ) -> "KillConsoleResponse":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def set_tracing(
+        self, set_tracing_request: "SetTracingRequest"
+    ) -> "SetTracingResponse":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def follow_spans(
+        self, follow_spans_request: "FollowSpansRequest"
+    ) -> AsyncIterator[Span]:
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield Span()
 
     async def __rpc_list_sandboxes(
         self,
@@ -511,6 +602,23 @@ class OpsdBase(ServiceBase):
         response = await self.kill_console(request)
         await stream.send_message(response)
 
+    async def __rpc_set_tracing(
+        self, stream: "grpclib.server.Stream[SetTracingRequest, SetTracingResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.set_tracing(request)
+        await stream.send_message(response)
+
+    async def __rpc_follow_spans(
+        self, stream: "grpclib.server.Stream[FollowSpansRequest, Span]"
+    ) -> None:
+        request = await stream.recv_message()
+        await self._call_rpc_handler_server_stream(
+            self.follow_spans,
+            stream,
+            request,
+        )
+
     def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
         return {
             "/keel.opsd.v1.Opsd/ListSandboxes": grpclib.const.Handler(
@@ -566,5 +674,17 @@ class OpsdBase(ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 KillConsoleRequest,
                 KillConsoleResponse,
+            ),
+            "/keel.opsd.v1.Opsd/SetTracing": grpclib.const.Handler(
+                self.__rpc_set_tracing,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                SetTracingRequest,
+                SetTracingResponse,
+            ),
+            "/keel.opsd.v1.Opsd/FollowSpans": grpclib.const.Handler(
+                self.__rpc_follow_spans,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                FollowSpansRequest,
+                Span,
             ),
         }

@@ -1,0 +1,222 @@
+"""The shim's tracing: Task spans, the agent's spans, the live switch.
+
+- ``observe``: the ttrpc server's hook; each Task call runs in a span
+  ``Task.<Method>`` (sandbox, container, exec ids and backend as
+  attributes), under the ``traceparent`` containerd sent in the ttrpc
+  metadata when it sent one (containerd 1.7+; 1.6 does not).
+- The agent channel carries the current span's ``traceparent`` in every
+  call's gRPC metadata (``observability.grpc.propagate``), so the agent's
+  spans nest under ours.
+- ``SpanPump``: while tracing is on, takes the agent's ended spans over the
+  ops session every ``PUMP_S``, checks each (a guest is untrusted: a bad one
+  is dropped, counted, and logged once), moves their times by the guest
+  clock's measured offset and exports them with the shim's own.  It never
+  runs while a shim handoff holds the ops port.
+- ``set_ratio``: ``opsctl trace on|off`` for this sandbox; kept in the
+  state file, so a new shim after a handoff goes on with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent.api import ops_pb
+from keel.errors import KeelError
+from observability.spans import SpanError, detached, span_from_wire, span_to_wire
+from shim._agentconn import ops_call
+from shim.ttrpc import CallContext, Request
+
+if TYPE_CHECKING:
+    from shim.sandbox import Sandbox
+
+log = logging.getLogger("keel.shim.tracing")
+
+#: How often the pump takes the agent's spans, and how many at a time.
+PUMP_S = 0.5
+TAKE = 256
+#: One TakeSpans call's bound, and the pause after a failed one.
+CALL_S = 5.0
+RETRY_S = 2.0
+
+
+def observe(sb: Sandbox) -> Any:
+    """The ttrpc server's ``observe`` hook for *sb*'s Task service."""
+    tracer = sb.tracing.tracer
+
+    def hook(request: Request, message: Any, ctx: CallContext) -> contextlib.AbstractContextManager[Any]:
+        if not tracer.on:
+            return contextlib.nullcontext()
+        parent = next((v for k, v in ctx.metadata if k.lower() == "traceparent"), None)
+        attrs = {"rpc.system": "ttrpc", "rpc.service": request.service,
+                 "rpc.method": request.method, "keel.sandbox.id": sb.id,
+                 "keel.container.id": getattr(message, "id", ""),
+                 "keel.exec.id": getattr(message, "exec_id", ""),
+                 "keel.backend": sb.config.backend}
+        return tracer.span(f"Task.{request.method}", attrs, parent=parent)
+
+    return hook
+
+
+async def set_ratio(sb: Sandbox, ratio: float) -> str:
+    """Set *sb*'s sampling ratio in the shim and tell the agent; persisted.
+    Returns "" or why the agent could not be told (the pump tells it later)."""
+    sb.tracing.set_ratio(ratio)
+    sb.trace_ratio = ratio
+    sb.persist()
+    log.info("sandbox %s: tracing %s", sb.id, f"on, ratio {ratio:g}" if ratio else "off")
+    sb.span_pump.kick(now=True)
+    if sb.ops is None or sb.ops_frozen:
+        return "" if sb.ops is None else "the agent will be told after the shim upgrade"
+    try:
+        await ops_call(sb.ops, lambda s: s.set_tracing(ops_pb.SetTracingRequest(ratio=ratio)),
+                       CALL_S)
+    except KeelError as exc:
+        return f"the agent was not told: {exc}"
+    sb.span_pump.told(ratio > 0)
+    return ""
+
+
+class SpanPump:
+    """Takes the agent's spans while tracing is on (see the module docstring)."""
+
+    def __init__(self, sb: Sandbox) -> None:
+        self._sb = sb
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        #: The guest clock's lead over ours (ns), from the best answer seen.
+        self.offset_ns = 0
+        self._best_rtt_ns = 0
+        #: What the agent was last told (None: nothing; it follows sampled calls then).
+        self._told: bool | None = None
+        self._refused = 0
+        self._agent_dropped = 0
+
+    def kick(self, now: bool = False) -> None:
+        """Start the pump; *now*: wake it at once (the ratio changed)."""
+        if now:
+            self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = self._sb.tasks.create_task(self._run(), name=f"span-pump-{self._sb.id}",
+                                                   context=detached())
+
+    def told(self, on: bool) -> None:
+        self._told = on
+
+    async def drain(self, timeout: float = 1.0) -> None:
+        """Take what the agent still holds (its sandbox is about to stop), within *timeout*."""
+        sb = self._sb
+        if sb.tracing.ratio <= 0 or sb.ops is None or sb.ops_frozen:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._take()
+        except (KeelError, TimeoutError) as exc:
+            log.debug("sandbox %s: the agent's last spans: %s", sb.id, exc)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        sb = self._sb
+        while True:
+            # Wait first: a new sandbox's first Task calls are served without
+            # our ops calls beside them (a kick from set_ratio does not wait).
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PUMP_S):
+                        await self._wake.wait()
+            self._wake.clear()
+            on = sb.tracing.ratio > 0
+            if sb.ops is not None and not sb.ops_frozen:
+                try:
+                    # The agent follows sampled calls unless told off: tell it
+                    # only what differs from what it was told (or its default).
+                    if self._told != on and (self._told is not None or not on):
+                        await self._tell(on)
+                    await self._take()
+                except KeelError as exc:
+                    log.debug("sandbox %s: taking the agent's spans: %s", sb.id, exc)
+                    await asyncio.sleep(RETRY_S)
+                    continue
+            if not on and (self._told is False or sb.ops is None):
+                self._task = None
+                return  # off, and the agent's last spans taken
+
+    async def _tell(self, on: bool) -> None:
+        assert self._sb.ops is not None
+        await ops_call(self._sb.ops, lambda s: s.set_tracing(
+            ops_pb.SetTracingRequest(ratio=1.0 if on else 0.0)), CALL_S)
+        self._told = on
+
+    async def _take(self) -> None:
+        sb = self._sb
+        assert sb.ops is not None
+        while True:
+            t0 = time.time_ns()
+            resp = await ops_call(sb.ops, lambda s: s.take_spans(
+                ops_pb.TakeSpansRequest(max_spans=TAKE, wait_ms=0)), CALL_S)
+            t1 = time.time_ns()
+            self._clock(resp.now_unix_nano, t0, t1)
+            if resp.dropped > self._agent_dropped:
+                sb.tracing.dropped_elsewhere += resp.dropped - self._agent_dropped
+            self._agent_dropped = resp.dropped
+            for data in resp.spans[:TAKE]:
+                try:
+                    span = span_from_wire(data, "keel-agent", self.offset_ns)
+                except SpanError as exc:
+                    self._refused += 1
+                    sb.tracing.dropped_elsewhere += 1
+                    if self._refused == 1 or self._refused % 1000 == 0:
+                        log.warning("sandbox %s: refused a span from the agent: %s"
+                                    " (%d refused so far)", sb.id, exc, self._refused)
+                    continue
+                span.attributes.setdefault("keel.sandbox.id", sb.id)
+                sb.tracing.ingest(span)
+            if len(resp.spans) < TAKE:
+                return
+
+    def _clock(self, agent_now: int, t0: int, t1: int) -> None:
+        """Keep the offset of the answer with the shortest round trip (the
+        tightest bound); an offset within the round trip is noise, not skew."""
+        rtt = t1 - t0
+        if not agent_now or rtt <= 0:
+            return
+        if self._best_rtt_ns and rtt > self._best_rtt_ns * 2:
+            return
+        self._best_rtt_ns = rtt if not self._best_rtt_ns else min(rtt, self._best_rtt_ns)
+        offset = agent_now - (t0 + t1) // 2
+        self.offset_ns = offset if abs(offset) > rtt else 0
+
+
+#: Spans a follower may lag behind before the oldest are dropped for it.
+FOLLOW_QUEUE = 1024
+
+
+async def follow(sb: Sandbox, stop: asyncio.Event) -> Any:
+    """Yield SpanData for each of *sb*'s spans as it ends, until *stop*."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(FOLLOW_QUEUE)
+
+    def put(span: Any) -> None:
+        if queue.full():
+            queue.get_nowait()  # a slow follower loses the oldest, never the exporter
+        queue.put_nowait(span)
+
+    unfollow = sb.tracing.follow(put)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            got = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({got, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if got not in done:
+                got.cancel()
+                return
+            yield span_to_wire(got.result(), ops_pb.SpanData)
+    finally:
+        unfollow()
+        stopped.cancel()
