@@ -33,8 +33,8 @@ from keel.errors import FailedPrecondition, KeelError
 from keel.grpc import limit_messages, require_uids
 from keel.logs import loop_error_handler
 from keel.release import version as release_version
-from observability import Tracing
 from observability.config import from_table as tracing_from_table
+from observability.tracing import Tracing
 from opsd._console import Consoles
 from opsd._discovery import ShimClient
 from opsd._manager import Manager, status_line

@@ -1,18 +1,23 @@
-"""The Task calls on one container that go straight to the agent: CloseIO,
-ResizePty, Pause, Resume, Update, Stats, Pids (a part of :class:`shim.sandbox.Sandbox`)."""
+"""The Task calls on one container that go straight to the agent: Exec,
+CloseIO, ResizePty, Pause, Resume, Update, Stats, Pids (a part of
+:class:`shim.sandbox.Sandbox`)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from agent.api import pb
-from keel.errors import FailedPrecondition, NotFound
+from keel.errors import AlreadyExists, FailedPrecondition, NotFound
 from keel.lifecycle import State
-from shim import events_pb
+from shim import _pumps, events_pb
+from shim._process import Process
+from shim._pumps import Endpoints
+from shim.state import Stdio
 from shim.vmm import _sizing
 
 if TYPE_CHECKING:
-    from observability import Tracing
+    from observability.tracing import Tracing
     from shim._agentconn import AgentConnection
     from shim._events import EventPublisher
     from shim._process import Container
@@ -33,6 +38,30 @@ class ContainerCalls:
         def _live_agent(self) -> AgentConnection: ...
 
         def persist(self) -> SandboxRecord: ...
+
+        tasks: asyncio.TaskGroup
+
+    async def exec(self, cid: str, eid: str, process_json: bytes, stdio: Stdio) -> None:
+        c = self.container(cid)
+        if eid in c.execs:
+            raise AlreadyExists(f"exec {eid} already exists in container {cid}")
+        c.init.require("exec in", State.RUNNING, State.PAUSED)
+        if stdio.terminal:
+            stdio = Stdio(stdio.stdin, stdio.stdout, "", True)
+        agent = self._live_agent()
+        ends = Endpoints.open(stdio)
+        try:
+            await agent.call(agent.stub.exec_process, pb.ExecProcessRequest(
+                container_id=cid, exec_id=eid, process_json=process_json,
+                stdio=ends.wire(stdio.terminal)))
+        except BaseException:
+            ends.close()
+            raise
+        p = Process(cid, eid, stdio)
+        c.execs[eid] = p
+        _pumps.start(p, agent, ends, self.tasks)
+        self.persist()
+        self._events.publish_nowait("/tasks/exec-added", events_pb.TaskExecAdded(container_id=cid, exec_id=eid))
 
     async def close_io(self, cid: str, eid: str) -> None:
         p = self.container(cid).process(eid)

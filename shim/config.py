@@ -9,9 +9,11 @@ invalid is an error.
 ``$KEEL_STATE_ROOT`` overrides ``state_root`` (tests point it elsewhere;
 containerd passes its whole environment to shims).
 
-The file holds one table per component: ``[shim]`` (this class) and
+The file holds one table per component: ``[shim]`` (this class),
 ``[qemu]`` (``shim.vmm.qemu.config.QemuConfig``, validated here too so a bad
-table fails the shim's start, not its first sandbox).  A file without a
+table fails the shim's start, not its first sandbox), ``[console]``,
+``[tracing]`` (``observability.config``, with the ``OTEL_*`` variables; in
+``ShimConfig.tracing``) and ``[metrics]`` (opsd's).  A file without a
 ``[shim]`` table may give the shim's keys at the top level.
 """
 

@@ -35,8 +35,8 @@ from keel.errors import (
 )
 from keel.lifecycle import State
 from keel.logs import tail
-from observability import Tracing
 from observability.spans import detached
+from observability.tracing import Tracing
 from shim import _pumps, events_pb, keel_events_pb, version
 from shim._agentconn import AgentConnection, DialChannel
 from shim._bundle import read_spec
@@ -92,9 +92,8 @@ class Sandbox(ContainerCalls):
         #: The console switch set live; None: the config decides (shim/_console.py).
         self.console: bool | None = None
         #: Tracing (shim/_tracing.py); the ratio set live, None: the config decides.
-        self.tracing = Tracing("keel-shim", config.tracing, {
-            "keel.sandbox.id": sandbox_id, "keel.namespace": namespace,
-            "keel.backend": config.backend, "service.version": version()})
+        self.tracing = Tracing("keel-shim", config.tracing, {"keel.sandbox.id": sandbox_id,
+                               "keel.namespace": namespace, "service.version": version()})
         self.trace_ratio: float | None = None
         self.span_pump = SpanPump(self)
         #: Set while a shim handoff holds the agent's ops port: no ops call of ours.
@@ -361,28 +360,6 @@ class Sandbox(ContainerCalls):
                         " through its %s backend", self.id, exc, self._backend.name)
             self._death_status = 128 + signal.SIGKILL
             await self.vm.stop()  # the sandbox watch reports every process as killed
-
-    async def exec(self, cid: str, eid: str, process_json: bytes, stdio: Stdio) -> None:
-        c = self.container(cid)
-        if eid in c.execs:
-            raise AlreadyExists(f"exec {eid} already exists in container {cid}")
-        c.init.require("exec in", State.RUNNING, State.PAUSED)
-        if stdio.terminal:
-            stdio = Stdio(stdio.stdin, stdio.stdout, "", True)
-        agent = self._live_agent()
-        ends = Endpoints.open(stdio)
-        try:
-            await agent.call(agent.stub.exec_process, pb.ExecProcessRequest(
-                container_id=cid, exec_id=eid, process_json=process_json,
-                stdio=ends.wire(stdio.terminal)))
-        except BaseException:
-            ends.close()
-            raise
-        p = Process(cid, eid, stdio)
-        c.execs[eid] = p
-        _pumps.start(p, agent, ends, self.tasks)
-        self.persist()
-        self._events.publish_nowait("/tasks/exec-added", events_pb.TaskExecAdded(container_id=cid, exec_id=eid))
 
     async def delete(self, cid: str, eid: str) -> tuple[int, Exit]:
         async with self.lock:

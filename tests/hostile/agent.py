@@ -11,7 +11,10 @@ ReadOutput) until its ``--mode`` makes it misbehave:
 * ``huge-output``: every ReadOutput answer is 5 MiB, over the 4 MiB cap;
 * ``wrong-offset``: ReadOutput answers 5 bytes past the offset asked;
 * ``huge-version``: Hello's agent_version is 10,000 characters with
-  terminal escapes.
+  terminal escapes;
+* ``bad-spans``: its ops channel answers the shim's first TakeSpans with
+  one good span and four malformed ones, a clock an hour ahead and a
+  dropped count of 7.
 
     python -m tests.hostile.agent --mode MODE <the agent's usual arguments>
 """
@@ -23,13 +26,17 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 
 from grpclib.server import Server
 
-from agent.api import API_VERSION, pb
+from agent.api import API_VERSION, ops_pb, pb
 from keel.grpc import NO_STATUS_DETAILS
 
-MODES = ("never-create", "never-update", "huge-output", "wrong-offset", "huge-version")
+MODES = ("never-create", "never-update", "huge-output", "wrong-offset", "huge-version",
+         "bad-spans")
+#: bad-spans: how far ahead the hostile guest's clock runs.
+CLOCK_AHEAD_NS = 3600 * 10**9
 log = logging.getLogger("hostile-agent")
 
 
@@ -84,6 +91,35 @@ class HostileAgent(pb.AgentServiceBase):
         return pb.Empty()
 
 
+class HostileOps(ops_pb.OpsServiceBase):
+    """bad-spans: a good span among malformed ones, from a clock an hour ahead."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    async def set_tracing(self, req: ops_pb.SetTracingRequest) -> ops_pb.SetTracingResponse:
+        return ops_pb.SetTracingResponse(ratio=req.ratio)
+
+    async def take_spans(self, req: ops_pb.TakeSpansRequest) -> ops_pb.TakeSpansResponse:
+        now = time.time_ns() + CLOCK_AHEAD_NS
+        spans = []
+        if not self.sent:
+            self.sent = True
+
+            def span(name: str, **kw: object) -> ops_pb.SpanData:
+                base: dict[str, object] = {
+                    "trace_id": b"\x11" * 16, "span_id": b"\x22" * 8, "name": name,
+                    "start_unix_nano": now - 2_000_000, "end_unix_nano": now - 1_000_000}
+                return ops_pb.SpanData(**{**base, **kw})  # type: ignore[arg-type]
+
+            spans = [span("hostile.ok", attributes={"k": "v"}),
+                     span("hostile.short-trace-id", trace_id=b"\x11" * 15),
+                     span("hostile.many-attributes", attributes={f"k{i}": "v" for i in range(40)}),
+                     span("hostile.backwards", end_unix_nano=now - 3_000_000),
+                     span("h" * 1000)]
+        return ops_pb.TakeSpansResponse(spans=spans, dropped=7, now_unix_nano=now)
+
+
 def _listen_paths(args: list[str]) -> dict[str, str]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", action="append", default=[])
@@ -96,8 +132,9 @@ def _listen_paths(args: list[str]) -> dict[str, str]:
 
 
 async def serve(mode: str, paths: dict[str, str]) -> None:
+    ops = [HostileOps()] if mode == "bad-spans" else []  # else nothing answers there
     servers = [Server([HostileAgent(mode)], status_details_codec=NO_STATUS_DETAILS),
-               Server([], status_details_codec=NO_STATUS_DETAILS)]  # ops: nothing answers
+               Server(ops, status_details_codec=NO_STATUS_DETAILS)]
     for server, channel in zip(servers, ("agent", "ops"), strict=True):
         await server.start(path=paths[channel])
     log.info("hostile agent (%s) serving %s", mode, paths)

@@ -15,10 +15,13 @@ What containerd sees in each case, and that the shim stays small (RSS under
   finding, published as a ``/keel/protocol-violation`` event
   (``keel.events.v1.ProtocolViolation``) that an event consumer decodes.
 * A 10,000-character agent version with escapes: logged capped and escaped.
+* Malformed spans from a clock an hour ahead (tracing on): the good span
+  is exported on the host's clock, the others refused and counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -152,3 +155,54 @@ def test_huge_version_is_capped_and_escaped(containerd: Containerd, busybox: str
     assert "(10005 characters)" in ready[0] and "\x1b" not in ready[0], ready[0]
     assert len(ready[0]) < 400, len(ready[0])
     kill_and_remove(containerd, cid)
+
+
+def test_malformed_guest_spans_are_refused_and_counted(containerd: Containerd, busybox: str,
+                                                       container_ids: Callable[[], str],
+                                                       tmp_path: Path) -> None:
+    """Tracing on, and the agent's TakeSpans answer holds one good span and
+    four malformed ones (a 15-byte trace id, 40 attributes, an end before the
+    start, a 1000-character name) from a clock an hour ahead: the good one
+    is exported with its times moved onto the host's clock, the others are
+    refused (one log line), and the pod runs on."""
+    from tests.otlp import Receiver
+
+    cid = container_ids()
+    with Receiver() as rx:
+        config = _config(tmp_path, "bad-spans")
+        config.write_text(config.read_text()
+                          + f'[tracing]\nenabled = true\nendpoint = "{rx.endpoint}"\n')
+        start = len(containerd.log_text())
+        _run(containerd, cid, busybox, config, tmp_path / "out")
+        try:
+            [ok] = rx.wait_for(lambda spans: [s for s in spans if s.service == "keel-agent"],
+                               timeout=30)
+            assert ok.name == "hostile.ok" and ok.attributes == {"k": "v", "keel.sandbox.id": cid}
+            # Moved back onto the host's clock (the guest's runs an hour ahead).
+            assert abs(ok.start_ns - time.time_ns()) < 60 * 10**9, ok
+            assert ok.end_ns - ok.start_ns == 1_000_000
+            wait_for(lambda: "refused a span from the agent" in log_since(containerd, start), 30,
+                     "the shim's line about a refused span")
+            log = log_since(containerd, start)
+            assert log.count("refused a span from the agent") == 1, log[-3000:]
+            assert (containerd.task(cid) or (0, ""))[1] == "RUNNING"
+            # Counted: the 7 the agent says it dropped and the 4 refused.
+            assert asyncio.run(_spans_dropped(containerd, cid)) == 7 + 4
+        finally:
+            kill_and_remove(containerd, cid)
+    assert [s.name for s in rx.snapshot() if s.service == "keel-agent"] == ["hostile.ok"]
+
+
+async def _spans_dropped(ctd: Containerd, cid: str) -> int:
+    from grpclib.client import Channel
+
+    from agent.api import ops_pb
+    from shim.api import SandboxDir
+
+    sock = SandboxDir.of(ctd.paths.tmp_root / "keel", cid).ops_socket
+    channel = Channel(path=str(sock))
+    try:
+        return int((await ops_pb.ShimOpsStub(channel).metrics(ops_pb.MetricsRequest(),
+                                                              timeout=10)).spans_dropped)
+    finally:
+        channel.close()

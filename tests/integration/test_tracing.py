@@ -198,6 +198,12 @@ def _on_off_follow(ctd: Containerd, node: Opsd, rx: Receiver, cid: str) -> None:
 
     r = opsctl(node.socket, "trace", "on", cid, "--ratio", "2")
     assert r.returncode == 2 and "expected a ratio between 0 and 1" in r.stderr, r
+    r = opsctl(node.socket, "trace", "on")
+    assert r.returncode == 1 and "name the sandboxes, or --all" in r.stderr, r
+    r = opsctl(node.socket, "trace", "on", "no-such-pod")
+    assert r.returncode == 1 and r.stdout.startswith("no-such-pod: not changed: "), r
+    r = opsctl(node.socket, "trace", "no-such-pod", "--follow")
+    assert r.returncode == 1 and "no sandbox no-such-pod" in r.stderr, r
 
 
 #: --follow prints a span whose parent is elsewhere after 2 s.

@@ -4,13 +4,14 @@ spans, configuration, and the exporter against a real OTLP/HTTP receiver."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from agent.api import ops_pb
 from keel.errors import InvalidArgument
-from observability import Tracing
 from observability.config import TracingConfig, from_table
 from observability.export import Exporter
 from observability.spans import (
@@ -26,8 +27,10 @@ from observability.spans import (
     span_from_wire,
     span_to_wire,
 )
+from observability.tracing import Tracing
 from tests.otlp import Receiver, refused_endpoint
 
+REPO = Path(__file__).resolve().parents[2]
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
@@ -211,3 +214,41 @@ def test_a_broken_collector_never_blocks_the_caller_and_drops_are_counted(kind: 
         while ex.dropped < 1000 and time.monotonic() < end:
             time.sleep(0.05)
         assert (ex.exported, ex.dropped) == (0, 1000)
+
+
+_IMPORTS = """
+import sys, time
+from shim._launcher_server import WARM_MODULES, TRACING_MODULES
+import importlib
+for name in (*WARM_MODULES, "shim._start", "shim.__main__"):
+    importlib.import_module(name)
+from observability.tracing import Tracing
+from observability.config import from_table
+tr = Tracing("keel-shim", from_table({"enabled": sys.argv[1] == "on",
+                                      "endpoint": "http://127.0.0.1:9/v1/traces"}, {}))
+with tr.tracer.span("Task.Create"), tr.tracer.span("agent.CreateContainer"):
+    pass
+tr.close(0.1)
+end = time.time() + 30  # the export thread imports the SDK as it sets up (when it runs)
+while "opentelemetry.sdk.trace" not in sys.modules and time.time() < end and tr._exporter:
+    time.sleep(0.05)
+time.sleep(0.2)
+print(sorted({m.split(".")[1] for m in sys.modules if m.startswith("opentelemetry.")}))
+"""
+
+
+@pytest.mark.parametrize("tracing", ["off", "on"])
+def test_with_tracing_off_nothing_on_the_container_path_imports_the_sdk(tracing: str) -> None:
+    """What a shim daemon and a process agent import (the launcher's warm set,
+    ``start``) and a traced call: no OpenTelemetry module with tracing off;
+    with it on, the exporter loads it (so this check can see it)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", _IMPORTS, tracing], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    loaded = r.stdout.strip()
+    if tracing == "off":
+        assert loaded == "[]", loaded
+    else:
+        assert "sdk" in loaded and "exporter" in loaded, loaded

@@ -62,6 +62,16 @@ def test_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         config.load(f)
     with pytest.raises(InvalidArgument, match="does not exist"):
         config.load(tmp_path / "missing.toml")
+    # [tracing] sits beside [shim]; a bad one fails the shim's start, naming the file.
+    f.write_text('[shim]\nruntime = "runc"\n[tracing]\nenabled = true\nratio = 0.5\n')
+    assert (config.load(f).tracing.enabled, config.load(f).tracing.ratio) == (True, 0.5)
+    assert config.load(f).tracing.start_ratio == 0.5
+    f.write_text('[tracing]\nratio = 1.5\n')
+    with pytest.raises(InvalidArgument, match="ratio must be within 0 and 1"):
+        config.load(f)
+    f.write_text('[tracing]\nenpoint = "http://x:4318"\n')
+    with pytest.raises(InvalidArgument, match=f"config file {f}: unknown key 'enpoint' in"):
+        config.load(f)
     monkeypatch.setenv("KEEL_STATE_ROOT", str(tmp_path))
     assert config.load(tmp_path / "missing.toml" if False else None).state_root == tmp_path
 
