@@ -32,26 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from keel import release
 from opsd._metrics import DEADLINE_S
+from tests import scrape
 from tests.containerd import Containerd, wait_for
 from tests.integration.keel_ctr import kill_and_remove, run_detached
 from tests.opsd_harness import Opsd, running_opsd
 from tests.prereq import skip_or_fail
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root, pytest.mark.slow]
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
@@ -61,31 +51,11 @@ def _tool(name: str) -> str:
     return path
 
 
-def _get(url: str, timeout: float = 15.0) -> tuple[int, str, bytes]:
-    """Status, content type and body of GET *url* (an HTTP error's too)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
-
-
-def _samples(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def _of(samples: Samples, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
-    """The samples of *name* whose labels include *labels*."""
-    want = set(labels.items())
-    return [(dict(lbls), v) for (n, lbls), v in samples.items() if n == name and want <= lbls]
-
-
 @pytest.fixture
 def node(containerd: Containerd, container_ids: Callable[[], str]) -> Iterator[tuple[Opsd, str]]:
     """A real opsd serving metrics on a free port; (opsd, its metrics URL).  Stopped
     before the test's leftover check (its command line names the state root)."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{scrape.free_port()}"
     with tempfile.TemporaryDirectory(prefix="keel-met-rel-") as releases:
         with running_opsd("kmet-", Path(releases), containerd.paths.tmp_root / "keel",
                           {"status": 5}, extra=("--metrics-address", address)) as d:
@@ -106,37 +76,37 @@ def test_series_of_a_real_sandbox_pass_promtool(containerd: Containerd, node: tu
                                                 pod: str) -> None:
     opsd, url = node
     assert f"serving metrics on {url}" in opsd.log()
-    status, ctype, body = _get(url)
+    status, ctype, body = scrape.get(url)
     assert status == 200 and ctype.startswith("text/plain; version="), (status, ctype)
-    samples = _samples(body.decode())
+    samples = scrape.samples(body.decode())
     sb = {"sandbox": pod}
-    assert _of(samples, "keel_sandbox_up", **sb) == [
+    assert scrape.of(samples, "keel_sandbox_up", **sb) == [
         ({**sb, "namespace": containerd.namespace, "backend": "process"}, 1.0)]
     version = release.version()
-    assert _of(samples, "keel_sandbox_info", **sb) == [
+    assert scrape.of(samples, "keel_sandbox_info", **sb) == [
         ({**sb, "shim_version": version, "agent_version": version, "backend": "process"}, 1.0)]
-    [(_, containers)] = _of(samples, "keel_sandbox_containers", **sb)
-    [(_, uptime)] = _of(samples, "keel_sandbox_uptime_seconds", **sb)
-    [(_, rss)] = _of(samples, "keel_sandbox_vm_rss_bytes", **sb)
-    [(_, pss)] = _of(samples, "keel_sandbox_vm_pss_bytes", **sb)
-    [(_, vcpus)] = _of(samples, "keel_sandbox_vcpus", **sb)
-    [(_, sessions)] = _of(samples, "keel_sandbox_console_sessions", **sb)
+    [(_, containers)] = scrape.of(samples, "keel_sandbox_containers", **sb)
+    [(_, uptime)] = scrape.of(samples, "keel_sandbox_uptime_seconds", **sb)
+    [(_, rss)] = scrape.of(samples, "keel_sandbox_vm_rss_bytes", **sb)
+    [(_, pss)] = scrape.of(samples, "keel_sandbox_vm_pss_bytes", **sb)
+    [(_, vcpus)] = scrape.of(samples, "keel_sandbox_vcpus", **sb)
+    [(_, sessions)] = scrape.of(samples, "keel_sandbox_console_sessions", **sb)
     assert containers == 1 and 0 < uptime < 600 and vcpus == 0 and sessions == 0
     assert 1 << 20 < rss < 1 << 30 and 0 < pss <= rss, (rss, pss)  # the agent: an interpreter
-    [(labels, memory)] = _of(samples, "keel_container_memory_bytes", **sb)
+    [(labels, memory)] = scrape.of(samples, "keel_container_memory_bytes", **sb)
     assert labels == {**sb, "container": pod} and memory > 0
-    [(_, cpu)] = _of(samples, "keel_container_cpu_seconds_total", **sb, container=pod)
+    [(_, cpu)] = scrape.of(samples, "keel_container_cpu_seconds_total", **sb, container=pod)
     assert cpu >= 0
-    assert _of(samples, "keel_rollout_state", state="idle") == [({"state": "idle"}, 1.0)]
-    assert _of(samples, "keel_releases_installed") == [({}, 0.0)]
-    assert _of(samples, "keel_upgrades_total", component="shim") == [({"component": "shim"}, 0)]
-    assert _of(samples, "keel_sandbox_spans_dropped_total", **sb) == [(sb, 0.0)]
+    assert scrape.of(samples, "keel_rollout_state", state="idle") == [({"state": "idle"}, 1.0)]
+    assert scrape.of(samples, "keel_releases_installed") == [({}, 0.0)]
+    assert scrape.of(samples, "keel_upgrades_total", component="shim") == [({"component": "shim"}, 0)]
+    assert scrape.of(samples, "keel_sandbox_spans_dropped_total", **sb) == [(sb, 0.0)]
 
     lint = subprocess.run([_tool("promtool"), "check", "metrics"], input=body,
                           capture_output=True, timeout=60)
     assert lint.returncode == 0, (lint.stdout, lint.stderr, body.decode())
 
-    status, _, text = _get(url.removesuffix("/metrics") + "/other")
+    status, _, text = scrape.get(url.removesuffix("/metrics") + "/other")
     assert (status, text) == (404, b"not found; metrics are at /metrics\n")
 
 
@@ -151,7 +121,7 @@ def prometheus(target: str) -> Iterator[str]:
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
         "scrape_configs": [{"job_name": "keel-opsd", "static_configs": [{"targets": [target]}]}],
     }))
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{scrape.free_port()}"
     with open(work / "prometheus.log", "wb") as log:
         proc = subprocess.Popen(
             [binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'data'}",
@@ -172,7 +142,7 @@ def prometheus(target: str) -> Iterator[str]:
 def _query(server: str, query: str) -> list[dict[str, Any]]:
     """The instant vector *query* gives ([] while the server is not up yet)."""
     try:
-        status, _, body = _get(f"{server}/api/v1/query?{urllib.parse.urlencode({'query': query})}",
+        status, _, body = scrape.get(f"{server}/api/v1/query?{urllib.parse.urlencode({'query': query})}",
                                timeout=5)
     except OSError:
         return []
@@ -222,13 +192,13 @@ def test_unreachable_shims_are_down_and_the_scrape_still_answers(
     _, url = node
     with fake_sandboxes(containerd.paths.tmp_root / "keel") as (dead, hung):
         t0 = time.monotonic()
-        status, _, body = _get(url)
+        status, _, body = scrape.get(url)
         took = time.monotonic() - t0
     assert status == 200
     assert took < DEADLINE_S + 2, f"the scrape took {took:.1f} s"
-    samples = _samples(body.decode())
+    samples = scrape.samples(body.decode())
     for sid in (dead, hung):
-        assert _of(samples, "keel_sandbox_up", sandbox=sid) == [
+        assert scrape.of(samples, "keel_sandbox_up", sandbox=sid) == [
             ({"sandbox": sid, "namespace": "", "backend": ""}, 0.0)]
-        assert _of(samples, "keel_sandbox_info", sandbox=sid) == []
-    assert [v for _, v in _of(samples, "keel_sandbox_up", sandbox=pod)] == [1.0]
+        assert scrape.of(samples, "keel_sandbox_info", sandbox=sid) == []
+    assert [v for _, v in scrape.of(samples, "keel_sandbox_up", sandbox=pod)] == [1.0]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import scrape
 from tests.containerd import Containerd, install_shim_wrapper, wait_for
 from tests.images.busybox import build_image, import_image
 from tests.integration.conftest import IMAGE_CACHE, REPO, _teardown
@@ -272,10 +273,13 @@ def test_the_rollout_trace_holds_the_handoff_and_its_freeze_across_processes(
                              interval_us=10_000, more=10)
             try:
                 pod.running()
+                port = scrape.free_port()
                 with running_opsd("ktrc-", store.root, state_root, {"status": 5},
+                                  ("--metrics-address", f"127.0.0.1:{port}"),
                                   env={"KEEL_CONFIG": ctd_config(ctd)}) as node:
                     r = opsctl(node.socket, "upgrade", "--to", B)
                     assert r.returncode == 0, r.stdout + r.stderr + node.log()
+                    _check_upgrade_metrics(port)
                 pod.untouched()
                 _check_rollout_trace(rx, pod.cid)
             finally:
@@ -319,3 +323,19 @@ def _check_rollout_trace(rx: Receiver, cid: str) -> None:
     for phase in ("drain and answer", "exec until ready"):
         assert _child(spans, agent, phase), phase
     assert agent.attributes["keel.agent.now"] == B
+
+
+def _check_upgrade_metrics(port: int) -> None:
+    """The upgrade as opsd's metrics show it: one shim and one agent switch,
+    the freeze window and the agent gap in their histograms."""
+    status, _, body = scrape.get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    samples = scrape.samples(body.decode())
+    for component in ("shim", "agent"):
+        assert scrape.of(samples, "keel_upgrades_total", component=component)[0][1] == 1
+        assert scrape.of(samples, "keel_upgrades_failed_total", component=component)[0][1] == 0
+    for name in ("keel_upgrade_freeze_seconds", "keel_upgrade_agent_gap_seconds"):
+        [(_, count)] = scrape.of(samples, f"{name}_count")
+        [(_, total)] = scrape.of(samples, f"{name}_sum")
+        assert count == 1 and 0 < total < 30, (name, count, total)
+    assert scrape.of(samples, "keel_rollout_state", state="succeeded")[0][1] == 1
