@@ -59,13 +59,13 @@ class Exporter:
                                                 daemon=True)
                 self._thread.start()
             if len(self._queue) >= BATCH:
-                self._cond.notify()
+                self._cond.notify_all()
 
     def close(self, timeout: float = 2.0) -> None:
         """Send what is queued within *timeout* s; what is left is dropped."""
         with self._cond:
             self._closing = True
-            self._cond.notify()
+            self._cond.notify_all()
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
@@ -80,7 +80,7 @@ class Exporter:
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the queue is empty and nothing is being sent (tests, exit)."""
         with self._cond:
-            self._cond.notify()
+            self._cond.notify_all()
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
     # -- the thread --------------------------------------------------------------

@@ -127,6 +127,18 @@ def detached() -> contextvars.Context:
     return ctx
 
 
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """No current span in the block: calls made there carry no traceparent
+    (the shim's own calls for tracing, which must not trace themselves)."""
+    a, b = _current.set(None), _remote.set(None)
+    try:
+        yield
+    finally:
+        _remote.reset(b)
+        _current.reset(a)
+
+
 Sink = Callable[[Span], None]
 
 

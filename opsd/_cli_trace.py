@@ -79,14 +79,15 @@ def _switch(args: argparse.Namespace, sandboxes: list[str], ratio: float) -> int
     failed = 0
     for r in resp.results:
         if args.json:
-            print(json.dumps({"sandbox": r.sandbox_id, "ratio": r.ratio, "problem": r.problem}))
-        elif r.problem and not r.ratio == ratio:
+            print(json.dumps({"sandbox": r.sandbox_id, "applied": r.applied, "ratio": r.ratio,
+                              "problem": r.problem}))
+        elif not r.applied:
             print(f"{r.sandbox_id}: not changed: {r.problem}")
         else:
             state = f"on (ratio {r.ratio:g})" if r.ratio else "off"
             note = f" ({r.problem})" if r.problem else ""
             print(f"{r.sandbox_id}: tracing {state}{note}")
-        failed += bool(r.problem and r.ratio != ratio)
+        failed += not r.applied
     if not resp.results and not args.json:
         print("(no sandboxes)")
     return 1 if failed else 0

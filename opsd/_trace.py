@@ -49,7 +49,7 @@ class Traces:
                                                    timeout=CALL_S)
                 except KeelError as exc:
                     return pb.TracingResult(sandbox_id=sid, problem=str(exc))
-                return pb.TracingResult(sandbox_id=sid, ratio=r.ratio,
+                return pb.TracingResult(sandbox_id=sid, ratio=r.ratio, applied=True,
                                         problem=r.agent_problem[:1024])
 
         results = list(await asyncio.gather(*(one(s) for s in ids)))

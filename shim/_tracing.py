@@ -8,7 +8,8 @@
   call's gRPC metadata (``observability.grpc.propagate``), so the agent's
   spans nest under ours.
 - ``SpanPump``: while tracing is on, takes the agent's ended spans over the
-  ops session every ``PUMP_S``, checks each (a guest is untrusted: a bad one
+  ops session (a long poll while the clock offset is fresh, else an
+  immediate answer that measures it), checks each (a guest is untrusted: a bad one
   is dropped, counted, and logged once), moves their times by the guest
   clock's measured offset and exports them with the shim's own.  It never
   runs while a shim handoff holds the ops port.
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.api import ops_pb
 from keel.errors import KeelError
-from observability.spans import SpanError, detached, span_from_wire, span_to_wire
+from observability.spans import SpanError, detached, span_from_wire, span_to_wire, untraced
 from shim._agentconn import ops_call
 from shim.ttrpc import CallContext, Request
 
@@ -35,10 +36,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keel.shim.tracing")
 
-#: How often the pump takes the agent's spans, and how many at a time.
+#: The pump's pause between two takes, and how many spans it takes at a time.
 PUMP_S = 0.5
 TAKE = 256
-#: One TakeSpans call's bound, and the pause after a failed one.
+#: An idle agent is asked with a long poll (it answers at its next span):
+#: an idle traced pod costs a call every few seconds, not two a second.
+LONG_POLL_MS = 5000
+#: How often the guest clock's offset is measured again (an immediate answer).
+CLOCK_S = 30.0
+#: One ops call's bound (beyond its poll), and the pause after a failed one.
 CALL_S = 5.0
 RETRY_S = 2.0
 
@@ -90,6 +96,7 @@ class SpanPump:
         #: The guest clock's lead over ours (ns), from the best answer seen.
         self.offset_ns = 0
         self._best_rtt_ns = 0
+        self._clock_at = -CLOCK_S  # monotonic time of the last offset taken
         #: What the agent was last told (None: nothing; it follows sampled calls then).
         self._told: bool | None = None
         self._refused = 0
@@ -113,7 +120,7 @@ class SpanPump:
             return
         try:
             async with asyncio.timeout(timeout):
-                await self._take()
+                await self._take()  # an immediate answer
         except (KeelError, TimeoutError) as exc:
             log.debug("sandbox %s: the agent's last spans: %s", sb.id, exc)
 
@@ -139,7 +146,8 @@ class SpanPump:
                     # only what differs from what it was told (or its default).
                     if self._told != on and (self._told is not None or not on):
                         await self._tell(on)
-                    await self._take()
+                    fresh = time.monotonic() - self._clock_at < CLOCK_S
+                    await self._take(LONG_POLL_MS if on and fresh else 0)
                 except KeelError as exc:
                     log.debug("sandbox %s: taking the agent's spans: %s", sb.id, exc)
                     await asyncio.sleep(RETRY_S)
@@ -150,19 +158,26 @@ class SpanPump:
 
     async def _tell(self, on: bool) -> None:
         assert self._sb.ops is not None
-        await ops_call(self._sb.ops, lambda s: s.set_tracing(
-            ops_pb.SetTracingRequest(ratio=1.0 if on else 0.0)), CALL_S)
+        with untraced():
+            await ops_call(self._sb.ops, lambda s: s.set_tracing(
+                ops_pb.SetTracingRequest(ratio=1.0 if on else 0.0)), CALL_S)
         self._told = on
 
-    async def _take(self) -> None:
+    async def _take(self, wait_ms: int = 0) -> None:
+        """Take what the agent holds; with *wait_ms*, wait that long for a
+        first span (a long poll: its answer tells nothing of the clock)."""
         sb = self._sb
         assert sb.ops is not None
         while True:
             t0 = time.time_ns()
-            resp = await ops_call(sb.ops, lambda s: s.take_spans(
-                ops_pb.TakeSpansRequest(max_spans=TAKE, wait_ms=0)), CALL_S)
+            with untraced():  # our own calls are nobody's children
+                req = ops_pb.TakeSpansRequest(max_spans=TAKE, wait_ms=wait_ms)
+                resp = await ops_call(sb.ops, lambda s: s.take_spans(req),  # noqa: B023
+                                      CALL_S + wait_ms / 1000)
             t1 = time.time_ns()
-            self._clock(resp.now_unix_nano, t0, t1)
+            if not wait_ms:
+                self._clock(resp.now_unix_nano, t0, t1)
+            wait_ms = 0
             if resp.dropped > self._agent_dropped:
                 sb.tracing.dropped_elsewhere += resp.dropped - self._agent_dropped
             self._agent_dropped = resp.dropped
@@ -182,14 +197,17 @@ class SpanPump:
                 return
 
     def _clock(self, agent_now: int, t0: int, t1: int) -> None:
-        """Keep the offset of the answer with the shortest round trip (the
-        tightest bound); an offset within the round trip is noise, not skew."""
-        rtt = t1 - t0
+        """Take the offset from an answer with a short round trip (the
+        tightest bound: at most twice the shortest seen, which is forgotten
+        after a minute without one); an offset within the round trip is
+        noise, not skew."""
+        rtt, now = t1 - t0, time.monotonic()
         if not agent_now or rtt <= 0:
             return
-        if self._best_rtt_ns and rtt > self._best_rtt_ns * 2:
+        if self._best_rtt_ns and rtt > self._best_rtt_ns * 2 and now - self._clock_at < 60:
             return
-        self._best_rtt_ns = rtt if not self._best_rtt_ns else min(rtt, self._best_rtt_ns)
+        self._best_rtt_ns = min(rtt, self._best_rtt_ns or rtt)
+        self._clock_at = now
         offset = agent_now - (t0 + t1) // 2
         self.offset_ns = offset if abs(offset) > rtt else 0
 

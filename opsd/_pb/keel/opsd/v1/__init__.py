@@ -248,6 +248,9 @@ class TracingResult(betterproto.Message):
     problem: str = betterproto.string_field(3)
     """Empty when shim and agent took it; else what went wrong."""
 
+    applied: bool = betterproto.bool_field(4)
+    """The shim took the ratio (the agent may not have: see problem)."""
+
 
 @dataclass(eq=False, repr=False)
 class SetTracingResponse(betterproto.Message):
