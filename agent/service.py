@@ -41,7 +41,7 @@ from agent._stage import MAX_CHUNK, Stager
 from agent._tracing import AgentTracing, TracingRpcs
 from agent._upgrade import Upgrader
 from agent.api import API_VERSION, MIN_API_VERSION, ops_pb, pb
-from keel import ids
+from keel import ids, procfs
 from keel.errors import FailedPrecondition, InvalidArgument, KeelError
 from keel.grpc import serve_raw
 from keel.lifecycle import State
@@ -96,9 +96,11 @@ class AgentService(pb.AgentServiceBase):
         if self._gate is not None:
             self._gate.hello(client, req.client_version[:64])
         log.info("hello from %r (client %r): API %d", req.session, req.client_version, version)
+        up = procfs.uptime_s()
         return pb.HelloResponse(api_version=version, agent_version=_ops.agent_version(),
                                 boot_id=self._core.boot_id, min_api_version=MIN_API_VERSION,
-                                max_api_version=API_VERSION, agent_pid=os.getpid())
+                                max_api_version=API_VERSION, agent_pid=os.getpid(),
+                                agent_uptime_s=up, kernel_uptime_at_start_s=procfs.boot_uptime_s() - up)
 
     @rpc
     async def create_container(self, req: pb.CreateContainerRequest) -> pb.CreateContainerResponse:

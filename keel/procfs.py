@@ -35,11 +35,15 @@ def is_running(pid: int, started: int) -> bool:
         return False
 
 
+def boot_uptime_s() -> float:
+    """Seconds since the kernel booted (``/proc/uptime``)."""
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
 def uptime_s(pid: int | None = None) -> float:
     """Seconds since the process started; survives ``execve`` (same start time)."""
     ticks = int(_stat_fields(pid)[19])
-    boot_uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return max(0.0, boot_uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    return max(0.0, boot_uptime_s() - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def open_pidfd(pid: int, started: int | None = None) -> int:

@@ -67,6 +67,20 @@ def observe(sb: Sandbox) -> Any:
     return hook
 
 
+def guest_boot(sb: Sandbox, vm: dict[str, Any], hello: Any) -> None:
+    """Spans of a VM's boot from the agent's Hello: the guest kernel until
+    the agent process ran, then the agent until it answered (durations from
+    the guest's own clocks, placed on ours by the answer's time: no offset
+    needed).  Not on the process backend, whose "kernel" is the host's."""
+    up, kernel = float(hello.agent_uptime_s), float(hello.kernel_uptime_at_start_s)
+    if sb.config.backend != "qemu" or "template" in vm or not (0 < up < 3600 and 0 < kernel < 3600):
+        return  # a clone's kernel booted with its template; an older agent sends zeros
+    tracer, now = sb.tracing.tracer, time.time_ns()
+    agent_start = now - int(up * 1e9)
+    tracer.record("guest kernel boot", agent_start - int(kernel * 1e9), agent_start)
+    tracer.record("guest agent start", agent_start, now)
+
+
 async def set_ratio(sb: Sandbox, ratio: float) -> str:
     """Set *sb*'s sampling ratio in the shim and tell the agent; persisted.
     Returns "" or why the agent could not be told (the pump tells it later)."""

@@ -37,7 +37,7 @@ from keel.lifecycle import State
 from keel.logs import tail
 from observability.spans import detached
 from observability.tracing import Tracing
-from shim import _pumps, events_pb, keel_events_pb, version
+from shim import _pumps, _tracing, events_pb, keel_events_pb, version
 from shim._agentconn import AgentConnection, DialChannel
 from shim._bundle import read_spec
 from shim._container_calls import ContainerCalls
@@ -47,7 +47,6 @@ from shim._portforward import PortRelay
 from shim._prelaunch import Prelaunch, launch_spec
 from shim._process import Container, Process, exit_now
 from shim._pumps import Endpoints
-from shim._tracing import SpanPump
 from shim.config import ShimConfig
 from shim.dirs import SandboxDir
 from shim.state import Exit, SandboxRecord, ShimIdentity, Stdio, store
@@ -95,7 +94,7 @@ class Sandbox(ContainerCalls):
         self.tracing = Tracing("keel-shim", config.tracing, {"keel.sandbox.id": sandbox_id,
                                "keel.namespace": namespace, "service.version": version()})
         self.trace_ratio: float | None = None
-        self.span_pump = SpanPump(self)
+        self.span_pump = _tracing.SpanPump(self)
         #: Set while a shim handoff holds the agent's ops port: no ops call of ours.
         self.ops_frozen = False
         #: When the sandbox started (ns since the epoch; kept across shim upgrades).
@@ -160,6 +159,7 @@ class Sandbox(ContainerCalls):
         try:
             with tracer.span("agent ready"):
                 hello = await agent.wait_ready(self.config.agent_timeout_s, vm.alive)
+            _tracing.guest_boot(self, vm.record(), hello)
         except KeelError as exc:
             agent_log = tail(self.dir.agent_log, 600)
             await self._stop_vm()

@@ -2,7 +2,8 @@
 an OTLP/HTTP receiver decoding what the shim exports (its own spans and the
 ones it took from the guest's agent over the ops session).
 
-Checked: the sandbox's boot (launch, agent ready) and the chain
+Checked: the sandbox's boot (launch, the guest kernel and the agent's
+start as the guest's Hello tells them, agent ready) and the chain
 Task.Create -> agent.CreateContainer (in the guest) -> runc create, with the
 guest's spans inside their parents' time once the measured guest clock
 offset is applied.
@@ -80,9 +81,18 @@ def test_guest_spans_nest_under_the_shim_with_sane_times(
         ready = create and _child(spans, create, "agent ready")
         agent = create and _child(spans, create, "agent.CreateContainer")
         runc = agent and _child(spans, agent, "runc create")
-        return (create, launch, ready, agent, runc) if runc and launch and ready else None
+        kernel = create and _child(spans, create, "guest kernel boot")
+        started = create and _child(spans, create, "guest agent start")
+        if not (runc and launch and ready and kernel and started):
+            return None
+        return create, launch, ready, agent, runc, kernel, started
 
-    create, launch, ready, agent, runc = rx.wait_for(chain, timeout=60)
+    create, launch, ready, agent, runc, kernel, started = rx.wait_for(chain, timeout=60)
+    # The boot's phases, from the guest's Hello: the kernel until the agent
+    # ran, then the agent until it answered; after qemu was spawned, ending
+    # with the agent's answer.
+    assert launch.start_ns - SLACK_NS <= kernel.start_ns < kernel.end_ns == started.start_ns
+    assert started.end_ns <= ready.end_ns + SLACK_NS
     assert create.attributes["keel.backend"] == "qemu"
     assert "accel=" in launch.attributes["keel.vm"], launch.attributes
     assert agent.service == runc.service == "keel-agent"

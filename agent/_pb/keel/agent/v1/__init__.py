@@ -72,6 +72,14 @@ class HelloResponse(betterproto.Message):
     min_api_version: int = betterproto.uint32_field(4)
     max_api_version: int = betterproto.uint32_field(5)
     agent_pid: int = betterproto.uint32_field(6)
+    agent_uptime_s: float = betterproto.double_field(7)
+    """
+    Seconds since the agent process started, and the kernel's uptime when
+     it did (in a VM: the guest kernel's boot until the agent ran).  For
+     the shim's boot spans; 0 from an agent older than these fields.
+    """
+
+    kernel_uptime_at_start_s: float = betterproto.double_field(8)
 
 
 @dataclass(eq=False, repr=False)
