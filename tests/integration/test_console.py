@@ -224,3 +224,45 @@ def test_kill_and_a_vanished_client_end_sessions(containerd: Containerd, node: O
         ("killed by uid 0 (opsctl console kill)", 137), ("the client went away", None)], ends
     agent_log = SandboxDir.of(containerd.paths.tmp_root / "keel", cid).agent_log
     assert agent_log.read_text().count("killed pid") >= 1
+
+
+def test_a_reader_that_stops_holds_the_session_back_not_the_memory(
+        containerd: Containerd, node: Opsd, pod: tuple[str, int]) -> None:
+    """opsctl's stdout is a pipe nobody reads for a while, and the session
+    prints 5.9 MB: the bytes wait in the remote command (it blocks), not in
+    opsd, the shim or opsctl, whose memory stays within a few MiB; once the
+    reader drains the pipe every line arrives once and in order."""
+    from tests.containerd import rss_mib
+    from tests.integration.keel_ctr import shim_pid
+
+    cid, _ = pod
+    assert opsctl(node.socket, "console", "enable", cid).returncode == 0
+    lines = 800_000  # `seq 800000`: 5,888,896 bytes
+    reader = subprocess.Popen([sys.executable, "-m", "opsd.cli", "--socket", str(node.socket),
+                               "console", cid, "--", "seq", str(lines)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=ENV, cwd=REPO)
+    procs = {"opsd": node.proc.pid, "shim": shim_pid(containerd, cid), "opsctl": reader.pid}
+    def sent() -> int:
+        r = opsctl(node.socket, "console", "ls", "--json")
+        return sum(int(x["bytes_out"]) for x in json.loads(r.stdout) if x["sandbox"] == cid)
+
+    time.sleep(2.0)  # the session runs; the pipe (64 KiB) fills at once
+    before = {name: rss_mib(pid) for name, pid in procs.items()}
+    peak, sent_before = dict(before), sent()
+    for _ in range(10):  # 5 s of nobody reading: at 1 MiB/s it would all have been sent
+        time.sleep(0.5)
+        for name, pid in procs.items():
+            peak[name] = max(peak[name], rss_mib(pid))
+    sent_after = sent()
+    print(f"[console] sent while stalled: {sent_before} -> {sent_after} bytes; rss {before} -> {peak}")
+    assert reader.poll() is None  # still held back by its stdout
+    # Held back: what opsd sent while nobody read is the streams' windows, not 5 s of output.
+    assert sent_after - sent_before < 1 << 20, (sent_before, sent_after)
+    assert sent_after < lines * 7 // 2, sent_after
+    grew = {name: peak[name] - before[name] for name in procs}
+    assert all(mib <= 8 for mib in grew.values()), (before, peak)
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err
+    got = out.split(b"\n")
+    assert got[-1] == b"" and [int(x) for x in got[:-1]] == list(range(1, lines + 1))
