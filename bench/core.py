@@ -49,7 +49,7 @@ def run_core(stage: Stage, cfg: CoreConfig) -> tuple[list[Row], dict[str, Any]]:
     rows: list[Row] = []
 
     progress(f"core: ctr run --rm, {cfg.run_rounds} rounds per runtime")
-    runs = alternate(cfg.run_rounds, {n: _run_rm(stage, n) for n in NAMES}, cfg.warmup)
+    runs = alternate(cfg.run_rounds, {n: run_rm(stage, n) for n in NAMES}, cfg.warmup)
     raw["run_rm_s"] = runs
     rows += _latency_rows("ctr run --rm", runs, "ratio <= 3x")
 
@@ -90,11 +90,13 @@ def _latency_rows(metric: str, samples: dict[str, list[float]], target: str) -> 
             Row(f"{metric} p90 (n={n})", p90(a) * 1e3, p90(b) * 1e3, "ms", 0)]
 
 
-def _run_rm(stage: Stage, name: str) -> Sample:
+def run_rm(stage: Stage, name: str, runtime: str | None = None) -> Sample:
+    """One `ctr run --rm ... echo hi` with *runtime* (default: *name*'s), timed."""
     def sample() -> float:
         cid = stage.new_id(f"run-{name}")
         t0 = time.perf_counter()
-        res = stage.ctr("run", "--rm", "--runtime", RUNTIMES[name], stage.image, cid, "echo", "hi")
+        res = stage.ctr("run", "--rm", "--runtime", runtime or RUNTIMES[name], stage.image, cid,
+                        "echo", "hi")
         elapsed = time.perf_counter() - t0
         if res.stdout != "hi\n":
             raise RuntimeError(f"{name}: ctr run printed {res.stdout!r}")

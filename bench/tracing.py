@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import Row, Sample, alternate, median, p90
+from bench.common import Row, alternate, median, p90
+from bench.core import run_rm
 from bench.releases import REPO
 from bench.stage import RUNC, Stage, progress
 from tests.containerd import install_shim_wrapper
@@ -61,7 +62,7 @@ def run_tracing(cfg: TracingConfig) -> tuple[list[Row], dict[str, Any]]:
             runtimes["before"] = BASE
         runtimes["runc"] = RUNC
         progress(f"tracing: ctr run --rm, {cfg.rounds} rounds of {', '.join(runtimes)}")
-        samples = alternate(cfg.rounds, {n: _run_rm(stage, n, rt) for n, rt in runtimes.items()},
+        samples = alternate(cfg.rounds, {n: run_rm(stage, n, rt) for n, rt in runtimes.items()},
                             cfg.warmup)
         time.sleep(1.0)  # the last exports
         spans = len(rx.snapshot())
@@ -81,18 +82,6 @@ def run_tracing(cfg: TracingConfig) -> tuple[list[Row], dict[str, Any]]:
     rows.append(Row("spans received (on)", spans, None, "", 0,
                     f"{spans / max(cfg.rounds + cfg.warmup, 1):.0f} per ctr run"))
     return rows, {"run_rm_s": samples, "spans": spans, "base": cfg.base}
-
-
-def _run_rm(stage: Stage, name: str, runtime: str) -> Sample:
-    def sample() -> float:
-        cid = stage.new_id(f"trace-{name}")
-        t0 = time.perf_counter()
-        res = stage.ctr("run", "--rm", "--runtime", runtime, stage.image, cid, "echo", "hi")
-        elapsed = time.perf_counter() - t0
-        if res.stdout != "hi\n":
-            raise RuntimeError(f"{name}: ctr run printed {res.stdout!r}")
-        return elapsed
-    return sample
 
 
 def _export(rev: str, dest: Path) -> Path:

@@ -42,6 +42,12 @@ def _value(v: Any) -> Any:
     return getattr(v, kind) if kind else None
 
 
+def child(spans: list[ReceivedSpan], parent: ReceivedSpan, name: str) -> ReceivedSpan | None:
+    """The span *name* whose parent is *parent* (same trace), if it arrived."""
+    return next((s for s in spans if s.name == name and s.parent_span_id == parent.span_id
+                 and s.trace_id == parent.trace_id), None)
+
+
 def decode(body: bytes) -> list[ReceivedSpan]:
     req = ExportTraceServiceRequest()
     req.ParseFromString(body)

@@ -30,7 +30,7 @@ from tests.images.busybox import build_image, import_image
 from tests.integration.conftest import IMAGE_CACHE, REPO, _teardown
 from tests.integration.keel_ctr import KEEL, kill_and_remove, run_detached
 from tests.opsd_harness import ENV, Opsd, install_releases, opsctl, running_opsd
-from tests.otlp import ReceivedSpan, Receiver, refused_endpoint
+from tests.otlp import ReceivedSpan, Receiver, child, refused_endpoint
 from tests.workloads import CtrCounter
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_root, pytest.mark.slow]
@@ -72,11 +72,6 @@ def private(require_env: Callable[[str], None]) -> Iterator[Callable[..., Contai
         _teardown(ctd)
 
 
-def _child(spans: list[ReceivedSpan], parent: ReceivedSpan, name: str) -> ReceivedSpan | None:
-    return next((s for s in spans if s.name == name and s.parent_span_id == parent.span_id
-                 and s.trace_id == parent.trace_id), None)
-
-
 def _inside(child: ReceivedSpan, parent: ReceivedSpan) -> None:
     slack = 2_000_000  # 2 ms: the two ends are different processes' clocks readings
     assert parent.start_ns - slack <= child.start_ns <= child.end_ns <= parent.end_ns + slack, \
@@ -99,8 +94,8 @@ def test_ctr_run_spans_shim_agent_runc(private: Callable[..., Containerd],
                 task = next(
                     (s for s in spans if s.name == f"Task.{method}" and s.service == "keel-shim"
                      and s.attributes.get("keel.container.id") == cid), None)
-                agent = task and _child(spans, task, f"agent.{agent_rpc}")
-                rc = agent and _child(spans, agent, runc)
+                agent = task and child(spans, task, f"agent.{agent_rpc}")
+                rc = agent and child(spans, agent, runc)
                 if not rc:
                     return None
                 out.append((task, agent, rc))
@@ -169,7 +164,7 @@ def _on_off_follow(ctd: Containerd, node: Opsd, rx: Receiver, cid: str) -> None:
         assert (r.returncode, r.stdout.strip()) == (0, f"{cid}: tracing on (ratio 1)"), r
         assert ctd.ctr("task", "exec", "--exec-id", "during", cid, "true").returncode == 0
         [span] = rx.wait_for(lambda spans: _execs(spans, "during"), timeout=30)
-        rx.wait_for(lambda spans: _child(spans, span, "agent.ExecProcess"), timeout=30)
+        rx.wait_for(lambda spans: child(spans, span, "agent.ExecProcess"), timeout=30)
         time.sleep(ORPHAN_WAIT)
     finally:
         follow.terminate()
@@ -297,14 +292,14 @@ def _check_rollout_trace(rx: Receiver, cid: str) -> None:
     def tree(spans: list[ReceivedSpan]) -> object:
         plan = next((s for s in spans if s.service == "opsd" and s.name.startswith("upgrade plan")),
                     None)
-        batch = plan and _child(spans, plan, "batch 1/1")
-        sandbox = batch and _child(spans, batch, f"sandbox {cid}")
-        switch_shim = sandbox and _child(spans, sandbox, "switch shim")
-        handoff = switch_shim and _child(spans, switch_shim, "shim handoff")
-        freeze = handoff and _child(spans, handoff, "handoff freeze")
-        restore = freeze and _child(spans, freeze, "new shim restore")
-        switch_agent = sandbox and _child(spans, sandbox, "switch agent")
-        agent = switch_agent and _child(spans, switch_agent, "agent upgrade")
+        batch = plan and child(spans, plan, "batch 1/1")
+        sandbox = batch and child(spans, batch, f"sandbox {cid}")
+        switch_shim = sandbox and child(spans, sandbox, "switch shim")
+        handoff = switch_shim and child(spans, switch_shim, "shim handoff")
+        freeze = handoff and child(spans, handoff, "handoff freeze")
+        restore = freeze and child(spans, freeze, "new shim restore")
+        switch_agent = sandbox and child(spans, sandbox, "switch agent")
+        agent = switch_agent and child(spans, switch_agent, "agent upgrade")
         if not (restore and agent):
             return None
         return plan, handoff, freeze, restore, agent
@@ -316,13 +311,13 @@ def _check_rollout_trace(rx: Receiver, cid: str) -> None:
     assert handoff.attributes["keel.shim.pid"] != restore.attributes["keel.shim.pid"]
     assert handoff.attributes["keel.shim.from"] == A and handoff.attributes["keel.shim.to"] == B
     for phase in ("quiesce", "transfer and restore", "commit"):
-        _inside(_child(spans, freeze, phase) or pytest.fail(f"no {phase} span"), freeze)
+        _inside(child(spans, freeze, phase) or pytest.fail(f"no {phase} span"), freeze)
     _inside(freeze, handoff)
     _inside(restore, freeze)
     assert float(freeze.attributes["keel.freeze_ms"]) == pytest.approx(
         (freeze.end_ns - freeze.start_ns) / 1e6, abs=5)
     for phase in ("drain and answer", "exec until ready"):
-        assert _child(spans, agent, phase), phase
+        assert child(spans, agent, phase), phase
     assert agent.attributes["keel.agent.now"] == B
 
 

@@ -61,11 +61,6 @@ def traced(vm_image: image.Image, require_env: Callable[[str], None]
             _containerd_teardown(ctd)
 
 
-def _child(spans: list[ReceivedSpan], parent: ReceivedSpan, name: str) -> ReceivedSpan | None:
-    return next((s for s in spans if s.name == name and s.parent_span_id == parent.span_id
-                 and s.trace_id == parent.trace_id), None)
-
-
 def test_guest_spans_nest_under_the_shim_with_sane_times(
         traced: tuple[Containerd, Receiver]) -> None:
     ctd, rx = traced
@@ -77,12 +72,12 @@ def test_guest_spans_nest_under_the_shim_with_sane_times(
     def chain(spans: list[ReceivedSpan]) -> object:
         create = next((s for s in spans if s.name == "Task.Create"
                        and s.attributes.get("keel.container.id") == cid), None)
-        launch = create and _child(spans, create, "sandbox launch")
-        ready = create and _child(spans, create, "agent ready")
-        agent = create and _child(spans, create, "agent.CreateContainer")
-        runc = agent and _child(spans, agent, "runc create")
-        kernel = create and _child(spans, create, "guest kernel boot")
-        started = create and _child(spans, create, "guest agent start")
+        launch = create and child(spans, create, "sandbox launch")
+        ready = create and child(spans, create, "agent ready")
+        agent = create and child(spans, create, "agent.CreateContainer")
+        runc = agent and child(spans, agent, "runc create")
+        kernel = create and child(spans, create, "guest kernel boot")
+        started = create and child(spans, create, "guest agent start")
         if not (runc and launch and ready and kernel and started):
             return None
         return create, launch, ready, agent, runc, kernel, started
