@@ -8,8 +8,8 @@
   call's gRPC metadata (``observability.grpc.propagate``), so the agent's
   spans nest under ours.
 - ``SpanPump``: while tracing is on, takes the agent's ended spans over the
-  ops session (a long poll while the clock offset is fresh, else an
-  immediate answer that measures it), checks each (a guest is untrusted: a bad one
+  ops session (a long poll; every ``CLOCK_S`` a few immediate answers
+  measure the guest clock's offset), checks each (a guest is untrusted: a bad one
   is dropped, counted, and logged once), moves their times by the guest
   clock's measured offset and exports them with the shim's own.  It never
   runs while a shim handoff holds the ops port.
@@ -42,8 +42,10 @@ TAKE = 256
 #: An idle agent is asked with a long poll (it answers at its next span):
 #: an idle traced pod costs a call every few seconds, not two a second.
 LONG_POLL_MS = 5000
-#: How often the guest clock's offset is measured again (an immediate answer).
+#: How often the guest clock's offset is measured again, with how many
+#: immediate answers (the one with the shortest round trip counts).
 CLOCK_S = 30.0
+CLOCK_SAMPLES = 5
 #: One ops call's bound (beyond its poll), and the pause after a failed one.
 CALL_S = 5.0
 RETRY_S = 2.0
@@ -110,7 +112,7 @@ class SpanPump:
         #: The guest clock's lead over ours (ns), from the best answer seen.
         self.offset_ns = 0
         self._best_rtt_ns = 0
-        self._clock_at = -CLOCK_S  # monotonic time of the last offset taken
+        self._window_at = -CLOCK_S  # monotonic time the last measurement began
         #: What the agent was last told (None: nothing; it follows sampled calls then).
         self._told: bool | None = None
         self._refused = 0
@@ -160,8 +162,9 @@ class SpanPump:
                     # only what differs from what it was told (or its default).
                     if self._told != on and (self._told is not None or not on):
                         await self._tell(on)
-                    fresh = time.monotonic() - self._clock_at < CLOCK_S
-                    await self._take(LONG_POLL_MS if on and fresh else 0)
+                    if time.monotonic() - self._window_at >= CLOCK_S:
+                        await self._measure()
+                    await self._take(LONG_POLL_MS if on else 0)
                 except KeelError as exc:
                     log.debug("sandbox %s: taking the agent's spans: %s", sb.id, exc)
                     await asyncio.sleep(RETRY_S)
@@ -210,20 +213,22 @@ class SpanPump:
             if len(resp.spans) < TAKE:
                 return
 
+    async def _measure(self) -> None:
+        """Measure the guest clock's offset afresh: a few immediate answers."""
+        self._window_at, self._best_rtt_ns = time.monotonic(), 0
+        for _ in range(CLOCK_SAMPLES):
+            await self._take()
+
     def _clock(self, agent_now: int, t0: int, t1: int) -> None:
-        """Take the offset from an answer with a short round trip (the
-        tightest bound: at most twice the shortest seen, which is forgotten
-        after a minute without one); an offset within the round trip is
-        noise, not skew."""
-        rtt, now = t1 - t0, time.monotonic()
-        if not agent_now or rtt <= 0:
+        """Take the offset from the answer with the shortest round trip of
+        the current measurement (the tightest bound); an offset within half
+        the round trip is noise, not skew."""
+        rtt = t1 - t0
+        if not agent_now or rtt <= 0 or (self._best_rtt_ns and rtt >= self._best_rtt_ns):
             return
-        if self._best_rtt_ns and rtt > self._best_rtt_ns * 2 and now - self._clock_at < 60:
-            return
-        self._best_rtt_ns = min(rtt, self._best_rtt_ns or rtt)
-        self._clock_at = now
+        self._best_rtt_ns = rtt
         offset = agent_now - (t0 + t1) // 2
-        self.offset_ns = offset if abs(offset) > rtt else 0
+        self.offset_ns = offset if abs(offset) > rtt // 2 else 0
 
 
 #: Spans a follower may lag behind before the oldest are dropped for it.

@@ -72,10 +72,10 @@ def private(require_env: Callable[[str], None]) -> Iterator[Callable[..., Contai
         _teardown(ctd)
 
 
-def _inside(child: ReceivedSpan, parent: ReceivedSpan) -> None:
+def _inside(inner: ReceivedSpan, outer: ReceivedSpan) -> None:
     slack = 2_000_000  # 2 ms: the two ends are different processes' clocks readings
-    assert parent.start_ns - slack <= child.start_ns <= child.end_ns <= parent.end_ns + slack, \
-        (child, parent)
+    assert outer.start_ns - slack <= inner.start_ns <= inner.end_ns <= outer.end_ns + slack, \
+        (inner, outer)
 
 
 def test_ctr_run_spans_shim_agent_runc(private: Callable[..., Containerd],

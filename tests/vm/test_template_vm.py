@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from keel import release
+from observability.spans import Tracer
 from shim._agent_upgrade import upgrade_agent
 from shim._agentconn import AgentConnection
 from shim.vmm.qemu import QemuBackend, QemuSandbox, guest_release, image
@@ -123,7 +124,7 @@ def _release_with_bundle(root: Path) -> Path:
 async def _upgrade_agent(vm: QemuSandbox, conn: AgentConnection, rel: Path) -> None:
     """The shim's agent upgrade (shim/_agent_upgrade.py) against *vm*: check, stage, exec."""
     sb = SimpleNamespace(id=vm.files.root.name, vm=vm, agent=conn, persist=lambda: None,
-                         ops=None, session_key="",
+                         ops=None, session_key="", tracing=SimpleNamespace(tracer=Tracer("t")),
                          config=SimpleNamespace(agent_timeout_s=AGENT_TIMEOUT_S))
     r = await upgrade_agent(sb, str(rel / "bin" / "keel-agent"), rel.name)  # type: ignore[arg-type]
     assert (r.to_version, r.rolled_back, r.message) == (rel.name, False, "upgraded"), r

@@ -21,7 +21,7 @@ import pytest
 from shim.vmm.qemu import image
 from tests.containerd import Containerd, install_shim_wrapper
 from tests.images.busybox import build_image, import_image
-from tests.otlp import ReceivedSpan, Receiver
+from tests.otlp import ReceivedSpan, Receiver, child
 from tests.vm.conftest import (
     IMAGE_CACHE,
     KEEL_RUNTIME,
@@ -91,9 +91,9 @@ def test_guest_spans_nest_under_the_shim_with_sane_times(
     assert create.attributes["keel.backend"] == "qemu"
     assert "accel=" in launch.attributes["keel.vm"], launch.attributes
     assert agent.service == runc.service == "keel-agent"
-    for child, parent in ((launch, create), (ready, create), (agent, create), (runc, agent)):
-        assert parent.start_ns - SLACK_NS <= child.start_ns <= child.end_ns \
-            <= parent.end_ns + SLACK_NS, (child, parent)
+    for inner, outer in ((launch, create), (ready, create), (agent, create), (runc, agent)):
+        assert outer.start_ns - SLACK_NS <= inner.start_ns <= inner.end_ns \
+            <= outer.end_ns + SLACK_NS, (inner, outer)
     assert launch.end_ns <= ready.start_ns + SLACK_NS <= agent.start_ns + 2 * SLACK_NS
     print(f"[vm] guest spans: CreateContainer {(agent.end_ns - agent.start_ns) / 1e6:.1f} ms"
           f" inside Task.Create {(create.end_ns - create.start_ns) / 1e6:.1f} ms;"
