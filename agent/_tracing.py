@@ -10,7 +10,8 @@ It never starts a trace: a call is traced when it carries a sampled
 switched the agent off (SetTracing ratio 0, when tracing goes off).  Its handler then runs inside a span
 ``agent.<Method>``, and the runtime commands it runs become child spans
 (``agent/_runc.py``).  The buffer does not survive an in-place upgrade:
-the spans not yet taken then are lost (the shim takes them every second).
+the spans not yet taken then are lost (the shim takes each within a
+second of its end).
 """
 
 from __future__ import annotations
