@@ -14,16 +14,12 @@ Variables read: ``OTEL_SDK_DISABLED=true`` (off), ``OTEL_TRACES_EXPORTER``
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (full URL) or
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (base URL; ``/v1/traces`` is added),
 ``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`` (ms).
-Variables that do not parse or hold bad values are ignored with a warning
-(OpenTelemetry's rule: a typo in containerd's environment must not fail
-every pod); a bad ``[tracing]`` table is an error, like any table.
 Stdlib only: the shim reads this on every start.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Mapping
 
@@ -71,17 +67,11 @@ def from_table(table: object, env: Mapping[str, str] | None = None,
             raise InvalidArgument(f"{where}: unknown key {key!r} in [tracing]"
                                   f" (known: {', '.join(sorted(fields))})")
         values[key] = _coerce(key, value, fields[key].type, where)
-    env_values = _from_env(env)
     try:
-        return TracingConfig(**{**values, **env_values})  # type: ignore[arg-type]
-    except InvalidArgument as exc:
-        if not env_values:
-            raise
-        # The OpenTelemetry rule: a bad variable is ignored, with a warning
-        # (a typo in containerd's environment must not fail every pod).
-        logging.getLogger("keel.observability").warning(
-            "tracing: ignoring the OTEL_* variables (%s); the config file's [tracing] holds", exc)
-        return TracingConfig(**values)  # type: ignore[arg-type]
+        values.update(_from_env(env))
+    except ValueError as exc:
+        raise InvalidArgument(f"tracing: bad OTEL_* variable: {exc}") from None
+    return TracingConfig(**values)  # type: ignore[arg-type]
 
 
 def _coerce(key: str, value: object, typ: object, where: str) -> object:
@@ -94,20 +84,7 @@ def _coerce(key: str, value: object, typ: object, where: str) -> object:
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, object]:
-    """The settings the variables make; one that does not parse is left out."""
     out: dict[str, object] = {}
-    log = logging.getLogger("keel.observability")
-
-    def number(name: str, kind: type[float] | type[int]) -> float | int | None:
-        text = env.get(name, "").strip()
-        if not text:
-            return None
-        try:
-            return kind(text)
-        except ValueError:
-            log.warning("tracing: ignoring %s=%r (not a number)", name, text)
-            return None
-
     exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if exporter == "otlp":
         out["enabled"] = True
@@ -115,14 +92,14 @@ def _from_env(env: Mapping[str, str]) -> dict[str, object]:
         out["enabled"] = False
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         out["enabled"] = False
-    if (ratio := number("OTEL_TRACES_SAMPLER_ARG", float)) is not None:
-        out["ratio"] = ratio
+    if arg := env.get("OTEL_TRACES_SAMPLER_ARG", "").strip():
+        out["ratio"] = float(arg)
     if url := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
         out["endpoint"] = url
     elif url := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
         out["endpoint"] = url.rstrip("/") + "/v1/traces"
-    if (size := number("OTEL_BSP_MAX_QUEUE_SIZE", int)) is not None:
-        out["queue_size"] = size
-    if (ms := number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", float)) is not None:
-        out["export_timeout_s"] = ms / 1000
+    if size := env.get("OTEL_BSP_MAX_QUEUE_SIZE", "").strip():
+        out["queue_size"] = int(size)
+    if ms := env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "").strip():
+        out["export_timeout_s"] = float(ms) / 1000
     return out
