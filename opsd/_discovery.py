@@ -154,7 +154,7 @@ class ShimClient:
         return sorted(p.name for p in base.iterdir() if p.is_dir() and ids.valid(p.name))
 
     async def status(self, sandbox_id: str) -> SandboxView:
-        async with self._stub(sandbox_id) as stub:
+        async with self.stub(sandbox_id) as stub:
             r = await stub.status(ops_pb.StatusRequest(), timeout=self.status_timeout)
         return SandboxView(
             id=sandbox_id, shim_version=_clip(r.shim_version), agent_version=_clip(r.agent_version),
@@ -166,7 +166,7 @@ class ShimClient:
     async def upgrade(self, sandbox_id: str, component: str, path: Path,
                       to_version: str) -> Switched:
         """One sandbox's shim or agent switches to *path*; the shim does it synchronously."""
-        async with self._stub(sandbox_id) as stub:
+        async with self.stub(sandbox_id) as stub:
             if component == "shim":
                 s = await stub.upgrade_shim(ops_pb.UpgradeShimRequest(str(path), to_version),
                                             timeout=self.upgrade_timeout)
@@ -184,7 +184,7 @@ class ShimClient:
         """One Metrics call (within the Status deadline; the caller may cut it
         shorter); what Status says for a shim older than Metrics."""
         try:
-            async with self._stub(sandbox_id) as stub:
+            async with self.stub(sandbox_id) as stub:
                 r = await stub.metrics(ops_pb.MetricsRequest(), timeout=self.status_timeout)
         except Unimplemented:
             v = await self.status(sandbox_id)
@@ -203,7 +203,7 @@ class ShimClient:
 
     async def agent_release_problem(self, sandbox_id: str, agent_path: Path) -> str | None:
         try:
-            async with self._stub(sandbox_id) as stub:
+            async with self.stub(sandbox_id) as stub:
                 r = await stub.check_agent_release(
                     ops_pb.CheckAgentReleaseRequest(agent_path=str(agent_path)),
                     timeout=self.status_timeout)
@@ -232,7 +232,9 @@ class ShimClient:
         return None
 
     @asynccontextmanager
-    async def _stub(self, sandbox_id: str) -> AsyncIterator[ops_pb.ShimOpsStub]:
+    async def stub(self, sandbox_id: str) -> AsyncIterator[ops_pb.ShimOpsStub]:
+        """A ShimOps stub on the sandbox's ops.sock (opsd/_trace.py uses it too);
+        connection and call errors become ours, naming the sandbox."""
         sock = SandboxDir.of(self.state_root, check_id(sandbox_id)).ops_socket
         channel = Channel(path=str(sock))
         propagate(channel)  # an upgrade's spans in the shim nest under opsd's

@@ -44,7 +44,7 @@ class Traces:
         async def one(sid: str) -> pb.TracingResult:
             async with limit:
                 try:
-                    async with self._shims._stub(sid) as stub:
+                    async with self._shims.stub(sid) as stub:
                         r = await stub.set_tracing(ops_pb.SetTracingRequest(ratio=ratio),
                                                    timeout=CALL_S)
                 except KeelError as exc:
@@ -67,7 +67,7 @@ class Traces:
         lost_at: float | None = None
         while True:
             try:
-                async with self._shims._stub(sid) as stub:
+                async with self._shims.stub(sid) as stub:
                     async for s in stub.follow_spans(ops_pb.FollowSpansRequest()):
                         lost_at = None
                         yield pb.Span(trace_id=s.trace_id, span_id=s.span_id,

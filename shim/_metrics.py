@@ -124,7 +124,7 @@ async def _stats(agent: AgentConnection, out: ops_pb.ContainerMetrics,
 
 async def _console_sessions(sb: Sandbox, out: ops_pb.MetricsResponse) -> None:
     """The agent's count of console sessions (its ops Health), or unknown."""
-    if sb.ops is None or getattr(sb, "ops_frozen", False):  # a handoff holds the ops port
+    if sb.ops is None or sb.ops_frozen:  # a handoff holds the ops port
         return
     try:
         health = await ops_call(sb.ops, lambda s: s.health(ops_pb.HealthRequest()), AGENT_S)
